@@ -1,0 +1,20 @@
+# CUDA kernels of fmnist_ext: decides FMNIST_WITH_CUDA and, when on, adds
+# csrc/cuda/*.cu to fmnist_ext_C. Included from CMakeLists.txt.
+set(FMNIST_CUDA "AUTO" CACHE STRING "Build the CUDA kernels: AUTO, ON or OFF")
+if(DEFINED ENV{FMNIST_CUDA})
+  set(FMNIST_CUDA "$ENV{FMNIST_CUDA}")
+endif()
+string(TOUPPER "${FMNIST_CUDA}" FMNIST_CUDA)
+file(GLOB FMNIST_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
+
+if(FMNIST_CUDA STREQUAL "OFF")
+  message(STATUS "fmnist_ext: CUDA kernels OFF (FMNIST_CUDA=OFF)")
+elseif(NOT FMNIST_CUDA_SOURCES)
+  set(_why "no CUDA kernel sources in csrc/cuda yet")
+  if(FMNIST_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "fmnist_ext: FMNIST_CUDA=ON but ${_why}")
+  endif()
+  message(STATUS "fmnist_ext: CUDA kernels OFF (${_why}); CPU kernels only")
+else()
+  message(STATUS "fmnist_ext: CUDA sources present; CUDA build not wired yet")
+endif()

@@ -1,0 +1,469 @@
+// CPU kernels of conv_relu_maxpool2d, forward and backward.
+//
+// This header is compiled once per instruction set (isa_default.cpp,
+// isa_avx2.cpp, isa_avx512.cpp define FMNIST_ISA and the register blocking);
+// the op picks the best build the CPU supports at run time. It includes no
+// ATen/c10 header and defines everything with internal linkage, so no inline
+// code compiled with wider instructions can leak into the rest of the library.
+//
+// Parallel decomposition: the caller splits the batch across threads
+// (at::parallel_for); each call here processes a contiguous range of images
+// with private scratch, so there is no synchronisation inside.
+//
+// Forward, per image:
+//   1. copy the image (any strides: NCHW, channels_last, sliced) into a
+//      zero-padded buffer xp[cin][hp][ws]; rows are long enough that every
+//      vector load below stays inside the buffer (a few KB: L1-resident).
+//   2. for each block of COB output channels and each pooled row, compute the
+//      `pool` convolution rows it needs, NV vectors of 32 bytes wide at a time,
+//      with the COB x NV accumulators in registers: per filter tap one
+//      unaligned load per vector and one broadcast per channel feed COB*NV
+//      FMAs. The weights are pre-arranged as [block][cin][kh][kw][COB].
+//   3. ReLU + max-pool those rows straight from a small row buffer into the
+//      output and the uint8 winner index. The un-pooled convolution output is
+//      never written to memory beyond `pool` rows of one channel block.
+//   Memory traffic: read the input once, write out + indices once (1/pool^2
+//   of the convolution size, plus a quarter of that for uint8 indices).
+//
+// Backward, per image (only for the outputs asked for):
+//   For each output channel, gather the pool windows that pass a gradient
+//   (index != no-gradient marker) into a short list of (offset, gradient);
+//   every other convolution position is skipped.
+//   grad_bias   += sum of those gradients.
+//   grad_weight += g * input patch, accumulated over the list in registers
+//                  (one vector covers a filter row), then added to the
+//                  worker's private partial sum; the caller adds the
+//                  partials of all workers (no atomics).
+//   grad_input  += g * filter, scattered into a padded buffer for the image
+//                  and copied out without the padding.
+//   Memory traffic: read input, grad_out and indices once, write grad_input
+//   once; the weights and partial sums stay in L1/L2.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "../index_math.h"
+#include "isa.h"
+
+#if !defined(FMNIST_ISA) || !defined(FMNIST_COB) || !defined(FMNIST_NV)
+#error "define FMNIST_ISA, FMNIST_COB and FMNIST_NV before including kernels_impl.h"
+#endif
+
+namespace fmnist_ext {
+namespace cpu {
+namespace FMNIST_ISA {
+namespace {
+
+constexpr int kCob = FMNIST_COB;  // output channels per register block
+constexpr int kNv = FMNIST_NV;    // max 32-byte column vectors per row kernel
+
+// 32-byte SIMD vectors through the GCC/Clang vector extension: the compiler
+// emits AVX/AVX-512VL instructions where this file is compiled for them and
+// pairs of SSE2 instructions otherwise.
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t M __attribute__((vector_size(32)));
+  typedef int32_t MElem;
+};
+template <> struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t M __attribute__((vector_size(32)));
+  typedef int64_t MElem;
+};
+
+template <typename T>
+constexpr int64_t lanes() { return 32 / sizeof(T); }
+
+template <typename V, typename T>
+inline V loadu(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename T, typename V>
+inline void storeu(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+template <typename V, typename T>
+inline V splat(T s) {
+  return V{} + s;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Scratch memory for one call, released on scope exit. The sizes are small
+// (a few images' worth), so one allocation per call is enough.
+template <typename T>
+struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(int64_t n) {
+    p = static_cast<T*>(std::malloc(sizeof(T) * static_cast<size_t>(imax(n, 1)) + 64));
+    if (!p) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Zero-padded copy of image n: xp[ci][r][c] = input[n][ci][r - pad_h][c - pad_w]
+// for r < hp, c < ws (zero outside the image).
+template <typename T>
+void load_padded_image(const Geometry& g, const T* input, int64_t n, T* xp,
+                       int64_t hp, int64_t ws) {
+  std::memset(xp, 0, sizeof(T) * static_cast<size_t>(g.cin * hp * ws));
+  const int64_t sn = g.in_strides[0], sc = g.in_strides[1];
+  const int64_t sh = g.in_strides[2], sw = g.in_strides[3];
+  const int64_t r_end = imin(hp, g.h + g.pad_h);
+  for (int64_t ci = 0; ci < g.cin; ++ci) {
+    const T* src_c = input + n * sn + ci * sc;
+    T* dst_c = xp + ci * hp * ws;
+    for (int64_t r = g.pad_h; r < r_end; ++r) {
+      const T* src = src_c + (r - g.pad_h) * sh;
+      T* dst = dst_c + r * ws + g.pad_w;
+      if (sw == 1) {
+        std::memcpy(dst, src, sizeof(T) * static_cast<size_t>(g.w));
+      } else {
+        for (int64_t c = 0; c < g.w; ++c) dst[c] = src[c * sw];
+      }
+    }
+  }
+}
+
+// One convolution row of kCob channels and NV column vectors:
+//   dst[c][v*L + x] = bias[c] + sum_{ci,i,j} wt[ci][i][j][c] * xrow[ci][i][v*L + x + j]
+template <typename T, int NV>
+inline void conv_row(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
+                     int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst,
+                     int64_t dst_cstride) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = lanes<T>();
+  V acc[kCob][NV];
+#pragma GCC unroll 16
+  for (int c = 0; c < kCob; ++c) {
+    const V b = splat<V>(bt[c]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[c][v] = b;
+  }
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int64_t i = 0; i < kh; ++i) {
+      const T* row = xrow + ci * plane + i * ws;
+      for (int64_t j = 0; j < kw; ++j) {
+        V x[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) x[v] = loadu<V>(row + j + v * L);
+#pragma GCC unroll 16
+        for (int c = 0; c < kCob; ++c) {
+          const V wv = splat<V>(wt[c]);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[c][v] += wv * x[v];
+        }
+        wt += kCob;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < kCob; ++c) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) storeu(dst + c * dst_cstride + v * L, acc[c][v]);
+  }
+}
+
+template <typename T, int NV>
+void conv_rows_dispatch_tail(int nv, const T* xrow, int64_t ws, int64_t plane,
+                             int64_t cin, int64_t kh, int64_t kw, const T* wt,
+                             const T* bt, T* dst, int64_t dst_cstride) {
+  if (nv == NV) {
+    conv_row<T, NV>(xrow, ws, plane, cin, kh, kw, wt, bt, dst, dst_cstride);
+  } else if constexpr (NV > 1) {
+    conv_rows_dispatch_tail<T, NV - 1>(nv, xrow, ws, plane, cin, kh, kw, wt, bt,
+                                       dst, dst_cstride);
+  }
+}
+
+// pool == 2, the common case, with explicit vectors: each pair of vectors of
+// a convolution row is split into even and odd columns, which are the left
+// and right halves of L consecutive pool windows; the four window positions
+// are then scanned in order for L windows at once (the rule of pool_takes /
+// pool_output / pool_saved_index in index_math.h, lane-wise). Reads up to 2L columns
+// past `pw * 2` (the row buffer has that slack); lanes past pw are dropped.
+template <typename T, typename I>
+inline void pool_rows_2(const T* src, int64_t rs, int64_t pw, T* out, I* idx) {
+  using V = typename Simd<T>::V;
+  using M = typename Simd<T>::M;
+  constexpr int64_t L = lanes<T>();
+  const V zero{};
+  const M no_grad = M{} + static_cast<typename Simd<T>::MElem>(no_grad_index(2));
+  for (int64_t q0 = 0; q0 < pw; q0 += L) {
+    V best = zero - static_cast<T>(__builtin_huge_val());
+    M best_j{};
+    for (int r = 0; r < 2; ++r) {
+      const V a = loadu<V>(src + r * rs + 2 * q0);
+      const V b = loadu<V>(src + r * rs + 2 * q0 + L);
+      V even, odd;
+      if constexpr (L == 8) {
+        even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+        odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+      } else {
+        even = __builtin_shufflevector(a, b, 0, 2, 4, 6);
+        odd = __builtin_shufflevector(a, b, 1, 3, 5, 7);
+      }
+      M take = (even > best) | (even != even);
+      best = take ? even : best;
+      best_j = take ? (M{} + 2 * r) : best_j;
+      take = (odd > best) | (odd != odd);
+      best = take ? odd : best;
+      best_j = take ? (M{} + 2 * r + 1) : best_j;
+    }
+    const M pass = ~(best <= zero);  // > 0 or NaN
+    const V res = pass ? best : zero;
+    const M j = pass ? best_j : no_grad;
+    const int64_t valid = imin(L, pw - q0);
+    for (int64_t x = 0; x < valid; ++x) {
+      out[q0 + x] = res[x];
+      idx[q0 + x] = static_cast<I>(j[x]);
+    }
+  }
+}
+
+// Max-pool `pool` convolution rows of one channel into `pw` outputs with the
+// scan rule of index_math.h; the loops over q are branch-free so the
+// compiler can vectorize them.
+template <typename T, typename I>
+inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
+                      T* best, int32_t* best_j, T* out, I* idx) {
+  const T neg_inf = -static_cast<T>(__builtin_huge_val());
+  for (int64_t q = 0; q < pw; ++q) {
+    best[q] = neg_inf;
+    best_j[q] = 0;
+  }
+  for (int64_t r = 0; r < pool; ++r) {
+    for (int64_t s = 0; s < pool; ++s) {
+      const T* col = src + r * rs + s;
+      const int32_t j = static_cast<int32_t>(r * pool + s);
+      for (int64_t q = 0; q < pw; ++q) {
+        const T v = col[q * pool];
+        const bool take = pool_takes(v, best[q]);
+        best[q] = take ? v : best[q];
+        best_j[q] = take ? j : best_j[q];
+      }
+    }
+  }
+  for (int64_t q = 0; q < pw; ++q) {
+    out[q] = pool_output(best[q]);
+    idx[q] = static_cast<I>(pool_saved_index(best[q], best_j[q], pool));
+  }
+}
+
+}  // namespace
+
+template <typename T, typename I>
+void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
+  const Geometry& g = a.g;
+  constexpr int64_t L = lanes<T>();
+  const int64_t pool = g.pool;
+  const int64_t owu = g.pw * pool;  // convolution columns that reach the pool
+  const int64_t ohu = g.ph * pool;  // convolution rows that reach the pool
+  const int64_t nvec = ceil_div(owu, L);
+  const int64_t hp = ohu + g.kh - 1;
+  const int64_t ws = imax(g.w + 2 * g.pad_w, nvec * L + g.kw - 1);
+  const int64_t plane = hp * ws;
+  const int64_t ncb = ceil_div(g.cout, kCob);
+  const int64_t taps = g.cin * g.kh * g.kw;
+  const int64_t rs = nvec * L;  // row-buffer stride
+
+  const int64_t xp_size = g.cin * plane;
+  const int64_t wt_size = ncb * taps * kCob;
+  const int64_t bt_size = ncb * kCob;
+  const int64_t rows_size = kCob * pool * rs + 2 * L;  // slack: pool_rows_2
+  Scratch<T> scratch(xp_size + wt_size + bt_size + rows_size + g.pw);
+  Scratch<int32_t> best_j_scratch(g.pw);
+  int32_t* best_j = best_j_scratch.p;
+  T* xp = scratch.p;
+  T* wt = xp + xp_size;
+  T* bt = wt + wt_size;
+  T* rows = bt + bt_size;
+  T* best = rows + rows_size;
+
+  // Weights as [block][cin][kh][kw][kCob], zero-padded past cout.
+  for (int64_t cb = 0; cb < ncb; ++cb) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int c = 0; c < kCob; ++c) {
+        const int64_t co = cb * kCob + c;
+        wt[(cb * taps + t) * kCob + c] = co < g.cout ? a.weight[co * taps + t] : T(0);
+      }
+    }
+  }
+  for (int64_t co = 0; co < ncb * kCob; ++co) {
+    bt[co] = (co < g.cout && a.bias) ? a.bias[co] : T(0);
+  }
+
+  for (int64_t n = n0; n < n1; ++n) {
+    load_padded_image(g, a.input, n, xp, hp, ws);
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      const T* wcb = wt + cb * taps * kCob;
+      const T* bcb = bt + cb * kCob;
+      const int64_t cvalid = imin(kCob, g.cout - cb * kCob);
+      for (int64_t ph = 0; ph < g.ph; ++ph) {
+        for (int64_t r = 0; r < pool; ++r) {
+          const int64_t oh = ph * pool + r;
+          for (int64_t v0 = 0; v0 < nvec; v0 += kNv) {
+            const int nv = static_cast<int>(imin(kNv, nvec - v0));
+            conv_rows_dispatch_tail<T, kNv>(nv, xp + oh * ws + v0 * L, ws, plane,
+                                            g.cin, g.kh, g.kw, wcb, bcb,
+                                            rows + r * rs + v0 * L, pool * rs);
+          }
+        }
+        // ReLU + max-pool the `pool` rows of each channel of the block.
+        for (int64_t c = 0; c < cvalid; ++c) {
+          const int64_t o = ((n * g.cout + cb * kCob + c) * g.ph + ph) * g.pw;
+          if (pool == 2) {
+            pool_rows_2<T, I>(rows + c * pool * rs, rs, g.pw, a.out + o, a.indices + o);
+          } else {
+            pool_rows(rows + c * pool * rs, rs, pool, g.pw, best, best_j, a.out + o,
+                      a.indices + o);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename I>
+void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
+  using V = typename Simd<T>::V;
+  using M = typename Simd<T>::M;
+  const Geometry& g = a.g;
+  constexpr int64_t L = lanes<T>();
+  const int64_t pool = g.pool;
+  const int64_t owu = g.pw * pool;
+  const int64_t ohu = g.ph * pool;
+  const int64_t nq = ceil_div(g.kw, L);  // vectors per filter row
+  const int64_t kwp = nq * L;
+  const int64_t hp = ohu + g.kh - 1;
+  const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + kwp);
+  const int64_t plane = hp * ws;
+  const int64_t cells = g.ph * g.pw;
+  const int32_t no_grad = no_grad_index(pool);
+  const bool need_gw = a.grad_weight_part != nullptr;
+  const bool need_gb = a.grad_bias_part != nullptr;
+  const bool need_gi = a.grad_input != nullptr;
+
+  const int64_t xp_size = need_gw ? g.cin * plane : 0;
+  const int64_t gxp_size = need_gi ? g.cin * plane : 0;
+  const int64_t wpad_size = need_gi ? g.cout * g.cin * g.kh * kwp : 0;
+  Scratch<T> scratch(xp_size + gxp_size + wpad_size + cells);
+  Scratch<int64_t> offsets(cells);
+  T* xp = scratch.p;
+  T* gxp = xp + xp_size;
+  T* wpad = gxp + gxp_size;
+  T* gvals = wpad + wpad_size;
+  int64_t* offs = offsets.p;
+
+  if (need_gi) {
+    // Filter rows padded with zeros to whole vectors.
+    for (int64_t row = 0; row < g.cout * g.cin * g.kh; ++row) {
+      for (int64_t j = 0; j < kwp; ++j) {
+        wpad[row * kwp + j] = j < g.kw ? a.weight[row * g.kw + j] : T(0);
+      }
+    }
+  }
+  // Lane mask of the last filter-row vector: lanes past kw must add exactly 0
+  // to grad_input (not 0 * inf = NaN when a gradient is infinite).
+  M last_mask;
+  for (int64_t x = 0; x < L; ++x) last_mask[x] = ((nq - 1) * L + x < g.kw) ? -1 : 0;
+  const M full_mask = M{} - 1;
+
+  for (int64_t n = n0; n < n1; ++n) {
+    if (need_gw) load_padded_image(g, a.input, n, xp, hp, ws);
+    if (need_gi) std::memset(gxp, 0, sizeof(T) * static_cast<size_t>(gxp_size));
+    for (int64_t co = 0; co < g.cout; ++co) {
+      // Gather the windows of this channel that pass a gradient.
+      const int64_t base = (n * g.cout + co) * cells;
+      int64_t m = 0;
+      for (int64_t ph = 0; ph < g.ph; ++ph) {
+        for (int64_t pw = 0; pw < g.pw; ++pw) {
+          const int64_t k = ph * g.pw + pw;
+          const int32_t j = static_cast<int32_t>(a.indices[base + k]);
+          if (j == no_grad) continue;
+          offs[m] = winner_row(ph, j, pool) * ws + winner_col(pw, j, pool);
+          gvals[m] = a.grad_out[base + k];
+          ++m;
+        }
+      }
+      if (m == 0) continue;
+      if (need_gb) {
+        T s = 0;
+        for (int64_t t = 0; t < m; ++t) s += gvals[t];
+        a.grad_bias_part[co] += s;
+      }
+      if (need_gw) {
+        for (int64_t ci = 0; ci < g.cin; ++ci) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const T* xrow = xp + ci * plane + i * ws;
+            T* gw = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * g.kw;
+            for (int64_t q = 0; q < nq; ++q) {
+              V acc{};
+              for (int64_t t = 0; t < m; ++t) {
+                acc += splat<V>(gvals[t]) * loadu<V>(xrow + offs[t] + q * L);
+              }
+              const int64_t jend = imin(L, g.kw - q * L);
+              for (int64_t x = 0; x < jend; ++x) gw[q * L + x] += acc[x];
+            }
+          }
+        }
+      }
+      if (need_gi) {
+        for (int64_t ci = 0; ci < g.cin; ++ci) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const T* wrow = wpad + ((co * g.cin + ci) * g.kh + i) * kwp;
+            T* grow = gxp + ci * plane + i * ws;
+            for (int64_t q = 0; q < nq; ++q) {
+              const V wv = loadu<V>(wrow + q * L);
+              const M mask = (q == nq - 1) ? last_mask : full_mask;
+              for (int64_t t = 0; t < m; ++t) {
+                T* p = grow + offs[t] + q * L;
+                const V d = (V)((M)(splat<V>(gvals[t]) * wv) & mask);
+                storeu(p, loadu<V>(p) + d);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (need_gi) {
+      // Copy out without the padding; rows below the last used one get 0.
+      for (int64_t ci = 0; ci < g.cin; ++ci) {
+        T* dst = a.grad_input + (n * g.cin + ci) * g.h * g.w;
+        for (int64_t y = 0; y < g.h; ++y) {
+          const int64_t r = y + g.pad_h;
+          if (r < hp) {
+            std::memcpy(dst + y * g.w, gxp + ci * plane + r * ws + g.pad_w,
+                        sizeof(T) * static_cast<size_t>(g.w));
+          } else {
+            std::memset(dst + y * g.w, 0, sizeof(T) * static_cast<size_t>(g.w));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Explicit instantiations: {float, double} x {uint8 indices, int32 indices}.
+#define FMNIST_INSTANTIATE(T, I)                                                      \
+  template void forward_images<T, I>(const ForwardArgs<T, I>&, int64_t, int64_t);  \
+  template void backward_images<T, I>(const BackwardArgs<T, I>&, int64_t, int64_t);
+FMNIST_INSTANTIATE(float, uint8_t)
+FMNIST_INSTANTIATE(float, int32_t)
+FMNIST_INSTANTIATE(double, uint8_t)
+FMNIST_INSTANTIATE(double, int32_t)
+#undef FMNIST_INSTANTIATE
+
+}  // namespace FMNIST_ISA
+}  // namespace cpu
+}  // namespace fmnist_ext

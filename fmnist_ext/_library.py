@@ -1,0 +1,92 @@
+"""Loading the compiled kernels, or explaining why the reference runs instead.
+
+The compiled library ``fmnist_ext/_C.so`` registers the operators
+``torch.ops.fmnist_ext.*`` with the PyTorch dispatcher. It is only loaded when
+it was built against the torch that is running (CMake records the version in
+``_build_info.py``): loading a library built for another torch fails with an
+undefined-symbol error at best. When it cannot be loaded, the package still
+works: the public API runs the pure-PyTorch reference, and one warning says
+why and how to rebuild.
+
+Set ``FMNIST_DISABLE_EXTENSION=1`` to force the reference path (the tests use
+it to check the fallback).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIBRARY_PATH = Path(__file__).with_name("_C.so")
+REBUILD_HINT = "rebuild with: pip install --no-build-isolation ."
+OP_NAMESPACE = "fmnist_ext"
+FORWARD_OP = f"{OP_NAMESPACE}::conv_relu_maxpool2d"
+BACKWARD_OP = f"{OP_NAMESPACE}::_conv_relu_maxpool2d_backward"
+
+
+class ReferenceFallbackWarning(UserWarning):
+    """The compiled kernels are not in use; the pure-PyTorch reference runs."""
+
+
+def _build_info():
+    try:
+        from . import _build_info as info  # written by CMake at build time
+    except ImportError:
+        return None
+    return info
+
+
+def _load() -> tuple[bool, str | None]:
+    """Load the compiled library; return (loaded, reason it was not)."""
+    if os.environ.get("FMNIST_DISABLE_EXTENSION", "") not in ("", "0"):
+        return False, "FMNIST_DISABLE_EXTENSION is set"
+    if not LIBRARY_PATH.exists():
+        return False, f"the compiled library {LIBRARY_PATH.name} is not installed (the package was not built)"
+    info = _build_info()
+    if info is None:
+        return False, "the build record _build_info.py is missing (incomplete install)"
+    if info.TORCH_VERSION != torch.__version__:
+        return False, (
+            f"it was built against torch {info.TORCH_VERSION} but torch "
+            f"{torch.__version__} is running"
+        )
+    try:
+        torch.ops.load_library(str(LIBRARY_PATH))
+    except (OSError, RuntimeError) as exc:
+        return False, f"{LIBRARY_PATH.name} could not be loaded ({exc})"
+    return True, None
+
+
+LOADED, NOT_LOADED_REASON = _load()
+
+if not LOADED:
+    warnings.warn(
+        f"fmnist_ext: using the pure-PyTorch reference instead of the compiled "
+        f"kernels because {NOT_LOADED_REASON}; {REBUILD_HINT}",
+        ReferenceFallbackWarning,
+        stacklevel=2,
+    )
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, dispatch_key)
+
+
+# Device types ("cpu", "cuda") whose tensors run the compiled kernels.
+COMPILED_DEVICE_TYPES = frozenset(
+    dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key)
+)
+
+
+def built_torch_version() -> str | None:
+    info = _build_info()
+    return None if info is None else info.TORCH_VERSION
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel build in use (avx512 / avx2 / default), or None."""
+    if "cpu" not in COMPILED_DEVICE_TYPES:
+        return None
+    return torch.ops.fmnist_ext._cpu_isa()
