@@ -1,0 +1,66 @@
+"""The seed's Fashion-MNIST CNN, built from the fused blocks or stock layers.
+
+    conv1: Conv(1->6, 5x5) -> ReLU -> MaxPool 2x2 -> BatchNorm2d(6)
+    conv2: Conv(6->12, 5x5) -> ReLU -> MaxPool 2x2
+    flatten (12*4*4 = 192) -> Linear(192,120) -> ReLU -> BatchNorm1d(120)
+    -> Linear(120,60) -> ReLU -> Linear(60,10)
+
+`kernels="fused"` runs the two conv blocks through the fused operator,
+`kernels="stock"` through F.conv2d / F.relu / F.max_pool2d. Both have the same
+parameters under the same state_dict keys, so a checkpoint loads into either.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import FusedConvReLUMaxPool2d
+from .ops import conv_output_size
+
+KERNELS = ("fused", "stock")
+
+
+class StockConvReLUMaxPool2d(FusedConvReLUMaxPool2d):
+    """The same block (same parameters, names and init) run by stock layers."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(input, self.weight, self.bias, padding=self.padding)
+        return F.max_pool2d(F.relu(y), self.pool, self.pool)
+
+
+def feature_size(image_size: int = 28, kernel: int = 5, pool: int = 2, blocks: int = 2, channels: int = 12) -> int:
+    """Flattened size after the conv blocks: 12 * 4 * 4 = 192 for the seed CNN.
+
+    Each block applies O = floor((n - f + 2p) / s) + 1 with p = 0, s = 1, then a
+    pool of window and stride `pool`: O = floor((n - pool) / pool) + 1.
+    """
+    n = image_size
+    for _ in range(blocks):
+        n = conv_output_size(n, kernel, 0, 1)
+        n = conv_output_size(n, pool, 0, pool)
+    return channels * n * n
+
+
+class FashionCNN(nn.Module):
+    def __init__(self, kernels: str = "fused") -> None:
+        super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        self.kernels = kernels
+        block = FusedConvReLUMaxPool2d if kernels == "fused" else StockConvReLUMaxPool2d
+        self.conv1 = block(1, 6, 5)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = block(6, 12, 5)
+        self.fc1 = nn.Linear(feature_size(), 120)
+        self.bn2 = nn.BatchNorm1d(120)
+        self.fc2 = nn.Linear(120, 60)
+        self.out = nn.Linear(60, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv1(x))
+        x = self.conv2(x)
+        x = torch.flatten(x, 1)
+        x = self.bn2(F.relu(self.fc1(x)))
+        x = F.relu(self.fc2(x))
+        return self.out(x)
