@@ -1,0 +1,104 @@
+"""Without the compiled library the API still works (reference path) and says why."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fmnist_ext
+from conftest import requires_compiled_cpu
+
+PROBE = textwrap.dedent(
+    """
+    import json, warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch, fmnist_ext
+        import fmnist_ext.ops  # a second import must not warn again
+        from fmnist_ext import reference
+        torch.manual_seed(0)
+        x = torch.randn(3, 6, 12, 12, requires_grad=True)
+        block = fmnist_ext.FusedConvReLUMaxPool2d(6, 12, 5)
+        y = block(x)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, block.weight, block.bias], g)
+        y_ref = reference.conv_relu_maxpool2d(x, block.weight, block.bias, (0, 0), 2)
+        grads_ref = torch.autograd.grad(y_ref, [x, block.weight, block.bias], g)
+        ok = torch.allclose(y, y_ref) and all(torch.allclose(a, b) for a, b in zip(grads, grads_ref))
+    fallback = [str(w.message) for w in caught if w.category.__name__ == "ReferenceFallbackWarning"]
+    print(json.dumps({"ok": ok, "warnings": fallback, "status": fmnist_ext.kernels_status()}))
+    """
+)
+
+
+def run_probe(env_extra=None, pythonpath=None):
+    env = dict(os.environ)
+    env.pop("FMNIST_REQUIRE_COMPILED", None)
+    env.update(env_extra or {})
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, cwd=pythonpath or None)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_disabled_extension_runs_reference_and_warns_once():
+    result = run_probe({"FMNIST_DISABLE_EXTENSION": "1"})
+    assert result["ok"]
+    assert len(result["warnings"]) == 1
+    assert "FMNIST_DISABLE_EXTENSION" in result["warnings"][0]
+    assert "pip install --no-build-isolation" in result["warnings"][0]
+    assert result["status"]["cpu"] == "reference"
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    src = Path(fmnist_ext.__file__).parent
+    dst = tmp_path / "fmnist_ext"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_missing_library_is_reported(tmp_path):
+    pkg = _copy_package(tmp_path)
+    (pkg / "_C.so").unlink(missing_ok=True)
+    result = run_probe(pythonpath=tmp_path)
+    assert result["ok"]
+    assert len(result["warnings"]) == 1 and "is not installed" in result["warnings"][0]
+
+
+@requires_compiled_cpu
+def test_torch_version_mismatch_is_one_clear_sentence(tmp_path):
+    pkg = _copy_package(tmp_path)
+    info = pkg / "_build_info.py"
+    info.write_text(info.read_text().replace(f'TORCH_VERSION = "{fmnist_ext.kernels_status()["built_against_torch"]}"', 'TORCH_VERSION = "1.0.0+other"'))
+    result = run_probe(pythonpath=tmp_path)
+    assert result["ok"]
+    (message,) = result["warnings"]
+    assert "built against torch 1.0.0+other but torch" in message
+    assert result["status"]["built_against_torch"] == "1.0.0+other"
+    assert result["status"]["cpu"] == "reference"
+
+
+@requires_compiled_cpu
+def test_broken_library_is_reported(tmp_path):
+    pkg = _copy_package(tmp_path)
+    (pkg / "_C.so").write_bytes(b"not a shared library")
+    result = run_probe(pythonpath=tmp_path)
+    assert result["ok"]
+    (message,) = result["warnings"]
+    assert "could not be loaded" in message
+
+
+@requires_compiled_cpu
+def test_info_command_reports_compiled_cpu_kernels():
+    out = subprocess.run([sys.executable, "-m", "fmnist_ext.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cpu kernels:   compiled" in out.stdout
+    assert "running:       torch" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "fmnist_ext.info", "--json"], capture_output=True, text=True, timeout=120)
+    status = json.loads(js.stdout)
+    assert status["cpu"] == "compiled" and status["built_against_torch"] == status["running_torch"]
