@@ -34,8 +34,10 @@
 //                  (one vector covers a filter row), then added to the
 //                  worker's private partial sum; the caller adds the
 //                  partials of all workers (no atomics).
-//   grad_input  += g * filter, scattered into a padded buffer for the image
-//                  and copied out without the padding.
+//   grad_input  += g * filter, scattered into a padded channels-last buffer
+//                  for the image (one vector per pixel's channels, so the
+//                  read-modify-writes never partly overlap and stall), then
+//                  copied out to NCHW without the padding.
 //   Memory traffic: read input, grad_out and indices once, write grad_input
 //   once; the weights and partial sums stay in L1/L2.
 #pragma once
@@ -90,7 +92,11 @@ inline void storeu(T* p, V v) {
 }
 template <typename V, typename T>
 inline V splat(T s) {
-  return V{} + s;
+  if constexpr (lanes<T>() == 8) {
+    return V{s, s, s, s, s, s, s, s};
+  } else {
+    return V{s, s, s, s};
+  }
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -103,7 +109,9 @@ template <typename T>
 struct Scratch {
   T* p = nullptr;
   explicit Scratch(int64_t n) {
-    p = static_cast<T*>(std::malloc(sizeof(T) * static_cast<size_t>(imax(n, 1)) + 64));
+    // 64-byte aligned, so vectors at multiples of 32 bytes never split a cache line.
+    const size_t bytes = (sizeof(T) * static_cast<size_t>(imax(n, 1)) + 64 + 63) / 64 * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (!p) throw std::bad_alloc();
   }
   ~Scratch() { std::free(p); }
@@ -135,33 +143,44 @@ void load_padded_image(const Geometry& g, const T* input, int64_t n, T* xp,
   }
 }
 
-// One convolution row of kCob channels and NV column vectors:
-//   dst[c][v*L + x] = bias[c] + sum_{ci,i,j} wt[ci][i][j][c] * xrow[ci][i][v*L + x + j]
-template <typename T, int NV>
-inline void conv_row(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
-                     int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst,
-                     int64_t dst_cstride) {
+// A tile of NR convolution rows x NV column vectors for kCob channels:
+//   dst[c][r][v*L + x] = bias[c] + sum_{ci,i,j} wt[ci][i][j][c] * xrow[ci][r + i][v*L + x + j]
+// All kCob*NR*NV accumulators live in registers; per filter tap the tile
+// costs NR*NV input loads and kCob broadcasts for kCob*NR*NV FMAs.
+template <typename T, int NR, int NV>
+inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
+                      int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst,
+                      int64_t dst_rstride, int64_t dst_cstride) {
   using V = typename Simd<T>::V;
   constexpr int64_t L = lanes<T>();
-  V acc[kCob][NV];
+  V acc[kCob][NR][NV];
 #pragma GCC unroll 16
   for (int c = 0; c < kCob; ++c) {
     const V b = splat<V>(bt[c]);
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[c][v] = b;
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[c][r][v] = b;
+    }
   }
   for (int64_t ci = 0; ci < cin; ++ci) {
     for (int64_t i = 0; i < kh; ++i) {
       const T* row = xrow + ci * plane + i * ws;
       for (int64_t j = 0; j < kw; ++j) {
-        V x[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) x[v] = loadu<V>(row + j + v * L);
+        V x[NR][NV];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) x[r][v] = loadu<V>(row + r * ws + j + v * L);
+        }
 #pragma GCC unroll 16
         for (int c = 0; c < kCob; ++c) {
           const V wv = splat<V>(wt[c]);
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[c][v] += wv * x[v];
+#pragma GCC unroll 4
+          for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[c][r][v] += wv * x[r][v];
+          }
         }
         wt += kCob;
       }
@@ -169,20 +188,49 @@ inline void conv_row(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
   }
 #pragma GCC unroll 16
   for (int c = 0; c < kCob; ++c) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) storeu(dst + c * dst_cstride + v * L, acc[c][v]);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        storeu(dst + c * dst_cstride + r * dst_rstride + v * L, acc[c][r][v]);
+      }
+    }
   }
 }
 
-template <typename T, int NV>
-void conv_rows_dispatch_tail(int nv, const T* xrow, int64_t ws, int64_t plane,
-                             int64_t cin, int64_t kh, int64_t kw, const T* wt,
-                             const T* bt, T* dst, int64_t dst_cstride) {
-  if (nv == NV) {
-    conv_row<T, NV>(xrow, ws, plane, cin, kh, kw, wt, bt, dst, dst_cstride);
-  } else if constexpr (NV > 1) {
-    conv_rows_dispatch_tail<T, NV - 1>(nv, xrow, ws, plane, cin, kh, kw, wt, bt,
-                                       dst, dst_cstride);
+// The convolution rows [oh, oh + nrows) of one channel block, into
+// dst[c][r][...]: narrow rows (one vector) are computed two rows per tile,
+// wide rows in tiles of up to kNv vectors.
+template <typename T>
+void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
+               int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
+               const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+  constexpr int64_t L = lanes<T>();
+  int64_t r = 0;
+  if (nvec == 1) {
+    for (; r + 2 <= nrows; r += 2) {
+      conv_tile<T, 2, 1>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt,
+                         dst + r * rs, rs, dst_cstride);
+    }
+  }
+  for (; r < nrows; ++r) {
+    const T* x = xp + (oh + r) * ws;
+    T* d = dst + r * rs;
+    int64_t v0 = 0;
+    for (; v0 + kNv <= nvec; v0 += kNv) {
+      conv_tile<T, 1, kNv>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+    }
+    const int64_t rest = nvec - v0;
+    if (rest >= 2 && kNv > 2) {
+      conv_tile<T, 1, 2>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      v0 += 2;
+    } else if (rest >= 1) {
+      conv_tile<T, 1, 1>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      v0 += 1;
+    }
+    if (v0 < nvec) {
+      conv_tile<T, 1, 1>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+    }
   }
 }
 
@@ -310,15 +358,8 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
       const T* bcb = bt + cb * kCob;
       const int64_t cvalid = imin(kCob, g.cout - cb * kCob);
       for (int64_t ph = 0; ph < g.ph; ++ph) {
-        for (int64_t r = 0; r < pool; ++r) {
-          const int64_t oh = ph * pool + r;
-          for (int64_t v0 = 0; v0 < nvec; v0 += kNv) {
-            const int nv = static_cast<int>(imin(kNv, nvec - v0));
-            conv_rows_dispatch_tail<T, kNv>(nv, xp + oh * ws + v0 * L, ws, plane,
-                                            g.cin, g.kh, g.kw, wcb, bcb,
-                                            rows + r * rs + v0 * L, pool * rs);
-          }
-        }
+        conv_rows(xp, ph * pool, pool, nvec, ws, plane, g.cin, g.kh, g.kw, wcb, bcb,
+                  rows, rs, pool * rs);
         // ReLU + max-pool the `pool` rows of each channel of the block.
         for (int64_t c = 0; c < cvalid; ++c) {
           const int64_t o = ((n * g.cout + cb * kCob + c) * g.ph + ph) * g.pw;
@@ -337,47 +378,50 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
 template <typename T, typename I>
 void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   using V = typename Simd<T>::V;
-  using M = typename Simd<T>::M;
   const Geometry& g = a.g;
   constexpr int64_t L = lanes<T>();
   const int64_t pool = g.pool;
   const int64_t owu = g.pw * pool;
   const int64_t ohu = g.ph * pool;
-  const int64_t nq = ceil_div(g.kw, L);  // vectors per filter row
-  const int64_t kwp = nq * L;
+  const int64_t nq = ceil_div(g.kw, L);  // vectors per filter row (grad_weight)
   const int64_t hp = ohu + g.kh - 1;
-  const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + kwp);
+  const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + nq * L);
   const int64_t plane = hp * ws;
+  const int64_t gws = g.w + 2 * g.pad_w;      // grad_input buffer row length
+  const int64_t cinp = ceil_div(g.cin, L) * L;  // channels padded to vectors
   const int64_t cells = g.ph * g.pw;
   const int32_t no_grad = no_grad_index(pool);
   const bool need_gw = a.grad_weight_part != nullptr;
   const bool need_gb = a.grad_bias_part != nullptr;
   const bool need_gi = a.grad_input != nullptr;
 
+  // xp: zero-padded input [cin][hp][ws] (for grad_weight).
+  // gxp: zero-padded grad_input, channels last [hp][gws][cinp], so that one
+  //   winner adds g * filter[:, i, j] to one pixel's channel vector: whole,
+  //   aligned read-modify-writes that never partly overlap each other.
+  // wt: the filter as [cout][kh][kw][cinp], zero past cin.
   const int64_t xp_size = need_gw ? g.cin * plane : 0;
-  const int64_t gxp_size = need_gi ? g.cin * plane : 0;
-  const int64_t wpad_size = need_gi ? g.cout * g.cin * g.kh * kwp : 0;
-  Scratch<T> scratch(xp_size + gxp_size + wpad_size + cells);
-  Scratch<int64_t> offsets(cells);
-  T* xp = scratch.p;
-  T* gxp = xp + xp_size;
-  T* wpad = gxp + gxp_size;
-  T* gvals = wpad + wpad_size;
-  int64_t* offs = offsets.p;
+  const int64_t gxp_size = need_gi ? hp * gws * cinp : 0;
+  const int64_t wt_size = need_gi ? g.cout * g.kh * g.kw * cinp : 0;
+  Scratch<T> scratch(xp_size + gxp_size + wt_size + cells + L);
+  Scratch<int64_t> offsets(2 * cells);
+  T* gxp = scratch.p;  // first, so its pixel vectors are 32-byte aligned
+  T* wt = gxp + gxp_size;
+  T* xp = wt + wt_size;
+  T* gvals = xp + xp_size;
+  int64_t* offs = offsets.p;          // winner position in xp
+  int64_t* pix = offsets.p + cells;   // winner pixel in gxp
 
   if (need_gi) {
-    // Filter rows padded with zeros to whole vectors.
-    for (int64_t row = 0; row < g.cout * g.cin * g.kh; ++row) {
-      for (int64_t j = 0; j < kwp; ++j) {
-        wpad[row * kwp + j] = j < g.kw ? a.weight[row * g.kw + j] : T(0);
+    for (int64_t co = 0; co < g.cout; ++co) {
+      for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+        for (int64_t ci = 0; ci < cinp; ++ci) {
+          wt[(co * g.kh * g.kw + t) * cinp + ci] =
+              ci < g.cin ? a.weight[(co * g.cin + ci) * g.kh * g.kw + t] : T(0);
+        }
       }
     }
   }
-  // Lane mask of the last filter-row vector: lanes past kw must add exactly 0
-  // to grad_input (not 0 * inf = NaN when a gradient is infinite).
-  M last_mask;
-  for (int64_t x = 0; x < L; ++x) last_mask[x] = ((nq - 1) * L + x < g.kw) ? -1 : 0;
-  const M full_mask = M{} - 1;
 
   for (int64_t n = n0; n < n1; ++n) {
     if (need_gw) load_padded_image(g, a.input, n, xp, hp, ws);
@@ -391,7 +435,10 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
           const int64_t k = ph * g.pw + pw;
           const int32_t j = static_cast<int32_t>(a.indices[base + k]);
           if (j == no_grad) continue;
-          offs[m] = winner_row(ph, j, pool) * ws + winner_col(pw, j, pool);
+          const int64_t oh = winner_row(ph, j, pool);
+          const int64_t ow = winner_col(pw, j, pool);
+          offs[m] = oh * ws + ow;
+          pix[m] = oh * gws + ow;
           gvals[m] = a.grad_out[base + k];
           ++m;
         }
@@ -403,6 +450,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
         a.grad_bias_part[co] += s;
       }
       if (need_gw) {
+        // grad_weight[co][ci][i][:] += sum over winners of g * input row
+        // segment; one vector holds L filter columns (lanes past kw unused).
         for (int64_t ci = 0; ci < g.cin; ++ci) {
           for (int64_t i = 0; i < g.kh; ++i) {
             const T* xrow = xp + ci * plane + i * ws;
@@ -419,34 +468,31 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
         }
       }
       if (need_gi) {
-        for (int64_t ci = 0; ci < g.cin; ++ci) {
+        // gxp[oh+i][ow+j][:] += g * filter[co][i][j][:] for every winner.
+        const T* wco = wt + co * g.kh * g.kw * cinp;
+        for (int64_t t = 0; t < m; ++t) {
+          const V gv = splat<V>(gvals[t]);
           for (int64_t i = 0; i < g.kh; ++i) {
-            const T* wrow = wpad + ((co * g.cin + ci) * g.kh + i) * kwp;
-            T* grow = gxp + ci * plane + i * ws;
-            for (int64_t q = 0; q < nq; ++q) {
-              const V wv = loadu<V>(wrow + q * L);
-              const M mask = (q == nq - 1) ? last_mask : full_mask;
-              for (int64_t t = 0; t < m; ++t) {
-                T* p = grow + offs[t] + q * L;
-                const V d = (V)((M)(splat<V>(gvals[t]) * wv) & mask);
-                storeu(p, loadu<V>(p) + d);
-              }
+            T* row = gxp + (pix[t] + i * gws) * cinp;
+            const T* wrow = wco + i * g.kw * cinp;
+            for (int64_t e = 0; e < g.kw * cinp; e += L) {
+              storeu(row + e, loadu<V>(row + e) + gv * loadu<V>(wrow + e));
             }
           }
         }
       }
     }
     if (need_gi) {
-      // Copy out without the padding; rows below the last used one get 0.
+      // Back to NCHW without the padding; rows below the last used one get 0.
       for (int64_t ci = 0; ci < g.cin; ++ci) {
         T* dst = a.grad_input + (n * g.cin + ci) * g.h * g.w;
         for (int64_t y = 0; y < g.h; ++y) {
           const int64_t r = y + g.pad_h;
           if (r < hp) {
-            std::memcpy(dst + y * g.w, gxp + ci * plane + r * ws + g.pad_w,
-                        sizeof(T) * static_cast<size_t>(g.w));
+            const T* src = gxp + (r * gws + g.pad_w) * cinp + ci;
+            for (int64_t x = 0; x < g.w; ++x) dst[y * g.w + x] = src[x * cinp];
           } else {
-            std::memset(dst + y * g.w, 0, sizeof(T) * static_cast<size_t>(g.w));
+            for (int64_t x = 0; x < g.w; ++x) dst[y * g.w + x] = T(0);
           }
         }
       }
