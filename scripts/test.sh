@@ -25,9 +25,9 @@ fi
 "$py" -m pip install -q --upgrade pip >/dev/null
 "$py" -m pip install -q "${TORCH_SPEC:-torch>=2.11}" "scikit-build-core>=0.10" cmake ninja
 "$py" -m pip install -q --no-build-isolation ".[test]"
-"$py" -m fmnist_ext.info
 
 # Run from tests/ so that `import fmnist_ext` finds the installed package (with
 # its compiled library), not the source folder.
 cd tests
+"$py" -m fmnist_ext.info
 FMNIST_REQUIRE_COMPILED=1 "$py" -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -ra "$@" .

@@ -457,10 +457,18 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
             const T* xrow = xp + ci * plane + i * ws;
             T* gw = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * g.kw;
             for (int64_t q = 0; q < nq; ++q) {
-              V acc{};
-              for (int64_t t = 0; t < m; ++t) {
-                acc += splat<V>(gvals[t]) * loadu<V>(xrow + offs[t] + q * L);
+              // Four independent sums hide the FMA latency.
+              const T* xq = xrow + q * L;
+              V acc0{}, acc1{}, acc2{}, acc3{};
+              int64_t t = 0;
+              for (; t + 4 <= m; t += 4) {
+                acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
+                acc1 += splat<V>(gvals[t + 1]) * loadu<V>(xq + offs[t + 1]);
+                acc2 += splat<V>(gvals[t + 2]) * loadu<V>(xq + offs[t + 2]);
+                acc3 += splat<V>(gvals[t + 3]) * loadu<V>(xq + offs[t + 3]);
               }
+              for (; t < m; ++t) acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
+              const V acc = (acc0 + acc1) + (acc2 + acc3);
               const int64_t jend = imin(L, g.kw - q * L);
               for (int64_t x = 0; x < jend; ++x) gw[q * L + x] += acc[x];
             }
