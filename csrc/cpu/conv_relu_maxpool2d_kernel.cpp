@@ -184,7 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
   const Isa isa = active_isa();
   // One partial sum per worker thread, added up below.
   const int64_t workers = at::get_num_threads();
-  const int64_t wsize = weight.numel();
+  // Partial grad_weight sums have their filter rows padded to whole vectors.
+  int64_t kwp = 0;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_kw", [&] { kwp = padded_kw<scalar_t>(s.kw); });
+  const int64_t wsize = s.cout * s.cin * s.kh * kwp;
   at::Tensor gw_parts = output_mask[1] ? at::zeros({workers, wsize}, opts) : at::Tensor();
   at::Tensor gb_parts = output_mask[2] ? at::zeros({workers, s.cout}, opts) : at::Tensor();
 
@@ -209,7 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
       });
     });
   });
-  if (output_mask[1]) grad_weight.copy_(gw_parts.sum(0).view(weight.sizes()));
+  if (output_mask[1]) {
+    grad_weight.copy_(gw_parts.sum(0).view({s.cout, s.cin, s.kh, kwp}).narrow(3, 0, s.kw));
+  }
   if (output_mask[2]) grad_bias.copy_(gb_parts.sum(0));
   return {grad_input, grad_weight, grad_bias};
 }

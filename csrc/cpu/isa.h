@@ -37,9 +37,20 @@ struct BackwardArgs {
   const I* indices;      // [N, cout, ph, pw] contiguous
   T* grad_input;         // [N, cin, h, w] contiguous, or nullptr
   // Per-worker partial sums, each owned by one worker at a time:
-  T* grad_weight_part;   // [cout, cin, kh, kw]  (nullptr: not needed)
+  T* grad_weight_part;   // [cout, cin, kh, padded_kw(kw)]  (nullptr: not needed)
   T* grad_bias_part;     // [cout]               (nullptr: not needed)
 };
+
+// The kernels work on 32-byte vectors (8 floats / 4 doubles) in every build.
+template <typename T>
+constexpr int64_t vector_lanes() { return 32 / sizeof(T); }
+
+// Filter rows of the grad_weight partial sums are padded to whole vectors, so
+// the kernels add whole vectors (no partly overlapping stores).
+template <typename T>
+constexpr int64_t padded_kw(int64_t kw) {
+  return (kw + vector_lanes<T>() - 1) / vector_lanes<T>() * vector_lanes<T>();
+}
 
 // Entry points of one ISA build: process images [n0, n1).
 #define FMNIST_DECLARE_ISA(ns)                                               \

@@ -384,6 +384,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t owu = g.pw * pool;
   const int64_t ohu = g.ph * pool;
   const int64_t nq = ceil_div(g.kw, L);  // vectors per filter row (grad_weight)
+  const int64_t kwp = padded_kw<T>(g.kw);
   const int64_t hp = ohu + g.kh - 1;
   const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + nq * L);
   const int64_t plane = hp * ws;
@@ -455,7 +456,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
         for (int64_t ci = 0; ci < g.cin; ++ci) {
           for (int64_t i = 0; i < g.kh; ++i) {
             const T* xrow = xp + ci * plane + i * ws;
-            T* gw = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * g.kw;
+            T* gw = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * kwp;
             for (int64_t q = 0; q < nq; ++q) {
               // Four independent sums hide the FMA latency.
               const T* xq = xrow + q * L;
@@ -468,9 +469,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
                 acc3 += splat<V>(gvals[t + 3]) * loadu<V>(xq + offs[t + 3]);
               }
               for (; t < m; ++t) acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
-              const V acc = (acc0 + acc1) + (acc2 + acc3);
-              const int64_t jend = imin(L, g.kw - q * L);
-              for (int64_t x = 0; x < jend; ++x) gw[q * L + x] += acc[x];
+              // Lanes past kw collect garbage the caller drops.
+              storeu(gw + q * L, loadu<V>(gw + q * L) + ((acc0 + acc1) + (acc2 + acc3)));
             }
           }
         }
