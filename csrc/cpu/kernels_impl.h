@@ -308,6 +308,65 @@ inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
   }
 }
 
+// grad_weight of one filter row (nq vectors wide): sum over the winners of
+// g * the input segment at the winner. Four independent sums hide the FMA
+// latency.
+template <typename T>
+inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs,
+                            const T* gvals, int64_t m, T* gw) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = lanes<T>();
+  for (int64_t q = 0; q < nq; ++q) {
+    const T* xq = xrow + q * L;
+    V acc0{}, acc1{}, acc2{}, acc3{};
+    int64_t t = 0;
+    for (; t + 4 <= m; t += 4) {
+      acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
+      acc1 += splat<V>(gvals[t + 1]) * loadu<V>(xq + offs[t + 1]);
+      acc2 += splat<V>(gvals[t + 2]) * loadu<V>(xq + offs[t + 2]);
+      acc3 += splat<V>(gvals[t + 3]) * loadu<V>(xq + offs[t + 3]);
+    }
+    for (; t < m; ++t) acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
+    storeu(gw + q * L, loadu<V>(gw + q * L) + ((acc0 + acc1) + (acc2 + acc3)));
+  }
+}
+
+// The same for all kh rows of a filter at once when a row fits one vector:
+// the kh sums are independent, so one pass over the winners (one broadcast
+// of g each) feeds kh FMAs.
+constexpr int64_t kMaxKhTile = 8;
+template <typename T, int KH>
+inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t* offs,
+                                     const T* gvals, int64_t m, T* gw, int64_t kwp) {
+  using V = typename Simd<T>::V;
+  V acc[KH];
+#pragma GCC unroll 8
+  for (int i = 0; i < KH; ++i) acc[i] = V{};
+  for (int64_t t = 0; t < m; ++t) {
+    const V gv = splat<V>(gvals[t]);
+    const T* x = xplane + offs[t];
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < KH; ++i) storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + acc[i]);
+}
+
+template <typename T>
+inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh,
+                                  const int64_t* offs, const T* gvals, int64_t m,
+                                  T* gw, int64_t kwp) {
+  switch (kh) {
+#define FMNIST_KH_CASE(K) \
+    case K: return weight_grad_rows_tile_kh<T, K>(xplane, ws, offs, gvals, m, gw, kwp);
+    FMNIST_KH_CASE(1) FMNIST_KH_CASE(2) FMNIST_KH_CASE(3) FMNIST_KH_CASE(4)
+    FMNIST_KH_CASE(5) FMNIST_KH_CASE(6) FMNIST_KH_CASE(7) FMNIST_KH_CASE(8)
+#undef FMNIST_KH_CASE
+    default: break;
+  }
+  for (int64_t i = 0; i < kh; ++i) weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
+}
+
 }  // namespace
 
 template <typename T, typename I>
@@ -452,25 +511,19 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
       }
       if (need_gw) {
         // grad_weight[co][ci][i][:] += sum over winners of g * input row
-        // segment; one vector holds L filter columns (lanes past kw unused).
-        for (int64_t ci = 0; ci < g.cin; ++ci) {
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const T* xrow = xp + ci * plane + i * ws;
-            T* gw = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * kwp;
-            for (int64_t q = 0; q < nq; ++q) {
-              // Four independent sums hide the FMA latency.
-              const T* xq = xrow + q * L;
-              V acc0{}, acc1{}, acc2{}, acc3{};
-              int64_t t = 0;
-              for (; t + 4 <= m; t += 4) {
-                acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
-                acc1 += splat<V>(gvals[t + 1]) * loadu<V>(xq + offs[t + 1]);
-                acc2 += splat<V>(gvals[t + 2]) * loadu<V>(xq + offs[t + 2]);
-                acc3 += splat<V>(gvals[t + 3]) * loadu<V>(xq + offs[t + 3]);
-              }
-              for (; t < m; ++t) acc0 += splat<V>(gvals[t]) * loadu<V>(xq + offs[t]);
-              // Lanes past kw collect garbage the caller drops.
-              storeu(gw + q * L, loadu<V>(gw + q * L) + ((acc0 + acc1) + (acc2 + acc3)));
+        // segment; one vector holds L filter columns (lanes past kw collect
+        // garbage that the caller drops).
+        T* gw_co = a.grad_weight_part + co * g.cin * g.kh * kwp;
+        if (nq == 1 && g.kh <= kMaxKhTile) {
+          for (int64_t ci = 0; ci < g.cin; ++ci) {
+            weight_grad_rows_tile(xp + ci * plane, ws, g.kh, offs, gvals, m,
+                                  gw_co + ci * g.kh * kwp, kwp);
+          }
+        } else {
+          for (int64_t ci = 0; ci < g.cin; ++ci) {
+            for (int64_t i = 0; i < g.kh; ++i) {
+              weight_grad_row(xp + ci * plane + i * ws, nq, offs, gvals, m,
+                              gw_co + (ci * g.kh + i) * kwp);
             }
           }
         }
