@@ -464,13 +464,22 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t gxp_size = need_gi ? hp * gws * cinp : 0;
   const int64_t wt_size = need_gi ? g.cout * g.kh * g.kw * cinp : 0;
   Scratch<T> scratch(xp_size + gxp_size + wt_size + cells + L);
-  Scratch<int64_t> offsets(2 * cells);
+  Scratch<int64_t> offsets(2 * cells + 2 * pool * pool);
   T* gxp = scratch.p;  // first, so its pixel vectors are 32-byte aligned
   T* wt = gxp + gxp_size;
   T* xp = wt + wt_size;
   T* gvals = xp + xp_size;
   int64_t* offs = offsets.p;          // winner position in xp
   int64_t* pix = offsets.p + cells;   // winner pixel in gxp
+  int64_t* win_off = pix + cells;
+  int64_t* win_pix = win_off + pool * pool;
+
+  // Offset of window position j from the window's corner, in xp and in gxp
+  // (a table, so the hot loop does no integer division).
+  for (int32_t j = 0; j < no_grad; ++j) {
+    win_off[j] = winner_row(0, j, pool) * ws + winner_col(0, j, pool);
+    win_pix[j] = winner_row(0, j, pool) * gws + winner_col(0, j, pool);
+  }
 
   if (need_gi) {
     for (int64_t co = 0; co < g.cout; ++co) {
@@ -495,10 +504,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
           const int64_t k = ph * g.pw + pw;
           const int32_t j = static_cast<int32_t>(a.indices[base + k]);
           if (j == no_grad) continue;
-          const int64_t oh = winner_row(ph, j, pool);
-          const int64_t ow = winner_col(pw, j, pool);
-          offs[m] = oh * ws + ow;
-          pix[m] = oh * gws + ow;
+          offs[m] = (ph * pool) * ws + pw * pool + win_off[j];
+          pix[m] = (ph * pool) * gws + pw * pool + win_pix[j];
           gvals[m] = a.grad_out[base + k];
           ++m;
         }
