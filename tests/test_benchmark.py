@@ -8,6 +8,7 @@ from a tiny, noisy run).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
     for key in ("date", "cpu_model", "cpu_count", "torch", "kernels_status", "git", "env", "loadavg_at_start"):
         assert key in m, key
     assert m["torch"] == torch.__version__
+    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
+        assert m["fused_uses_compiled_kernels"] is True
     assert "cpu_isa" in m["kernels_status"]
 
     peaks = report["peaks"]
