@@ -797,8 +797,15 @@ def _fmt_ms(s: float | None) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _sig(v: float | None, suffix: str = "") -> str:
+    """Compact, no exponent: 1234, 12.3, 1.23, 0.012."""
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}{suffix}"
+    if v >= 1:
+        return f"{v:.2f}{suffix}" if v < 10 else f"{v:.1f}{suffix}"
+    return f"{v:.2g}{suffix}" if v > 0 else f"0{suffix}"
 
 
 def render_markdown(report: dict) -> str:
@@ -840,12 +847,12 @@ def render_markdown(report: dict) -> str:
                 label = "REFUSED" if r["status"] == "refused" else "skipped"
                 lines.append(f"| {r['batch']} | {r['pass']} | {r['impl']} | {label}: {r['reason']} | | | | | |")
                 continue
+            fpf, fpb = r.get("frac_peak_flops"), r.get("frac_peak_bw")
             lines.append(
                 f"| {r['batch']} | {r['pass']} | {r['impl']} | {_fmt_ms(r['median_s'])} | "
-                f"{_fmt(r.get('speedup_vs_stock'), '.2f')}x | {_fmt(r['gflops'], '.1f')} | "
-                f"{_fmt(100 * r['frac_peak_flops'] if r.get('frac_peak_flops') is not None else None, '.1f')} | "
-                f"{_fmt(r['gbps'], '.2f')} | "
-                f"{_fmt(100 * r['frac_peak_bw'] if r.get('frac_peak_bw') is not None else None, '.1f')} |"
+                f"{_sig(r.get('speedup_vs_stock'), 'x')} | {_sig(r['gflops'])} | "
+                f"{_sig(None if fpf is None else 100 * fpf)} | {_sig(r['gbps'])} | "
+                f"{_sig(None if fpb is None else 100 * fpb)} |"
             )
     comp = [r for r in report["rows"] if r["impl"] == "compile" and r.get("compile_s") is not None]
     if comp:
