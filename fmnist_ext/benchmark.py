@@ -941,7 +941,8 @@ def render_png(report: dict, path: Path) -> None:
             lo = min([0.5, *shown]) / 1.6
             hi = max([2.0, *shown]) * 1.8
             ax.set_ylim(lo, hi)
-            ticks = [m * 10.0**e for e in range(-3, 6) for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+            mantissas = (1, 2, 5) if hi / lo < 300 else (1,)
+            ticks = [m * 10.0**e for e in range(-3, 6) for m in mantissas if lo <= m * 10.0**e <= hi]
             ax.set_yticks(ticks)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
