@@ -1,0 +1,220 @@
+"""Smoke tests of the benchmark script (python/benchmark.py, fmnist_ext.benchmark).
+
+They check that a --quick run produces the markdown, JSON and PNG with the
+documented structure, and that the correctness gate refuses an implementation
+that does not match stock (no timing of these is asserted: the figures come
+from a tiny, noisy run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmnist_ext import benchmark as bench
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "python" / "benchmark.py"
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# --- the whole script --------------------------------------------------------
+
+
+def test_quick_run_writes_markdown_json_png(tmp_path):
+    out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1",
+         "--json", str(out_json), "--png", str(out_png), "--markdown", str(out_md)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    report = json.loads(out_json.read_text())
+    assert report["schema"] == bench.SCHEMA
+    cfg = report["config"]
+    assert cfg["quick"] is True and cfg["device"] == "cpu" and cfg["threads"] == 1
+    assert cfg["batch_sizes"] == [1, 64] and cfg["blocks"] == [1, 2]
+    assert set(cfg["impls"]) == {"fused", "stock", "reference"}
+
+    m = report["machine"]
+    for key in ("date", "cpu_model", "cpu_count", "torch", "kernels_status", "git", "env", "loadavg_at_start"):
+        assert key in m, key
+    assert m["torch"] == torch.__version__
+    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
+        assert m["fused_uses_compiled_kernels"] is True
+    assert "cpu_isa" in m["kernels_status"]
+
+    peaks = report["peaks"]
+    assert peaks["sgemm"]["gflops"] > 0 and peaks["sgemm"]["median_s"] > 0
+    assert peaks["copy"]["gbps"] > 0 and peaks["copy"]["bytes"] > 0
+
+    rows = report["rows"]
+    keys = {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows}
+    expected = {(b, n, p, i) for b in (1, 2) for n in (1, 64) for p in bench.PASSES
+                for i in ("fused", "stock", "reference")}
+    assert keys == expected
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["check"]["ok"] is True
+        assert r["median_s"] > 0 and r["n_measurements"] >= bench.ROUNDS
+        assert r["flops"] == bench.BLOCKS[r["block"]].flops(r["batch"], r["pass"])
+        assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+        assert r["frac_peak_flops"] == pytest.approx(r["gflops"] / peaks["sgemm"]["gflops"])
+        assert r["frac_peak_bw"] == pytest.approx(r["gbps"] / peaks["copy"]["gbps"])
+        if r["impl"] == "stock":
+            assert r["speedup_vs_stock"] == 1.0
+        else:
+            stock = next(s for s in rows if s["impl"] == "stock" and
+                         (s["block"], s["batch"], s["pass"]) == (r["block"], r["batch"], r["pass"]))
+            assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
+
+    model = report["model"]
+    assert model["impls"]["fused"]["status"] == "ok", model["impls"]["fused"]
+    for impl in ("fused", "stock"):
+        assert model["impls"][impl]["step"]["median_s"] > 0
+        assert model["impls"][impl]["epoch"]["median_s"] > 0
+    assert model["step_speedup_fused_vs_stock"] > 0
+
+    md = out_md.read_text()
+    assert md == proc.stdout
+    assert "| batch | pass | impl | median ms | vs stock |" in md
+    assert "## Whole model" in md and "REFUSED" not in md
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the correctness gate ------------------------------------------------------
+
+
+class _WrongWeightGrad(torch.autograd.Function):
+    """The stock forward, with a weight gradient 1% off."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w, b)
+        return bench.stock_block(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, b = ctx.saved_tensors
+        with torch.enable_grad():
+            xx, ww, bb = (t.detach().requires_grad_(True) for t in (x, w, b))
+            gx, gw, gb = torch.autograd.grad(bench.stock_block(xx, ww, bb), (xx, ww, bb), g)
+        return gx, gw * 1.01, gb
+
+
+def _wrong_output(x, w, b):
+    return bench.stock_block(x, w, b) * 1.001
+
+
+def _raises(x, w, b):
+    raise RuntimeError("kernel exploded")
+
+
+@pytest.mark.parametrize("block", [1, 2])
+@pytest.mark.parametrize("pass_name", bench.PASSES)
+def test_gate_accepts_the_real_implementations(block, pass_name):
+    inp = bench.make_inputs(bench.BLOCKS[block], 3, torch.device("cpu"))
+    for name, fn in bench.base_impls().items():
+        res = bench.check_implementation(fn, inp, pass_name)
+        assert res.ok, (name, res.reason)
+        assert set(res.max_rel_err) == set(bench.RESULT_NAMES[pass_name])
+
+
+def test_gate_refuses_a_wrong_output():
+    inp = bench.make_inputs(bench.BLOCKS[1], 4, torch.device("cpu"))
+    res = bench.check_implementation(_wrong_output, inp, "fwd")
+    assert not res.ok and res.reason.startswith("output differs from stock")
+
+
+def test_gate_refuses_a_wrong_gradient_but_not_its_forward():
+    inp = bench.make_inputs(bench.BLOCKS[2], 4, torch.device("cpu"))
+    assert bench.check_implementation(_WrongWeightGrad.apply, inp, "fwd").ok
+    for pass_name in ("fwd+bwd", "fwd+bwd+dx"):
+        res = bench.check_implementation(_WrongWeightGrad.apply, inp, pass_name)
+        assert not res.ok and res.reason.startswith("grad_weight differs from stock"), res.reason
+
+
+def test_gate_refuses_an_implementation_that_raises():
+    inp = bench.make_inputs(bench.BLOCKS[1], 2, torch.device("cpu"))
+    res = bench.check_implementation(_raises, inp, "fwd")
+    assert not res.ok and "RuntimeError: kernel exploded" in res.reason
+
+
+def test_gate_refuses_a_wrong_shape():
+    inp = bench.make_inputs(bench.BLOCKS[1], 2, torch.device("cpu"))
+    res = bench.check_implementation(lambda x, w, b: torch.relu(torch.conv2d(x, w, b)), inp, "fwd")
+    assert not res.ok and "shape" in res.reason
+
+
+def test_refused_implementation_gets_no_speed(monkeypatch, restore_threads):
+    """End to end: a broken 'fused' is checked, refused, not timed, and shown as REFUSED."""
+    impls = bench.base_impls()
+    monkeypatch.setattr(bench, "base_impls", lambda: {**impls, "fused": _wrong_output})
+    args = bench.build_parser().parse_args(
+        ["--quick", "--no-model", "--threads", "1", "--blocks", "1", "--batch-sizes", "2", "--min-run-time", "0.01"]
+    )
+    report = bench.run(args, log=lambda msg: None)
+    fused = [r for r in report["rows"] if r["impl"] == "fused"]
+    assert len(fused) == len(bench.PASSES)
+    for r in fused:
+        assert r["status"] == "refused" and "output differs from stock" in r["reason"]
+        assert "median_s" not in r and "speedup_vs_stock" not in r
+    others = [r for r in report["rows"] if r["impl"] != "fused"]
+    assert others and all(r["status"] == "ok" and r["median_s"] > 0 for r in others)
+    md = bench.render_markdown(report)
+    assert md.count("| fused | REFUSED: output differs from stock") == len(bench.PASSES)
+    json.dumps(report, allow_nan=False)  # still serialisable
+
+
+def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    state = bench.CompileState()
+    recs = bench.bench_row(bench.BLOCKS[2], 2, "fwd", {"stock": bench.stock_block, "compile": None},
+                           torch.device("cpu"), 1, 0.01, None, state)
+    comp = next(r for r in recs if r["impl"] == "compile")
+    assert comp["status"] == "skipped" and "RuntimeError: no compiler here" in comp["reason"]
+    assert "median_s" not in comp
+    # later rows are skipped with the same reason, without trying again
+    recs = bench.bench_row(bench.BLOCKS[2], 2, "fwd+bwd", {"stock": bench.stock_block, "compile": None},
+                           torch.device("cpu"), 1, 0.01, None, state)
+    assert next(r for r in recs if r["impl"] == "compile")["status"] == "skipped"
+
+
+# --- the cost model ------------------------------------------------------------
+
+
+def test_flop_and_byte_conventions():
+    b1, b2 = bench.BLOCKS[1], bench.BLOCKS[2]
+    # 2*Cout*Hconv*Wconv*Cin*k*k per image: the issue's 173 M and 230 M at batch 1000
+    assert b1.flops(1000, "fwd") == 2 * 6 * 24 * 24 * 1 * 25 * 1000 == 172_800_000
+    assert b2.flops(1000, "fwd") == 2 * 12 * 8 * 8 * 6 * 25 * 1000 == 230_400_000
+    assert b1.flops(10, "fwd+bwd") == 2 * b1.flops(10, "fwd")
+    assert b1.flops(10, "fwd+bwd+dx") == 3 * b1.flops(10, "fwd")
+    # forward: read x, w, b; write pooled y (float32)
+    assert b1.bytes_moved(1, "fwd") == 4 * (784 + 150 + 6 + 6 * 12 * 12)
+    x, w, b, y = 784, 150, 6, 864
+    assert b1.bytes_moved(1, "fwd+bwd") == 4 * ((x + w + b + y) + (y + x + w + w + b))
+    assert b1.bytes_moved(1, "fwd+bwd+dx") == b1.bytes_moved(1, "fwd+bwd") + 4 * x
+
+
+def test_cli_rejects_bad_values():
+    parser = bench.build_parser()
+    for argv in (["--impls", "fused,bogus"], ["--batch-sizes", "0"], ["--batch-sizes", "a"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
