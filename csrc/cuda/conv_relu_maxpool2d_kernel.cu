@@ -299,7 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
       const I* idx_p = static_cast<const I*>(idx.const_data_ptr());
-      if (output_mask[0] && grad_input.numel() > 0) {
+      if (output_mask[0] && grad_input.numel() > 0 && s.cout == 0) {
+        grad_input.zero_();  // no output channel: nothing flows back
+      } else if (output_mask[0] && grad_input.numel() > 0) {
         const BwdInputPlan plan = plan_backward_input(g, sizeof(scalar_t), sms);
         BwdInputArgs<scalar_t, I> a{g,
                                     w.const_data_ptr<scalar_t>(),
@@ -323,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
-      if (output_mask[1] || output_mask[2]) {
+      if ((output_mask[1] || output_mask[2]) && bwd_weight_elems(g) > 0) {
         const BwdWeightPlan plan =
             plan_backward_weight(g, sizeof(scalar_t), sizeof(acc_t), sms);
         BwdWeightArgs<scalar_t, I> a{g,

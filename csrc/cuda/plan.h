@@ -118,7 +118,7 @@ inline BwdInputPlan plan_backward_input(const Geom& g, size_t elem, int num_sms)
   p.fast = true;
   const int64_t items_per_img = static_cast<int64_t>(p.cinp / p.cb) * g.h * g.w;
   int64_t imgs = std::max<int64_t>(1, kMaxThreads / std::max<int64_t>(items_per_img, 1));
-  imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / img_bytes);
+  imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / std::max<int64_t>(img_bytes, 1));
   imgs = std::min<int64_t>(imgs, std::max<int64_t>(1, g.n / num_sms));
   imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
   p.imgs = static_cast<int>(imgs);
