@@ -237,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
                              plan.imgs,
                              plan.cgp};
       if (plan.fast) {
+        TORCH_CHECK(plan.groups <= 65535, "conv_relu_maxpool2d: too many output channels (",
+                    s.cout, ") for the CUDA kernel grid");
         const dim3 grid(grid_x(plan.blocks), static_cast<unsigned>(plan.groups));
         bool launched = false;
         if constexpr (std::is_same_v<I, uint8_t>) {  // pool 2 always has uint8 indices
