@@ -92,6 +92,9 @@ ARCH="$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0); print(f
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" >>"$OUT/build.log"
 
+# ---- a GPU must be visible (otherwise every GPU test would merely skip) ------
+run_step gpu_visible 60 build.log "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print(torch.cuda.get_device_name(0))"
+
 # ---- build -------------------------------------------------------------------
 run_step build 300 build.log env FMNIST_CUDA=ON \
   "$PY" -m pip install --no-build-isolation --no-deps -v -C build-dir=build/gpu-check "$ROOT"
