@@ -68,6 +68,19 @@ FMNIST_HD bool pool_takes(T v, T best) {
 // is > 0 or NaN the ReLU changed nothing the scan compared; when it is <= 0
 // the output is 0 and relu's backward passes no gradient (NaN <= 0 is false,
 // so a NaN maximum passes its gradient, like stock).
+// The pool cells whose convolution rows (or columns) can read padded input
+// row (or column) `yp` through a filter of size `k`: the convolution rows
+// yp - k + 1 .. yp lie in cells first_cell_reaching .. last_cell_reaching
+// (clamp the last to the pooled size). Used by the gather formulation of
+// grad_input in the CUDA kernels.
+FMNIST_HD int32_t first_cell_reaching(int64_t yp, int64_t k, int64_t pool) {
+  const int64_t lo = yp - k + 1;
+  return static_cast<int32_t>(lo <= 0 ? 0 : lo / pool);
+}
+FMNIST_HD int32_t last_cell_reaching(int64_t yp, int64_t pool) {
+  return static_cast<int32_t>(yp / pool);
+}
+
 template <typename T>
 FMNIST_HD bool pool_passes_gradient(T best) {
   return !(best <= T(0));

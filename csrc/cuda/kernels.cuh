@@ -1,0 +1,644 @@
+// The per-thread and per-block work of the CUDA kernels of
+// conv_relu_maxpool2d (see conv_relu_maxpool2d_kernel.cu for the design).
+//
+// Everything here is __host__ __device__ and free of ATen: a CUDA kernel is a
+// thin wrapper that runs the phases of one block
+//     stage(tid, nthreads)  -> __syncthreads() ->  work(tid, nthreads)
+// and tests/cuda_emulation/emulate.cu runs the very same phases on the host,
+// block by block and thread by thread, against a naive reference. That is the
+// only check of the kernel logic a machine without a GPU can do: it covers the
+// index math, the tiling and the launch plans, not races or the hardware.
+//
+// A phase never reads what another thread of the same phase writes, so the
+// sequential host order and any GPU interleaving compute the same result.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "../index_math.h"
+
+#if defined(__CUDACC__)
+#define FMNIST_CUDA_HD __host__ __device__ __forceinline__
+#else
+#define FMNIST_CUDA_HD inline
+#endif
+
+namespace fmnist_ext {
+namespace cuda {
+
+// Geometry of one call. Sizes fit int (checked by the host code); products
+// that index global memory are formed in int64_t.
+struct Geom {
+  int64_t n;                 // batch
+  int cin, h, w;             // input image
+  int cout, kh, kw;          // filter bank
+  int pad_h, pad_w, pool;
+  int ph, pw;                // pooled output
+  int hs, ws;                // staged (zero-padded) image: rows/cols read by
+                             // the convolution rows/cols that reach the pool
+};
+
+FMNIST_CUDA_HD int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FMNIST_CUDA_HD int imin(int a, int b) { return a < b ? a : b; }
+FMNIST_CUDA_HD int imax(int a, int b) { return a > b ? a : b; }
+
+// Channels computed per thread by the forward fast kernel (register block).
+constexpr int kCob = 4;
+// Input channels accumulated per thread by the grad_input kernel.
+constexpr int kCib = 4;
+
+// Global-memory atomic add on the GPU; a plain add in the host emulation.
+template <typename T>
+FMNIST_CUDA_HD void atomic_add(T* p, T v) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(p, v);
+#else
+  *p += v;
+#endif
+}
+
+// Zero-padded staging of images [n0, n0 + imgs) into smem:
+//   xs[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
+// for r < hs, c < ws; input is contiguous NCHW. Images past the batch are 0.
+template <typename T>
+FMNIST_CUDA_HD void stage_images(const Geom& g, const T* __restrict__ input,
+                                 int64_t n0, int imgs, T* xs, int tid, int nthreads) {
+  const int plane = g.hs * g.ws;
+  const int total = imgs * g.cin * plane;
+  for (int e = tid; e < total; e += nthreads) {
+    const int c = e % g.ws;
+    const int r = (e / g.ws) % g.hs;
+    const int ic = e / plane;  // img * cin + ci
+    const int64_t n = n0 + ic / g.cin;
+    const int y = r - g.pad_h, x = c - g.pad_w;
+    T v = T(0);
+    if (n < g.n && y >= 0 && y < g.h && x >= 0 && x < g.w) {
+      v = input[((n0 * g.cin + ic) * g.h + y) * g.w + x];
+    }
+    xs[e] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward, fast path: one block = `imgs` images x `cgp` output channels.
+// smem: ws_[taps][cgp] | bs_[cgp] | xs_[imgs][cin][hs][ws]
+// Work item = (img, channel quad, ph, pw), pw fastest (coalesced stores).
+// P > 0: pool window known at compile time (all P*P window positions are
+// accumulated together, reusing each weight load P*P times); P == 0: runtime.
+template <typename T, typename I>
+struct FwdArgs {
+  Geom g;
+  const T* input;   // contiguous NCHW
+  const T* weight;  // contiguous [cout][cin][kh][kw]
+  const T* bias;    // [cout] or nullptr
+  T* out;           // [n][cout][ph][pw]
+  I* indices;       // [n][cout][ph][pw]
+  int imgs;         // images per block
+  int cgp;          // channels per block (multiple of kCob)
+};
+
+template <typename T>
+FMNIST_CUDA_HD size_t fwd_smem_elems(const Geom& g, int imgs, int cgp) {
+  const int taps = g.cin * g.kh * g.kw;
+  return static_cast<size_t>(taps) * cgp + cgp +
+         static_cast<size_t>(imgs) * g.cin * g.hs * g.ws;
+}
+
+template <typename T, typename I>
+FMNIST_CUDA_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem,
+                              int tid, int nthreads) {
+  const Geom& g = a.g;
+  const int taps = g.cin * g.kh * g.kw;
+  const int cg0 = by * a.cgp;
+  T* ws_ = smem;
+  T* bs_ = ws_ + taps * a.cgp;
+  T* xs_ = bs_ + a.cgp;
+  // Weights transposed to [tap][channel] (zero past cout): the kCob weights a
+  // thread needs for one tap are adjacent (one vector load, a broadcast).
+  for (int e = tid; e < a.cgp * taps; e += nthreads) {
+    const int c = e / taps, t = e % taps;
+    const int co = cg0 + c;
+    ws_[t * a.cgp + c] = co < g.cout ? a.weight[static_cast<int64_t>(co) * taps + t] : T(0);
+  }
+  for (int c = tid; c < a.cgp; c += nthreads) {
+    const int co = cg0 + c;
+    bs_[c] = (a.bias != nullptr && co < g.cout) ? a.bias[co] : T(0);
+  }
+  stage_images(g, a.input, bx * a.imgs, a.imgs, xs_, tid, nthreads);
+}
+
+// Loads N adjacent shared-memory values (16-byte vector loads on the GPU;
+// p is 16-byte aligned whenever N is a multiple of the vector width).
+template <typename T, int N>
+FMNIST_CUDA_HD void load_vec(const T* p, T (&v)[N]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4 && N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p + k);
+      v[k] = f.x; v[k + 1] = f.y; v[k + 2] = f.z; v[k + 3] = f.w;
+    }
+  } else if constexpr (sizeof(T) == 8 && N % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 2) {
+      const double2 d = *reinterpret_cast<const double2*>(p + k);
+      v[k] = d.x; v[k + 1] = d.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = p[k];
+  }
+#else
+  for (int k = 0; k < N; ++k) v[k] = p[k];
+#endif
+}
+
+template <typename T, typename acc_t, typename I, int P>
+FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* smem,
+                             int tid, int nthreads) {
+  const Geom& g = a.g;
+  const int taps = g.cin * g.kh * g.kw;
+  const int pool = P > 0 ? P : g.pool;
+  const int quads = a.cgp / kCob;
+  const int cells = g.ph * g.pw;
+  const int items = a.imgs * quads * cells;
+  const int plane = g.hs * g.ws;
+  const T* ws_ = smem;
+  const T* bs_ = ws_ + taps * a.cgp;
+  const T* xs_ = bs_ + a.cgp;
+  for (int item = tid; item < items; item += nthreads) {
+    const int cell = item % cells;
+    const int q = (item / cells) % quads;
+    const int img = item / (cells * quads);
+    const int64_t n = bx * a.imgs + img;
+    if (n >= g.n) continue;
+    const int oph = cell / g.pw, opw = cell % g.pw;
+    const int c0 = q * kCob;
+    const T* xb = xs_ + img * g.cin * plane + (oph * pool) * g.ws + opw * pool;
+    acc_t best[kCob];
+    int32_t best_j[kCob];
+#pragma unroll
+    for (int c = 0; c < kCob; ++c) {
+      best[c] = -static_cast<acc_t>(INFINITY);
+      best_j[c] = 0;
+    }
+    if constexpr (P > 0) {
+      acc_t acc[kCob][P * P];
+#pragma unroll
+      for (int c = 0; c < kCob; ++c) {
+#pragma unroll
+        for (int k = 0; k < P * P; ++k) acc[c][k] = static_cast<acc_t>(bs_[c0 + c]);
+      }
+      int t = 0;
+      for (int ci = 0; ci < g.cin; ++ci) {
+        for (int i = 0; i < g.kh; ++i) {
+          const T* xr = xb + ci * plane + i * g.ws;
+          for (int j = 0; j < g.kw; ++j, ++t) {
+            T wv[kCob];
+            load_vec(ws_ + t * a.cgp + c0, wv);
+#pragma unroll
+            for (int r = 0; r < P; ++r) {
+#pragma unroll
+              for (int s = 0; s < P; ++s) {
+                const acc_t xv = static_cast<acc_t>(xr[r * g.ws + s + j]);
+#pragma unroll
+                for (int c = 0; c < kCob; ++c) {
+                  acc[c][r * P + s] += static_cast<acc_t>(wv[c]) * xv;
+                }
+              }
+            }
+          }
+        }
+      }
+      // Scan in max_pool2d's order (row by row) on values rounded to T.
+#pragma unroll
+      for (int k = 0; k < P * P; ++k) {
+#pragma unroll
+        for (int c = 0; c < kCob; ++c) {
+          const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c][k]));
+          if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+        }
+      }
+    } else {
+      for (int r = 0; r < pool; ++r) {
+        for (int s = 0; s < pool; ++s) {
+          acc_t acc[kCob];
+#pragma unroll
+          for (int c = 0; c < kCob; ++c) acc[c] = static_cast<acc_t>(bs_[c0 + c]);
+          int t = 0;
+          for (int ci = 0; ci < g.cin; ++ci) {
+            for (int i = 0; i < g.kh; ++i) {
+              const T* xr = xb + ci * plane + (r + i) * g.ws + s;
+              for (int j = 0; j < g.kw; ++j, ++t) {
+                T wv[kCob];
+                load_vec(ws_ + t * a.cgp + c0, wv);
+                const acc_t xv = static_cast<acc_t>(xr[j]);
+#pragma unroll
+                for (int c = 0; c < kCob; ++c) acc[c] += static_cast<acc_t>(wv[c]) * xv;
+              }
+            }
+          }
+          const int32_t k = r * pool + s;
+#pragma unroll
+          for (int c = 0; c < kCob; ++c) {
+            const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c]));
+            if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+          }
+        }
+      }
+    }
+    const int cg0 = by * a.cgp;
+#pragma unroll
+    for (int c = 0; c < kCob; ++c) {
+      const int co = cg0 + c0 + c;
+      if (co < g.cout) {
+        const int64_t o = (n * g.cout + co) * cells + cell;
+        a.out[o] = static_cast<T>(pool_output(best[c]));
+        a.indices[o] = static_cast<I>(pool_saved_index(best[c], best_j[c], pool));
+      }
+    }
+  }
+}
+
+// Forward, direct path (any size): one thread per pooled output, reading
+// global memory. `o` is the flat output index.
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
+  const Geom& g = a.g;
+  const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
+  const int64_t cell = o % cells;
+  const int co = static_cast<int>((o / cells) % g.cout);
+  const int64_t n = o / (cells * g.cout);
+  const int oph = static_cast<int>(cell / g.pw), opw = static_cast<int>(cell % g.pw);
+  const int pool = g.pool;
+  const T* wb = a.weight + static_cast<int64_t>(co) * g.cin * g.kh * g.kw;
+  const acc_t b = a.bias != nullptr ? static_cast<acc_t>(a.bias[co]) : acc_t(0);
+  acc_t best = -static_cast<acc_t>(INFINITY);
+  int32_t best_j = 0;
+  for (int r = 0; r < pool; ++r) {
+    for (int s = 0; s < pool; ++s) {
+      const int oh = oph * pool + r, ow = opw * pool + s;
+      acc_t acc = b;
+      for (int ci = 0; ci < g.cin; ++ci) {
+        const T* xc = a.input + (n * g.cin + ci) * g.h * g.w;
+        for (int i = 0; i < g.kh; ++i) {
+          const int y = oh + i - g.pad_h;
+          if (y < 0 || y >= g.h) continue;
+          for (int j = 0; j < g.kw; ++j) {
+            const int x = ow + j - g.pad_w;
+            if (x < 0 || x >= g.w) continue;
+            acc += static_cast<acc_t>(wb[(ci * g.kh + i) * g.kw + j]) *
+                   static_cast<acc_t>(xc[static_cast<int64_t>(y) * g.w + x]);
+          }
+        }
+      }
+      const acc_t v = static_cast<acc_t>(static_cast<T>(acc));
+      if (pool_takes(v, best)) { best = v; best_j = r * pool + s; }
+    }
+  }
+  a.out[o] = static_cast<T>(pool_output(best));
+  a.indices[o] = static_cast<I>(pool_saved_index(best, best_j, pool));
+}
+
+// ---------------------------------------------------------------------------
+// Backward, grad_input (gather, no atomics): one block = `imgs` images.
+// smem: wt_[cout][kh][kw][cinp] | win_[imgs][cout][cells] (packed winner
+// row/col, -1: no gradient) | gs_[imgs][cout][cells]
+// Work item = (img, input-channel block of CB, y, x), x fastest: the thread
+// visits, per output channel, the pool cells whose windows can contain a
+// convolution position that reads (y, x) (cell_range in index_math.h) and
+// adds g * w for each cell whose winner does; every grad_input element is
+// written exactly once.
+template <typename T, typename I>
+struct BwdInputArgs {
+  Geom g;
+  const T* weight;    // contiguous
+  const T* grad_out;  // contiguous [n][cout][ph][pw]
+  const I* indices;   // contiguous [n][cout][ph][pw]
+  T* grad_input;      // [n][cin][h][w]
+  int imgs;           // images per block
+  int cinp;           // cin rounded up to the channel block CB
+};
+
+template <typename T>
+FMNIST_CUDA_HD size_t bwd_input_smem_bytes(const Geom& g, int imgs, int cinp) {
+  const size_t cells = static_cast<size_t>(g.ph) * g.pw;
+  return sizeof(T) * (static_cast<size_t>(g.cout) * g.kh * g.kw * cinp +
+                      static_cast<size_t>(imgs) * g.cout * cells) +
+         sizeof(int32_t) * static_cast<size_t>(imgs) * g.cout * cells;
+}
+
+// Packs the winner (conv row, conv col) of a cell; -1 = no gradient.
+FMNIST_CUDA_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
+  if (j == no_grad_index(pool)) return -1;
+  return static_cast<int32_t>((winner_row(oph, j, pool) << 16) | winner_col(opw, j, pool));
+}
+
+template <typename T, typename I>
+FMNIST_CUDA_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, unsigned char* smem,
+                                    int tid, int nthreads) {
+  const Geom& g = a.g;
+  const int khw = g.kh * g.kw;
+  const int cells = g.ph * g.pw;
+  T* wt_ = reinterpret_cast<T*>(smem);
+  T* gs_ = wt_ + g.cout * khw * a.cinp;
+  int32_t* win_ = reinterpret_cast<int32_t*>(gs_ + a.imgs * g.cout * cells);
+  // Weights to [co][i][j][ci] (zero past cin): the CB weights of a tap are adjacent.
+  for (int e = tid; e < g.cout * khw * a.cinp; e += nthreads) {
+    const int ci = e % a.cinp;
+    const int t = (e / a.cinp) % khw;
+    const int co = e / (a.cinp * khw);
+    wt_[e] = ci < g.cin ? a.weight[(static_cast<int64_t>(co) * g.cin + ci) * khw + t] : T(0);
+  }
+  const int64_t n0 = bx * a.imgs;
+  for (int e = tid; e < a.imgs * g.cout * cells; e += nthreads) {
+    const int cell = e % cells;
+    const int64_t n = n0 + e / (g.cout * cells);
+    int32_t packed = -1;
+    T gv = T(0);
+    if (n < g.n) {
+      const int64_t src = n0 * g.cout * cells + e;
+      packed = pack_winner(static_cast<int32_t>(a.indices[src]), cell / g.pw, cell % g.pw, g.pool);
+      gv = a.grad_out[src];
+    }
+    win_[e] = packed;
+    gs_[e] = gv;
+  }
+}
+
+template <typename T, typename acc_t, typename I, int CB>
+FMNIST_CUDA_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, const unsigned char* smem,
+                                   int tid, int nthreads) {
+  const Geom& g = a.g;
+  const int khw = g.kh * g.kw;
+  const int cells = g.ph * g.pw;
+  const int cblocks = a.cinp / CB;
+  const int hw = g.h * g.w;
+  const T* wt_ = reinterpret_cast<const T*>(smem);
+  const T* gs_ = wt_ + g.cout * khw * a.cinp;
+  const int32_t* win_ = reinterpret_cast<const int32_t*>(gs_ + a.imgs * g.cout * cells);
+  const int items = a.imgs * cblocks * hw;
+  for (int item = tid; item < items; item += nthreads) {
+    const int pix = item % hw;
+    const int cb = (item / hw) % cblocks;
+    const int img = item / (hw * cblocks);
+    const int64_t n = bx * a.imgs + img;
+    if (n >= g.n) continue;
+    const int yp = pix / g.w + g.pad_h, xp = pix % g.w + g.pad_w;
+    const int ph_lo = first_cell_reaching(yp, g.kh, g.pool);
+    const int ph_hi = imin(g.ph - 1, last_cell_reaching(yp, g.pool));
+    const int pw_lo = first_cell_reaching(xp, g.kw, g.pool);
+    const int pw_hi = imin(g.pw - 1, last_cell_reaching(xp, g.pool));
+    acc_t acc[CB];
+#pragma unroll
+    for (int c = 0; c < CB; ++c) acc[c] = acc_t(0);
+    for (int co = 0; co < g.cout; ++co) {
+      const int base = (img * g.cout + co) * cells;
+      const T* wc = wt_ + co * khw * a.cinp + cb * CB;
+      for (int oph = ph_lo; oph <= ph_hi; ++oph) {
+        for (int opw = pw_lo; opw <= pw_hi; ++opw) {
+          const int32_t packed = win_[base + oph * g.pw + opw];
+          if (packed < 0) continue;
+          const int di = yp - (packed >> 16), dj = xp - (packed & 0xffff);
+          if (static_cast<unsigned>(di) >= static_cast<unsigned>(g.kh) ||
+              static_cast<unsigned>(dj) >= static_cast<unsigned>(g.kw)) {
+            continue;
+          }
+          const acc_t gv = static_cast<acc_t>(gs_[base + oph * g.pw + opw]);
+          T wv[CB];
+          load_vec(wc + (di * g.kw + dj) * a.cinp, wv);
+#pragma unroll
+          for (int c = 0; c < CB; ++c) acc[c] += gv * static_cast<acc_t>(wv[c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CB; ++c) {
+      const int ci = cb * CB + c;
+      if (ci < g.cin) a.grad_input[(n * g.cin + ci) * hw + pix] = static_cast<T>(acc[c]);
+    }
+  }
+}
+
+// grad_input, direct path (any size): one thread per input element.
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
+  const Geom& g = a.g;
+  const int64_t hw = static_cast<int64_t>(g.h) * g.w;
+  const int64_t pix = e % hw;
+  const int ci = static_cast<int>((e / hw) % g.cin);
+  const int64_t n = e / (hw * g.cin);
+  const int yp = static_cast<int>(pix / g.w) + g.pad_h;
+  const int xp = static_cast<int>(pix % g.w) + g.pad_w;
+  const int ph_lo = first_cell_reaching(yp, g.kh, g.pool);
+  const int ph_hi = imin(g.ph - 1, last_cell_reaching(yp, g.pool));
+  const int pw_lo = first_cell_reaching(xp, g.kw, g.pool);
+  const int pw_hi = imin(g.pw - 1, last_cell_reaching(xp, g.pool));
+  const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
+  const int32_t no_grad = no_grad_index(g.pool);
+  acc_t acc = acc_t(0);
+  for (int co = 0; co < g.cout; ++co) {
+    const int64_t base = (n * g.cout + co) * cells;
+    const T* wc = a.weight + (static_cast<int64_t>(co) * g.cin + ci) * g.kh * g.kw;
+    for (int oph = ph_lo; oph <= ph_hi; ++oph) {
+      for (int opw = pw_lo; opw <= pw_hi; ++opw) {
+        const int64_t k = base + static_cast<int64_t>(oph) * g.pw + opw;
+        const int32_t j = static_cast<int32_t>(a.indices[k]);
+        if (j == no_grad) continue;
+        const int64_t di = yp - winner_row(oph, j, g.pool);
+        const int64_t dj = xp - winner_col(opw, j, g.pool);
+        if (di < 0 || di >= g.kh || dj < 0 || dj >= g.kw) continue;
+        acc += static_cast<acc_t>(a.grad_out[k]) * static_cast<acc_t>(wc[di * g.kw + dj]);
+      }
+    }
+  }
+  a.grad_input[e] = static_cast<T>(acc);
+}
+
+// ---------------------------------------------------------------------------
+// Backward, grad_weight and grad_bias: each block loops over chunks of
+// `imgs` images (chunk = bx, bx + gridDim, ...). Per chunk it stages the
+// padded images and the packed winners (offset of the winner's receptive
+// field in the staged chunk, -1: no gradient) with their gradients; then
+// thread (slice s, element e) sums, over the images img = s, s + S, ... of
+// the chunk and the cells of e's output channel, g * x[winner + offset(e)]
+// (element e < cout*taps: a weight, else a bias: g alone) into a private
+// smem partial. At the end the S slices are added up and the block does one
+// global atomicAdd per element. Elements are ordered by output channel, so
+// the lanes of a warp mostly test the same winner (a uniform branch).
+// smem: xs_[imgs][cin][hs][ws] | gs_[imgs][cout][cells] | part_[S][E] (acc_t)
+//       | win_[imgs][cout][cells] (int32)
+template <typename T, typename I>
+struct BwdWeightArgs {
+  Geom g;
+  const T* input;     // contiguous NCHW
+  const T* grad_out;  // contiguous
+  const I* indices;   // contiguous
+  T* grad_weight;     // [cout][cin][kh][kw], zero-initialised, or nullptr
+  T* grad_bias;       // [cout], zero-initialised, or nullptr
+  int imgs;           // images per chunk
+  int slices;         // S
+  int64_t chunks;     // ceil(n / imgs)
+};
+
+FMNIST_CUDA_HD int bwd_weight_elems(const Geom& g) {
+  return g.cout * g.cin * g.kh * g.kw + g.cout;
+}
+
+template <typename T, typename acc_t>
+FMNIST_CUDA_HD size_t bwd_weight_smem_bytes(const Geom& g, int imgs, int slices) {
+  const size_t cells = static_cast<size_t>(g.ph) * g.pw;
+  return sizeof(T) * (static_cast<size_t>(imgs) * g.cin * g.hs * g.ws +
+                      static_cast<size_t>(imgs) * g.cout * cells) +
+         sizeof(acc_t) * static_cast<size_t>(slices) * bwd_weight_elems(g) +
+         sizeof(int32_t) * static_cast<size_t>(imgs) * g.cout * cells;
+}
+
+template <typename T, typename acc_t, typename I>
+struct BwdWeightSmem {
+  T* xs;
+  T* gs;
+  acc_t* part;
+  int32_t* win;
+  FMNIST_CUDA_HD BwdWeightSmem(const BwdWeightArgs<T, I>& a, unsigned char* smem) {
+    const Geom& g = a.g;
+    const int cells = g.ph * g.pw;
+    // acc_t first: its alignment is the largest.
+    part = reinterpret_cast<acc_t*>(smem);
+    xs = reinterpret_cast<T*>(part + a.slices * bwd_weight_elems(g));
+    gs = xs + a.imgs * g.cin * g.hs * g.ws;
+    win = reinterpret_cast<int32_t*>(gs + a.imgs * g.cout * cells);
+  }
+};
+
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_weight_init(const BwdWeightArgs<T, I>& a, unsigned char* smem,
+                                    int tid, int nthreads) {
+  BwdWeightSmem<T, acc_t, I> s(a, smem);
+  for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) s.part[e] = acc_t(0);
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, I>& a, int64_t chunk,
+                                     unsigned char* smem, int tid, int nthreads) {
+  const Geom& g = a.g;
+  BwdWeightSmem<T, acc_t, I> s(a, smem);
+  const int64_t n0 = chunk * a.imgs;
+  if (a.grad_weight != nullptr) stage_images(g, a.input, n0, a.imgs, s.xs, tid, nthreads);
+  const int cells = g.ph * g.pw;
+  const int plane = g.hs * g.ws;
+  for (int e = tid; e < a.imgs * g.cout * cells; e += nthreads) {
+    const int cell = e % cells;
+    const int img = e / (g.cout * cells);
+    const int64_t n = n0 + img;
+    int32_t off = -1;
+    T gv = T(0);
+    if (n < g.n) {
+      const int64_t src = n0 * g.cout * cells + e;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (j != no_grad_index(g.pool)) {
+        off = img * g.cin * plane +
+              static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * g.ws +
+              static_cast<int32_t>(winner_col(cell % g.pw, j, g.pool));
+      }
+      gv = a.grad_out[src];
+    }
+    s.win[e] = off;
+    s.gs[e] = gv;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, I>& a, unsigned char* smem,
+                                          int tid, int nthreads) {
+  const Geom& g = a.g;
+  BwdWeightSmem<T, acc_t, I> s(a, smem);
+  const int khw = g.kh * g.kw;
+  const int taps = g.cin * khw;
+  const int nw = g.cout * taps;
+  const int ne = bwd_weight_elems(g);
+  const int cells = g.ph * g.pw;
+  const int plane = g.hs * g.ws;
+  const bool want_w = a.grad_weight != nullptr, want_b = a.grad_bias != nullptr;
+  for (int se = tid; se < a.slices * ne; se += nthreads) {
+    const int e = se % ne, sl = se / ne;
+    const bool is_w = e < nw;
+    if (is_w ? !want_w : !want_b) continue;
+    const int co = is_w ? e / taps : e - nw;
+    int off = 0;
+    if (is_w) {
+      const int t = e % taps;
+      off = (t / khw) * plane + ((t % khw) / g.kw) * g.ws + t % g.kw;
+    }
+    acc_t acc = acc_t(0);
+    for (int img = sl; img < a.imgs; img += a.slices) {
+      const int base = (img * g.cout + co) * cells;
+      for (int cell = 0; cell < cells; ++cell) {
+        const int32_t wofs = s.win[base + cell];
+        if (wofs < 0) continue;
+        const acc_t gv = static_cast<acc_t>(s.gs[base + cell]);
+        acc += is_w ? gv * static_cast<acc_t>(s.xs[wofs + off]) : gv;
+      }
+    }
+    s.part[se] += acc;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_weight_flush(const BwdWeightArgs<T, I>& a, unsigned char* smem,
+                                     int tid, int nthreads) {
+  const Geom& g = a.g;
+  BwdWeightSmem<T, acc_t, I> s(a, smem);
+  const int ne = bwd_weight_elems(g);
+  const int nw = ne - g.cout;
+  for (int e = tid; e < ne; e += nthreads) {
+    T* dst = e < nw ? a.grad_weight : a.grad_bias;
+    if (dst == nullptr) continue;
+    acc_t sum = acc_t(0);
+    for (int sl = 0; sl < a.slices; ++sl) sum += s.part[sl * ne + e];
+    atomic_add(dst + (e < nw ? e : e - nw), static_cast<T>(sum));
+  }
+}
+
+// grad_weight / grad_bias, direct path (any size): thread (slice, element)
+// sums over the images n = slice, slice + slices, ... reading global memory,
+// then one atomicAdd.
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, I>& a, int64_t se) {
+  const Geom& g = a.g;
+  const int ne = bwd_weight_elems(g);
+  const int khw = g.kh * g.kw;
+  const int taps = g.cin * khw;
+  const int nw = g.cout * taps;
+  const int e = static_cast<int>(se % ne);
+  const int64_t sl = se / ne;
+  const bool is_w = e < nw;
+  T* dst = is_w ? a.grad_weight : a.grad_bias;
+  if (dst == nullptr) return;
+  const int co = is_w ? e / taps : e - nw;
+  const int t = is_w ? e % taps : 0;
+  const int ci = t / khw, i = (t % khw) / g.kw, j = t % g.kw;
+  const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
+  const int32_t no_grad = no_grad_index(g.pool);
+  acc_t acc = acc_t(0);
+  for (int64_t n = sl; n < g.n; n += a.slices) {
+    const int64_t base = (n * g.cout + co) * cells;
+    const T* xc = a.input + (n * g.cin + ci) * g.h * g.w;
+    for (int64_t cell = 0; cell < cells; ++cell) {
+      const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
+      if (jw == no_grad) continue;
+      const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
+      if (!is_w) { acc += gv; continue; }
+      const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;
+      const int64_t x = winner_col(cell % g.pw, jw, g.pool) + j - g.pad_w;
+      if (y < 0 || y >= g.h || x < 0 || x >= g.w) continue;
+      acc += gv * static_cast<acc_t>(xc[y * g.w + x]);
+    }
+  }
+  atomic_add(dst + (is_w ? e : e - nw), static_cast<T>(acc));
+}
+
+}  // namespace cuda
+}  // namespace fmnist_ext
