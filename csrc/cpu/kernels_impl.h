@@ -147,10 +147,11 @@ void load_padded_image(const Geometry& g, const T* input, int64_t n, T* xp,
 //   dst[c][r][v*L + x] = bias[c] + sum_{ci,i,j} wt[ci][i][j][c] * xrow[ci][r + i][v*L + x + j]
 // All kCob*NR*NV accumulators live in registers; per filter tap the tile
 // costs NR*NV input loads and kCob broadcasts for kCob*NR*NV FMAs.
-template <typename T, int NR, int NV>
+template <typename T, int NR, int NV, int KW>
 inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
-                      int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst,
+                      int64_t kh, int64_t kw_rt, const T* wt, const T* bt, T* dst,
                       int64_t dst_rstride, int64_t dst_cstride) {
+  const int64_t kw = KW > 0 ? KW : kw_rt;  // compile-time width unrolls the taps
   using V = typename Simd<T>::V;
   constexpr int64_t L = lanes<T>();
   V acc[kCob][NR][NV];
@@ -166,6 +167,7 @@ inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
   for (int64_t ci = 0; ci < cin; ++ci) {
     for (int64_t i = 0; i < kh; ++i) {
       const T* row = xrow + ci * plane + i * ws;
+#pragma GCC unroll 8
       for (int64_t j = 0; j < kw; ++j) {
         V x[NR][NV];
 #pragma GCC unroll 4
@@ -201,15 +203,15 @@ inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
 // The convolution rows [oh, oh + nrows) of one channel block, into
 // dst[c][r][...]: narrow rows (one vector) are computed two rows per tile,
 // wide rows in tiles of up to kNv vectors.
-template <typename T>
-void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
-               int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
-               const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+template <typename T, int KW>
+void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
+                  int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
+                  const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
   constexpr int64_t L = lanes<T>();
   int64_t r = 0;
   if (nvec == 1) {
     for (; r + 2 <= nrows; r += 2) {
-      conv_tile<T, 2, 1>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt,
+      conv_tile<T, 2, 1, KW>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt,
                          dst + r * rs, rs, dst_cstride);
     }
   }
@@ -218,19 +220,33 @@ void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
     T* d = dst + r * rs;
     int64_t v0 = 0;
     for (; v0 + kNv <= nvec; v0 += kNv) {
-      conv_tile<T, 1, kNv>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, kNv, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
     }
     const int64_t rest = nvec - v0;
     if (rest >= 2 && kNv > 2) {
-      conv_tile<T, 1, 2>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 2, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
       v0 += 2;
     } else if (rest >= 1) {
-      conv_tile<T, 1, 1>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
       v0 += 1;
     }
     if (v0 < nvec) {
-      conv_tile<T, 1, 1>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
     }
+  }
+}
+
+// Filter widths of 3 and 5 (the common ones) get fully unrolled tap loops.
+template <typename T>
+void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
+               int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
+               const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+  if (kw == 5) {
+    conv_rows_kw<T, 5>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs, dst_cstride);
+  } else if (kw == 3) {
+    conv_rows_kw<T, 3>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs, dst_cstride);
+  } else {
+    conv_rows_kw<T, 0>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs, dst_cstride);
   }
 }
 
