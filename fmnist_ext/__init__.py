@@ -7,12 +7,12 @@ Fashion-MNIST training tool built on them.
 
 `python -m fmnist_ext.info` tells which kernels are active.
 """
-from . import _library
+__version__ = "0.1.0"
+
+from . import _library  # noqa: E402  (needs __version__)
 from ._library import ReferenceFallbackWarning
 from .modules import FusedConvReLUMaxPool2d
 from .ops import conv_output_size, conv_relu_maxpool2d, uses_compiled_kernels
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FusedConvReLUMaxPool2d",

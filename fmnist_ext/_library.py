@@ -8,18 +8,46 @@ undefined-symbol error at best. When it cannot be loaded, the package still
 works: the public API runs the pure-PyTorch reference, and one warning says
 why and how to rebuild.
 
+When Python imports this package from a source checkout (``python -m
+fmnist_ext.train`` run in the repository puts the checkout first on the path),
+the checkout has no compiled library; the one that ``pip install
+--no-build-isolation .`` installed for the same version is used instead.
+
 Set ``FMNIST_DISABLE_EXTENSION=1`` to force the reference path (the tests use
 it to check the fallback).
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
-LIBRARY_PATH = Path(__file__).with_name("_C.so")
+PACKAGE_DIR = Path(__file__).parent
+
+
+def _library_dir() -> Path:
+    """Where _C.so and _build_info.py are: this package, or, from a source
+    checkout, the installed build of the same version."""
+    if (PACKAGE_DIR / "_C.so").exists() or not (PACKAGE_DIR.parent / "pyproject.toml").exists():
+        return PACKAGE_DIR
+    try:
+        dist = importlib.metadata.distribution("fmnist-ext")
+    except importlib.metadata.PackageNotFoundError:
+        return PACKAGE_DIR
+    from . import __version__
+
+    installed = Path(str(dist.locate_file("fmnist_ext/_C.so")))
+    if dist.version == __version__ and installed.exists():
+        return installed.parent
+    return PACKAGE_DIR
+
+
+LIBRARY_DIR = _library_dir()
+LIBRARY_PATH = LIBRARY_DIR / "_C.so"
 REBUILD_HINT = "rebuild with: pip install --no-build-isolation ."
 OP_NAMESPACE = "fmnist_ext"
 FORWARD_OP = f"{OP_NAMESPACE}::conv_relu_maxpool2d"
@@ -30,11 +58,14 @@ class ReferenceFallbackWarning(UserWarning):
     """The compiled kernels are not in use; the pure-PyTorch reference runs."""
 
 
-def _build_info():
-    try:
-        from . import _build_info as info  # written by CMake at build time
-    except ImportError:
+def build_info():
+    """The build record CMake wrote beside the library (None if missing)."""
+    path = LIBRARY_DIR / "_build_info.py"
+    if not path.exists():
         return None
+    spec = importlib.util.spec_from_file_location("fmnist_ext._build_info", path)
+    info = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(info)
     return info
 
 
@@ -44,7 +75,7 @@ def _load() -> tuple[bool, str | None]:
         return False, "FMNIST_DISABLE_EXTENSION is set"
     if not LIBRARY_PATH.exists():
         return False, f"the compiled library {LIBRARY_PATH.name} is not installed (the package was not built)"
-    info = _build_info()
+    info = build_info()
     if info is None:
         return False, "the build record _build_info.py is missing (incomplete install)"
     if info.TORCH_VERSION != torch.__version__:
@@ -81,7 +112,7 @@ COMPILED_DEVICE_TYPES = frozenset(
 
 
 def built_torch_version() -> str | None:
-    info = _build_info()
+    info = build_info()
     return None if info is None else info.TORCH_VERSION
 
 

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cuda kernels:  {cuda}")
     print(f"  built against: torch {status['built_against_torch'] or '(not built)'}")
     print(f"  running:       torch {status['running_torch']}")
+    from fmnist_ext import _library
+
+    if _library.LOADED:
+        print(f"  library:       {_library.LIBRARY_PATH}")
     if status["not_loaded_reason"]:
         print(f"  compiled library not loaded: {status['not_loaded_reason']}")
     return 0

@@ -36,11 +36,7 @@ bwd_op = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward if _library.LOADED e
 
 
 def _build_info():
-    try:
-        from fmnist_ext import _build_info as info
-    except ImportError:
-        return None
-    return info
+    return _library.build_info()
 
 
 # --------------------------------------------------------------------------

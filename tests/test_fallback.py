@@ -102,3 +102,19 @@ def test_info_command_reports_compiled_cpu_kernels():
     js = subprocess.run([sys.executable, "-m", "fmnist_ext.info", "--json"], capture_output=True, text=True, timeout=120)
     status = json.loads(js.stdout)
     assert status["cpu"] == "compiled" and status["built_against_torch"] == status["running_torch"]
+
+
+@requires_compiled_cpu
+def test_source_checkout_uses_the_installed_library():
+    # `python -m fmnist_ext.train` run in the repository imports the source
+    # folder (no _C.so there); it must still get the installed kernels.
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "pyproject.toml").exists() and (repo / "fmnist_ext").is_dir()
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", "import json, fmnist_ext; print(json.dumps(fmnist_ext.kernels_status()))"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["cpu"] == "compiled"
