@@ -197,11 +197,12 @@ def locate(
             return found
         state = "not a folder" if not d.is_dir() else ("no IDX files" if not found else f"missing {', '.join(missing)}")
         tried.append(f"  {label}: {d} ({state})")
-    if data_dir is not None:
-        raise DataError(
-            f"--data-dir {data_dir}: no complete set of Fashion-MNIST files there "
-            f"(need {', '.join(f.name + '[.gz]' for f in FILES.values())}):\n" + "\n".join(tried[:2])
-        )
+        if data_dir is not None and len(tried) == 2:
+            # An explicit --data-dir (or its torchvision layout) must hold the files.
+            raise DataError(
+                f"--data-dir {data_dir}: no complete set of Fashion-MNIST files there "
+                f"(need {', '.join(f.name + '[.gz]' for f in FILES.values())}):\n" + "\n".join(tried)
+            )
     if download:
         base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_MIRROR
         try:
