@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import itertools
 import json
@@ -472,7 +473,7 @@ def main(argv=None) -> int:
             cli.fail(parser, "argument --tensorboard: not supported with --sweep")
     if args.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            importlib.import_module("torch.utils.tensorboard")
         except ImportError as e:
             cli.fail(parser, f"argument --tensorboard: needs the tensorboard package ({e}); "
                              "install it with: pip install tensorboard")
