@@ -37,7 +37,9 @@ class TBLogger:
     def start(self, model, sample_images_u8: torch.Tensor, sample_inputs: torch.Tensor) -> None:
         self.writer.add_image("images", image_grid(sample_images_u8[:64]), 0)
         try:
-            self.writer.add_graph(model, sample_inputs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                self.writer.add_graph(model, sample_inputs)
         except Exception as e:  # tracing is best effort; training goes on
             warnings.warn(f"TensorBoard graph not written: {e}", stacklevel=2)
 

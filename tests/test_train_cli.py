@@ -91,15 +91,26 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, words, syn, tmp_path, ca
         assert w in err
 
 
-def test_tensorboard_missing_is_a_clear_error(syn, tmp_path, capsys):
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("tensorboard is installed")
+def test_tensorboard_missing_is_a_clear_error(syn, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     assert _exit_code(train.main, ["--tensorboard", "--data-dir", str(syn), *SYN, "--out", str(tmp_path / "o")]) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tensorboard" in err and "pip install tensorboard" in err and "Traceback" not in err
+
+
+def test_tensorboard_logs_what_the_seed_logged(syn, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert _train(syn, out, "--epochs", "2", "--tensorboard") == 0
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0, "images": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"Loss", "Number Correct", "Accuracy"} <= set(tags["scalars"])
+    assert len(ea.Scalars("Loss")) == 2
+    assert "conv1.weight" in tags["histograms"] and "conv1.weight.grad" in tags["histograms"]
+    assert tags["images"] and tags["graph"]
 
 
 def test_no_data_lists_places_exit_2(tmp_path, monkeypatch, capsys):
