@@ -81,22 +81,24 @@ class Batches:
     """Iterate (inputs, targets) batches of one epoch plan, starting at batch `start`."""
 
     def __init__(self, images_u8, labels, plan: EpochPlan, batch_size: int, crop_pad: int = 0, start: int = 0):
-        self.images, self.labels, self.plan = images_u8, labels, plan
+        device = images_u8.device
+        self.images, self.labels = images_u8, labels
+        # The epoch's plan moves to the training device once; batches are slices of it there.
+        self.plan = EpochPlan(*(t.to(device) if t is not None else None for t in (plan.order, plan.shift, plan.flip)))
         self.batch_size, self.crop_pad, self.start = batch_size, crop_pad, start
 
     def __len__(self) -> int:
         return max(0, -(-self.plan.order.numel() // self.batch_size) - self.start)
 
     def __iter__(self):
-        n, bs, device = self.plan.order.numel(), self.batch_size, self.images.device
+        n, bs = self.plan.order.numel(), self.batch_size
         for i in range(self.start * bs, n, bs):
             idx = self.plan.order[i : i + bs]
-            didx = idx.to(device, non_blocking=True)
-            x = self.images[didx]
+            x = self.images[idx]
             shift = self.plan.shift[i : i + bs] if self.plan.shift is not None else None
             flip = self.plan.flip[i : i + bs] if self.plan.flip is not None else None
             x = augment(x, shift, flip, self.crop_pad)
-            yield normalize(x), self.labels[didx]
+            yield normalize(x), self.labels[idx]
 
 
 def eval_batches(images_u8, labels, batch_size: int = 2000):
