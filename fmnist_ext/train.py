@@ -98,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         ) + "\n\nUnder torchrun (RANK and WORLD_SIZE set) the loop runs with DistributedDataParallel "
         "(gloo on CPU, nccl on CUDA); only rank 0 writes files.",
     )
-    p.add_argument("--recipe", choices=tuple(recipes.RECIPES), default="seed", help="hyperparameter set (default: seed)")
-    p.add_argument("--kernels", choices=KERNELS, default="fused",
+    p.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None, help="hyperparameter set (default: seed)")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
                    help="conv blocks: the fused operator or stock PyTorch layers (default: fused)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, shuffling and augmentation (default: 0)")
     p.add_argument("--device", choices=cli.DEVICES, default="auto", help="auto: CUDA when present (default: auto)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run folder (default: runs/RECIPE-KERNELS-sSEED; with --sweep, one subfolder per run)")
@@ -223,8 +223,9 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------- one run
 
 def resolve_config(args) -> dict:
-    config = {"recipe": args.recipe, "seed": args.seed, "kernels": args.kernels}
-    config.update(recipes.RECIPES[args.recipe])
+    recipe = args.recipe or "seed"
+    config = {"recipe": recipe, "seed": 0 if args.seed is None else args.seed, "kernels": args.kernels or "fused"}
+    config.update(recipes.RECIPES[recipe])
     for key in recipes.TRAINING_KEYS:
         v = getattr(args, key)
         if v is not None:
@@ -419,13 +420,14 @@ def _kernels_status() -> dict:
 # --------------------------------------------------------------------------- main
 
 def _explicit_overrides(args) -> dict:
-    return {k: getattr(args, k) for k in recipes.TRAINING_KEYS if getattr(args, k) is not None}
+    keys = ("recipe", "seed", "kernels", *recipes.TRAINING_KEYS)
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def run_sweep(parser, args, d, device, ds) -> int:
     grid = parse_sweep(args.sweep)
     keys = [k for k, _ in grid]
-    base_out = Path(args.out or f"runs/sweep-{args.recipe}")
+    base_out = Path(args.out or f"runs/sweep-{args.recipe or 'seed'}")
     results = []
     for values in itertools.product(*(v for _, v in grid)):
         ns = argparse.Namespace(**vars(args))
@@ -482,7 +484,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = False
 
     config = resolve_config(args)
-    out = Path(args.out or f"runs/{args.recipe}-{args.kernels}-s{args.seed}")
+    out = Path(args.out or f"runs/{config['recipe']}-{config['kernels']}-s{config['seed']}")
     resume = None
     if args.sweep is None:
         ckpt_path = out / "checkpoint.pt"

@@ -156,6 +156,9 @@ def test_run_folder_contents_and_refusal_to_overwrite(syn, tmp_path, capsys):
     # resuming a finished run with a different setting is refused
     assert _train(syn, out, "--resume", "--lr", "0.5") == 2
     assert "--lr 0.5" in capsys.readouterr().err
+    assert _train(syn, out, "--resume", "--kernels", "stock", "--seed", "0") == 2
+    err = capsys.readouterr().err
+    assert "--kernels stock (checkpoint: fused)" in err and "--seed" not in err
 
 
 @pytest.mark.parametrize("stop_at", [2, 6, 9], ids=["mid-epoch-1", "end-of-epoch-1", "mid-epoch-2"])
