@@ -97,3 +97,11 @@ def flag_pair(p, name: str, help_on: str, help_off: str) -> None:
 
 def print_err(*a) -> None:
     print(*a, file=sys.stderr)
+
+
+def prog(module: str) -> str:
+    """`python -m MODULE`, or the console script's name (fmnist-*) when run as one."""
+    import os
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return argv0 if argv0.startswith("fmnist-") else f"python -m {module}"

@@ -58,7 +58,7 @@ def format_report(cm: torch.Tensor, classes=data.CLASSES) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fmnist_ext.evaluate",
+        prog=cli.prog("fmnist_ext.evaluate"),
         description="Test accuracy, per-class accuracy and confusion matrix of a checkpoint on the Fashion-MNIST test set.",
     )
     p.add_argument("checkpoint", help="checkpoint file written by fmnist_ext.train (e.g. RUN/checkpoint.pt)")

@@ -59,7 +59,7 @@ def top_k(model, images_u8: torch.Tensor, k: int = 3) -> list[list[tuple[str, fl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fmnist_ext.predict",
+        prog=cli.prog("fmnist_ext.predict"),
         description="Top-3 Fashion-MNIST classes for grayscale (or colour, converted) PNG/JPEG images; "
         "images that are not 28x28 are resized.",
     )

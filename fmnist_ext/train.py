@@ -89,7 +89,7 @@ def parse_sweep(items: list[str]) -> list[tuple[str, list]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fmnist_ext.train",
+        prog=cli.prog("fmnist_ext.train"),
         description="Train the seed CNN on Fashion-MNIST (fused or stock conv blocks). "
         "Options left unset come from the --recipe.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -101,7 +101,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fmnist_ext.viz", description="Fashion-MNIST pictures.")
+    p = argparse.ArgumentParser(prog=cli.prog("fmnist_ext.viz"), description="Fashion-MNIST pictures.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sprite", help="the training-set sprite: each class on three rows")
     s.add_argument("--out", default="sprite.png", help="PNG to write (default: sprite.png)")
