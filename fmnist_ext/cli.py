@@ -1,0 +1,107 @@
+"""Small helpers shared by the command-line tools: argument types, device choice, errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Print `prog: error: message` and exit with status 2 (argparse's convention)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return v
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with the four Fashion-MNIST IDX files (gzipped or not; torchvision's "
+                        "ROOT/FashionMNIST/raw works too). Default: $FMNIST_DATA, the user cache, "
+                        "/usr/share/datasets/fashion-mnist, then a download into the user cache")
+    g.add_argument("--no-download", action="store_true", help="never download; fail if the files are not found")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the MD5 check against the official files (for other IDX data of the same format)")
+
+
+def resolve_device(parser: argparse.ArgumentParser, name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            fail(parser, "argument --device: cuda requested but no CUDA device is available "
+                         f"(torch {torch.__version__}); use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def flag_pair(p, name: str, help_on: str, help_off: str) -> None:
+    """--NAME / --no-NAME, default None (meaning: take it from the recipe)."""
+    dest = name.replace("-", "_")
+    p.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_on)
+    p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
+
+
+def print_err(*a) -> None:
+    print(*a, file=sys.stderr)
+
+
+def prog(module: str) -> str:
+    """`python -m MODULE`, or the console script's name (fmnist-*) when run as one."""
+    import os
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return argv0 if argv0.startswith("fmnist-") else f"python -m {module}"

@@ -1,0 +1,546 @@
+"""Train the seed CNN on Fashion-MNIST.
+
+    python -m fmnist_ext.train                          # the seed recipe, fused kernels
+    python -m fmnist_ext.train --recipe improved --out runs/improved
+    python -m fmnist_ext.train --out runs/x --resume    # continue an interrupted run
+    python -m fmnist_ext.train --sweep lr=0.01,0.001 batch_size=100,1000
+    python -m torch.distributed.run --nproc_per_node=2 -m fmnist_ext.train ...
+
+The run folder (--out) receives: checkpoint.pt (after every epoch and on
+Ctrl-C), metrics.jsonl (one line per epoch), and at the end confusion.png,
+curves.png, summary.json. All files are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import io
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import atomic, checkpoint, cli, data, recipes
+from .batches import Batches, eval_batches, normalize, plan_epoch
+from .evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
+from .model import KERNELS, FashionCNN
+
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _choice(choices):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+SWEEP_TYPES = {
+    "lr": cli.positive_float, "batch_size": cli.positive_int, "epochs": cli.positive_int, "seed": int,
+    "kernels": _choice(KERNELS), "recipe": _choice(tuple(recipes.RECIPES)),
+    "optimizer": _choice(recipes.OPTIMIZERS), "weight_decay": cli.nonneg_float,
+    "schedule": _choice(recipes.SCHEDULES), "label_smoothing": cli.fraction, "crop_pad": cli.nonneg_int,
+    "flip": _bool, "shuffle": _bool,
+}
+
+
+def parse_sweep(items: list[str]) -> list[tuple[str, list]]:
+    """['lr=0.01,0.001', 'batch_size=100,1000'] -> [('lr', [0.01, 0.001]), ...]"""
+    out, seen = [], set()
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,..., got {item!r}")
+        if key not in SWEEP_TYPES:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r} (one of {', '.join(SWEEP_TYPES)})")
+        if key in seen:
+            raise argparse.ArgumentTypeError(f"key {key!r} given twice")
+        seen.add(key)
+        try:
+            parsed = [SWEEP_TYPES[key](v.strip()) for v in values.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{key}: {e}") from None
+        out.append((key, parsed))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=cli.prog("fmnist_ext.train"),
+        description="Train the seed CNN on Fashion-MNIST (fused or stock conv blocks). "
+        "Options left unset come from the --recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipes:\n" + "\n".join(
+            f"  {name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in recipes.RECIPES.items()
+        ) + "\n\nUnder torchrun (RANK and WORLD_SIZE set) the loop runs with DistributedDataParallel "
+        "(gloo on CPU, nccl on CUDA); only rank 0 writes files.",
+    )
+    p.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None, help="hyperparameter set (default: seed)")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
+                   help="conv blocks: the fused operator or stock PyTorch layers (default: fused)")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, shuffling and augmentation (default: 0)")
+    p.add_argument("--device", choices=cli.DEVICES, default="auto", help="auto: CUDA when present (default: auto)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run folder (default: runs/RECIPE-KERNELS-sSEED; with --sweep, one subfolder per run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the settings saved there")
+    g = p.add_argument_group("recipe overrides")
+    g.add_argument("--epochs", type=cli.positive_int, default=None, help="number of epochs (seed: 20)")
+    g.add_argument("--lr", type=cli.positive_float, default=None, help="learning rate; peak rate with onecycle (seed: 0.01)")
+    g.add_argument("--batch-size", type=cli.positive_int, default=None, help="batch size (seed: 1000)")
+    g.add_argument("--optimizer", choices=recipes.OPTIMIZERS, default=None, help="optimizer (seed: adam)")
+    g.add_argument("--weight-decay", type=cli.nonneg_float, default=None, help="weight decay (seed: 0)")
+    g.add_argument("--schedule", choices=recipes.SCHEDULES, default=None,
+                   help="learning-rate schedule, stepped per batch (seed: none)")
+    g.add_argument("--label-smoothing", type=cli.fraction, default=None, help="label smoothing in [0, 1) (seed: 0)")
+    g.add_argument("--crop-pad", type=cli.nonneg_int, default=None,
+                   help="random-crop augmentation with this zero padding, 0 = off (seed: 0)")
+    cli.flag_pair(g, "flip", "random horizontal flips", "no flips (seed)")
+    cli.flag_pair(g, "shuffle", "shuffle each epoch from the seeded generator (seed recipe: on)",
+                  "keep the file order every epoch (as the seed project's default loader)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="train the cartesian product of these settings (keys: " + ", ".join(SWEEP_TYPES) +
+                   "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) (warn only) and no cuDNN benchmarking")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUT/tensorboard (needs the optional tensorboard package)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_data_args(p)
+    return p
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(parser, device_name: str) -> tuple[Dist, torch.device]:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist(), cli.resolve_device(parser, device_name)
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    device = cli.resolve_device(parser, device_name, d.local_rank)
+    if d.enabled:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """First Ctrl-C: finish the batch, save a checkpoint, exit. Second: abort now."""
+
+    def __init__(self, quiet: bool):
+        self.requested = False
+        self.quiet = quiet
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if not self.quiet:
+            print("\nInterrupted: finishing this batch and saving a checkpoint "
+                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def check(self, d: Dist, device) -> bool:
+        """Whether any rank was asked to stop (a collective under DDP)."""
+        if not d.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        return bool(all_reduce_sum(flag, d).item() > 0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- one run
+
+def resolve_config(args) -> dict:
+    recipe = args.recipe or "seed"
+    config = {"recipe": recipe, "seed": 0 if args.seed is None else args.seed, "kernels": args.kernels or "fused"}
+    config.update(recipes.RECIPES[recipe])
+    for key in recipes.TRAINING_KEYS:
+        v = getattr(args, key)
+        if v is not None:
+            config[key] = v
+    return config
+
+
+@torch.no_grad()
+def evaluate_split(model, images, labels, batch_size: int = 2000) -> tuple[float, float, int]:
+    """(mean cross-entropy, accuracy, number correct) on a whole split."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for x, y in eval_batches(images, labels, batch_size):
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+    n = labels.shape[0]
+    model.train()
+    return loss_sum.item() / n, correct.item() / n, int(correct.item())
+
+
+def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.device, d: Dist,
+              resume: dict | None = None, progress: bool = True, tensorboard: bool = False) -> dict:
+    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C."""
+    from tqdm import tqdm
+
+    main = d.main
+    torch.manual_seed(config["seed"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    model = FashionCNN(config["kernels"]).to(device)
+    train_x, train_y = ds.train.images.to(device), ds.train.labels.to(device)
+    test_x, test_y = ds.test.images.to(device), ds.test.labels.to(device)
+    n_train = len(ds.train)
+    per_rank = n_train // d.world_size if d.enabled else n_train
+    steps_per_epoch = math.ceil(per_rank / config["batch_size"])
+    optimizer = recipes.make_optimizer(config["optimizer"], model.parameters(), config["lr"], config["weight_decay"])
+    scheduler = recipes.make_scheduler(config["schedule"], optimizer, config["lr"], config["epochs"], steps_per_epoch)
+    criterion = recipes.make_criterion(config["label_smoothing"])
+
+    epoch, step, history = 0, 0, []
+    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume["scheduler"] is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        checkpoint.set_rng_state(resume["rng"], gen)
+        epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
+        partial = dict(resume["partial"])
+        if main:
+            where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
+            print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
+    # The generator state at the start of the epoch in progress (restored above on resume).
+    epoch_start_state = gen.get_state()
+
+    net = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    tb = None
+    if tensorboard and main:
+        from .tblog import TBLogger
+
+        tb = TBLogger(str(out / "tensorboard"))
+        tb.start(model, ds.train.images[:64], normalize(train_x[:64]))
+
+    def state(ep: int, st: int, part: dict) -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": ep, "step": st,
+            "rng": {**checkpoint.rng_state(gen), "data": epoch_start_state},
+            "partial": part, "history": history, "config": config, "kernels": config["kernels"],
+        }
+
+    def write_metrics() -> None:
+        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+    with StopRequest(quiet=not main) as stop:
+        while epoch < config["epochs"]:
+            gen.set_state(epoch_start_state)
+            plan = plan_epoch(n_train, gen, config["shuffle"], config["crop_pad"], config["flip"],
+                              d.rank, d.world_size)
+            batches = Batches(train_x, train_y, plan, config["batch_size"], config["crop_pad"], start=step)
+            loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
+            correct = torch.tensor(partial["correct"], dtype=torch.long, device=device)
+            seen, elapsed = partial["seen"], partial["time"]
+            net.train()
+            bar = tqdm(batches, total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{config['epochs']}",
+                       disable=not (progress and main), leave=False, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            for x, y in bar:
+                optimizer.zero_grad(set_to_none=True)
+                logits = net(x)
+                loss = criterion(logits, y)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += loss.detach().double() * y.shape[0]
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                step += 1
+                if progress and main and (step % 10 == 0 or step == steps_per_epoch):
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+                if stop.check(d, device) and step < steps_per_epoch:
+                    elapsed += time.perf_counter() - t0
+                    part = {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen, "time": elapsed}
+                    if main:
+                        checkpoint.save(out / "checkpoint.pt", state(epoch, step, part))
+                    bar.close()
+                    raise Interrupted(f"epoch {epoch + 1}, after batch {step}")
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed += time.perf_counter() - t0
+            stats = all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]), d)
+            total_seen = int(stats[2].item())
+            times = all_reduce_sum(torch.tensor([elapsed], dtype=torch.float64, device=device), d)
+            epoch_time = times.item() / d.world_size
+            t1 = time.perf_counter()
+            test_loss, test_acc, _ = evaluate_split(model, test_x, test_y)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": stats[0].item() / total_seen,
+                "train_acc": stats[1].item() / total_seen,
+                "train_correct": int(stats[1].item()),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epoch_time_s": round(epoch_time, 3),
+                "images_per_s": round(total_seen / epoch_time, 1) if epoch_time > 0 else None,
+                "eval_time_s": round(time.perf_counter() - t1, 3),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(record)
+            epoch, step = epoch + 1, 0
+            partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+            epoch_start_state = gen.get_state()
+            if main:
+                checkpoint.save(out / "checkpoint.pt", state(epoch, 0, partial))
+                write_metrics()
+                if tb is not None:
+                    tb.epoch(epoch, record, model)
+                print(f"epoch {epoch:>3}/{config['epochs']}  train loss {record['train_loss']:.4f}  "
+                      f"train acc {record['train_acc']:.4f}  test acc {test_acc:.4f}  "
+                      f"{epoch_time:.1f} s  {record['images_per_s']:.0f} img/s", flush=True)
+            if stop.check(d, device) and epoch < config["epochs"]:
+                raise Interrupted(f"after epoch {epoch}")
+    if tb is not None:
+        tb.close()
+    return finish(config, out, model, ds, test_x, history, main)
+
+
+def finish(config, out: Path, model, ds, test_x, history, main: bool) -> dict:
+    """Confusion matrix (printed and PNG), curves PNG, summary JSON."""
+    cm = confusion_matrix(predictions(model, test_x), ds.test.labels)
+    acc = cm.diag().sum().item() / cm.sum().item()
+    summary = {
+        "config": config,
+        "test_acc": acc,
+        "final": history[-1] if history else None,
+        "per_class_acc": dict(zip(data.CLASSES, per_class_accuracy(cm).tolist())),
+        "confusion_matrix": cm.tolist(),
+        "mean_epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history) if history else None,
+        "kernels_status": _kernels_status(),
+        "torch": torch.__version__,
+    }
+    if main:
+        from . import viz
+
+        print(f"test accuracy {acc:.4f}; confusion matrix (rows: true, columns: predicted):")
+        print(format_confusion(cm))
+        viz.save_confusion(cm, out / "confusion.png",
+                           title=f"Test set, {config['recipe']} recipe, {config['kernels']} kernels: accuracy {acc:.4f}")
+        viz.save_curves(history, out / "curves.png")
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out}/{{checkpoint.pt,metrics.jsonl,confusion.png,curves.png,summary.json}}")
+    return summary
+
+
+def _kernels_status() -> dict:
+    from . import kernels_status
+
+    s = kernels_status()
+    return {k: s[k] for k in ("cpu", "cuda", "cpu_isa")}
+
+
+# --------------------------------------------------------------------------- main
+
+def _explicit_overrides(args) -> dict:
+    keys = ("recipe", "seed", "kernels", *recipes.TRAINING_KEYS)
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def run_sweep(parser, args, d, device, ds) -> int:
+    grid = parse_sweep(args.sweep)
+    keys = [k for k, _ in grid]
+    base_out = Path(args.out or f"runs/sweep-{args.recipe or 'seed'}")
+    results = []
+    for values in itertools.product(*(v for _, v in grid)):
+        ns = argparse.Namespace(**vars(args))
+        for k, v in zip(keys, values):
+            setattr(ns, k, v)
+        config = resolve_config(ns)
+        name = "_".join(f"{k}={v}" for k, v in zip(keys, values)).replace("/", "-")
+        out = base_out / name
+        if (out / "checkpoint.pt").exists():
+            cli.fail(parser, f"argument --out: {out}/checkpoint.pt exists; choose another --out")
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"== run {len(results) + 1}: {name}")
+        s = train_run(config, out, ds, device, d, progress=not args.no_progress)
+        results.append({**dict(zip(keys, values)), "test_acc": s["test_acc"],
+                        "train_acc": s["final"]["train_acc"], "train_loss": s["final"]["train_loss"],
+                        "epoch_time_s": round(s["mean_epoch_time_s"], 2), "run": str(out)})
+    results.sort(key=lambda r: r["test_acc"], reverse=True)
+    if d.main:
+        cols = list(results[0])
+        print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for r in results:
+            print("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c.endswith(("acc", "loss"))
+                                    else str(r[c]) for c in cols) + " |")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(results)
+        atomic.write_text(base_out / "sweep.csv", buf.getvalue())
+        print(f"\nwrote {base_out / 'sweep.csv'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sweep is not None:
+        try:
+            parse_sweep(args.sweep)
+        except argparse.ArgumentTypeError as e:
+            cli.fail(parser, f"argument --sweep: {e}")
+        if args.resume:
+            cli.fail(parser, "argument --resume: not allowed with --sweep")
+        if args.tensorboard:
+            cli.fail(parser, "argument --tensorboard: not supported with --sweep")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as e:
+            cli.fail(parser, f"argument --tensorboard: needs the tensorboard package ({e}); "
+                             "install it with: pip install tensorboard")
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    config = resolve_config(args)
+    out = Path(args.out or f"runs/{config['recipe']}-{config['kernels']}-s{config['seed']}")
+    resume = None
+    if args.sweep is None:
+        ckpt_path = out / "checkpoint.pt"
+        if args.resume:
+            try:
+                resume = checkpoint.load(ckpt_path, map_location="cpu")
+            except checkpoint.CheckpointError as e:
+                cli.fail(parser, f"argument --resume: {e}")
+            saved = resume["config"]
+            conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
+                         for k, v in _explicit_overrides(args).items() if saved.get(k) != v]
+            if conflicts:
+                cli.fail(parser, "argument --resume: the run's settings come from the checkpoint; "
+                                 "these differ: " + ", ".join(conflicts))
+            config = saved
+        elif ckpt_path.exists():
+            cli.fail(parser, f"argument --out: {ckpt_path} exists; add --resume to continue it or choose another --out")
+
+    d, device = init_distributed(parser, args.device)
+    try:
+        if d.main:
+            ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download,
+                           progress=not args.no_progress)
+        barrier(d)  # rank 0 downloads (if needed) before the others look
+        if not d.main:
+            ds = data.load(args.data_dir, verify=not args.no_verify, download=False, progress=False)
+    except data.DataError as e:
+        cli.fail(parser, str(e))
+    if d.main:
+        print(f"data: {ds.folder} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
+              + (f" x {d.world_size} processes" if d.enabled else "") + f"; kernels {config['kernels']}", flush=True)
+    try:
+        if args.sweep is not None:
+            return run_sweep(parser, args, d, device, ds)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+        train_run(config, out, ds, device, d, resume, progress=not args.no_progress, tensorboard=args.tensorboard)
+        return 0
+    except Interrupted as e:
+        if d.main:
+            cmd = f"python -m fmnist_ext.train --out {out} --resume"
+            print(f"\nstopped {e}; checkpoint saved to {out / 'checkpoint.pt'}.\nresume with: {cmd}",
+                  file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if d.main:
+            print(f"\naborted; the last checkpoint in {out} (if any) is intact; resume with --resume",
+                  file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
