@@ -39,6 +39,7 @@ class TBLogger:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, used by add_graph
                 self.writer.add_graph(model, sample_inputs)
         except Exception as e:  # tracing is best effort; training goes on
             warnings.warn(f"TensorBoard graph not written: {e}", stacklevel=2)

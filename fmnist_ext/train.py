@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-crop augmentation with this zero padding, 0 = off (seed: 0)")
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (seed)")
     cli.flag_pair(g, "shuffle", "shuffle each epoch from the seeded generator (seed recipe: on)",
-                  "keep the file order every epoch (as the seed project's default loader)")
+                  "keep the file order every epoch")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="train the cartesian product of these settings (keys: " + ", ".join(SWEEP_TYPES) +
                    "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv")
