@@ -170,12 +170,12 @@ def test_refused_implementation_gets_no_speed(monkeypatch, restore_threads):
     fused = [r for r in report["rows"] if r["impl"] == "fused"]
     assert len(fused) == len(bench.PASSES)
     for r in fused:
-        assert r["status"] == "refused" and "output differs from stock" in r["reason"]
+        assert r["status"] == "refused" and "output differs from the float64 reference" in r["reason"]
         assert "median_s" not in r and "speedup_vs_stock" not in r
     others = [r for r in report["rows"] if r["impl"] != "fused"]
     assert others and all(r["status"] == "ok" and r["median_s"] > 0 for r in others)
     md = bench.render_markdown(report)
-    assert md.count("| fused | REFUSED: output differs from stock") == len(bench.PASSES)
+    assert md.count("| fused | REFUSED: output differs from the float64 reference") == len(bench.PASSES)
     json.dumps(report, allow_nan=False)  # still serialisable
 
 
@@ -218,3 +218,20 @@ def test_cli_rejects_bad_values():
     for argv in (["--impls", "fused,bogus"], ["--batch-sizes", "0"], ["--batch-sizes", "a"], ["--device", "tpu"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
+
+
+def _exact(inp, pass_name):
+    inp64 = bench.RowInputs(inp.block, inp.batch, *(t.double() for t in (inp.x, inp.w, inp.b, inp.g)))
+    return bench.pass_runner(bench.stock_block, inp64, pass_name)()
+
+
+@pytest.mark.parametrize("pass_name", ["fwd+bwd", "fwd+bwd+dx"])
+def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
+    # The gate the benchmark uses: "about as accurate as stock" against float64.
+    inp = bench.make_inputs(bench.BLOCKS[2], 64, torch.device("cpu"))
+    exact = _exact(inp, pass_name)
+    for name, fn in bench.base_impls().items():
+        res = bench.check_implementation(fn, inp, pass_name, exact=exact)
+        assert res.ok, (name, res.reason)
+    res = bench.check_implementation(_WrongWeightGrad.apply, inp, pass_name, exact=exact)
+    assert not res.ok and res.reason.startswith("grad_weight differs from the float64 reference"), res.reason
