@@ -15,6 +15,10 @@ VENV="${1:-}"
 if [[ -z "$VENV" ]]; then
   VENV="$(mktemp -d)/venv-cuda"
 fi
+case "$VENV" in
+  /*) ;;
+  *) VENV="$PWD/$VENV" ;;  # the script changes directory below
+esac
 TORCH_SPEC="${FMNIST_CI_TORCH:-torch==2.14.1}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
