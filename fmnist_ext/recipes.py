@@ -24,11 +24,11 @@ from torch import nn
 RECIPES: dict[str, dict] = {
     "seed": dict(
         optimizer="adam", lr=0.01, batch_size=1000, epochs=20, weight_decay=0.0,
-        schedule="none", label_smoothing=0.0, crop_pad=0, flip=False, shuffle=True,
+        schedule="none", label_smoothing=0.0, crop_pad=0, flip=False, shuffle=True, ema=0.0,
     ),
     "improved": dict(
         optimizer="adam", lr=0.01, batch_size=128, epochs=20, weight_decay=0.0,
-        schedule="onecycle", label_smoothing=0.1, crop_pad=1, flip=False, shuffle=True,
+        schedule="onecycle", label_smoothing=0.1, crop_pad=1, flip=False, shuffle=True, ema=0.0,
     ),
 }
 TRAINING_KEYS = tuple(RECIPES["seed"])
