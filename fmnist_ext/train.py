@@ -64,6 +64,7 @@ SWEEP_TYPES = {
     "optimizer": _choice(recipes.OPTIMIZERS), "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES), "label_smoothing": cli.fraction, "crop_pad": cli.nonneg_int,
     "flip": _bool, "shuffle": _bool, "ema": cli.fraction,
+    "clean_epochs": cli.nonneg_int,
 }
 
 
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (seed)")
     cli.flag_pair(g, "shuffle", "shuffle each epoch from the seeded generator (seed recipe: on)",
                   "keep the file order every epoch")
+    g.add_argument("--clean-epochs", type=cli.nonneg_int, default=None, metavar="N",
+                   help="train the last N epochs on the plain images: no crops, no flips (seed: 0)")
     g.add_argument("--ema", type=cli.fraction, default=None, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights and BatchNorm "
                    "statistics, updated every batch with this decay (warm-up min(DECAY, (1+t)/(10+t))); "
@@ -323,9 +326,12 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
     with StopRequest(quiet=not main) as stop:
         while epoch < config["epochs"]:
             gen.set_state(epoch_start_state)
-            plan = plan_epoch(n_train, gen, config["shuffle"], config["crop_pad"], config["flip"],
+            # the last clean_epochs epochs see the plain images (key absent in checkpoints from before it)
+            augment = epoch < config["epochs"] - config.get("clean_epochs", 0)
+            crop_pad = config["crop_pad"] if augment else 0
+            plan = plan_epoch(n_train, gen, config["shuffle"], crop_pad, config["flip"] and augment,
                               d.rank, d.world_size)
-            batches = Batches(train_x, train_y, plan, config["batch_size"], config["crop_pad"], start=step)
+            batches = Batches(train_x, train_y, plan, config["batch_size"], crop_pad, start=step)
             loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
             correct = torch.tensor(partial["correct"], dtype=torch.long, device=device)
             seen, elapsed = partial["seen"], partial["time"]

@@ -164,9 +164,9 @@ def test_run_folder_contents_and_refusal_to_overwrite(syn, tmp_path, capsys):
 @pytest.mark.parametrize("stop_at,ema", [(2, "0.9"), (6, "0.9"), (9, "0.9"), (9, "0")],
                          ids=["mid-epoch-1-ema", "end-of-epoch-1-ema", "mid-epoch-2-ema", "mid-epoch-2-no-ema"])
 def test_resume_gives_the_same_final_weights(syn, tmp_path, monkeypatch, stop_at, ema):
-    # improved recipe: one-cycle schedule, label smoothing, crops, and the weight EMA all take part
+    # improved recipe: one-cycle schedule, label smoothing, crops (then a clean last epoch), and the weight EMA
     extra = ["--recipe", "improved", "--epochs", "3", "--batch-size", "128", "--seed", "7", "--deterministic",
-             "--ema", ema]
+             "--ema", ema, "--clean-epochs", "1"]
     assert _train(syn, tmp_path / "a", *extra) == 0
 
     calls = {"n": 0}
@@ -226,6 +226,20 @@ def test_ema_weights_are_evaluated_and_saved(syn, tmp_path):
     torch.save(old, tmp_path / "oldrun" / "checkpoint.pt")
     assert _train(syn, tmp_path / "oldrun", "--resume") == 0
     assert json.loads((tmp_path / "oldrun" / "summary.json").read_text())["eval_weights"] == "raw"
+
+
+def test_clean_epochs_turn_augmentation_off_at_the_end(syn, tmp_path, monkeypatch):
+    seen = []
+    original = train.plan_epoch
+
+    def spy(n, gen, shuffle, crop_pad, flip, *a):
+        seen.append((crop_pad, flip))
+        return original(n, gen, shuffle, crop_pad, flip, *a)
+
+    monkeypatch.setattr(train, "plan_epoch", spy)
+    assert _train(syn, tmp_path / "c", "--recipe", "improved", "--epochs", "3", "--crop-pad", "2", "--flip",
+                  "--clean-epochs", "2") == 0
+    assert seen == [(2, True), (0, False), (0, False)]
 
 
 def test_seed_recipe_evaluates_raw_weights(syn, tmp_path):
