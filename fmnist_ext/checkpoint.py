@@ -5,7 +5,9 @@ Contents: format, model (state_dict), optimizer, scheduler (or None), epoch
 epoch boundary), rng (CPU/CUDA RNG states and the data generator's state at
 the start of the epoch in progress, all uint8 tensors), partial (running sums
 of the epoch in progress), history (per-epoch metrics), config (the run's
-settings, plain values), kernels.
+settings, plain values), kernels, ema (None, or the weight EMA: decay,
+updates, model = its state_dict; absent in checkpoints written before --ema).
+`model_from` builds the EMA weights when present: those are the run's result.
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def model_from(ckpt: dict, kernels: str | None = None, device="cpu") -> FashionCNN:
-    """The checkpoint's FashionCNN, in eval mode, with `kernels` (default: the
+    """The checkpoint's FashionCNN (its EMA weights when it has them), in eval mode, with `kernels` (default: the
     ones it was trained with; the state_dict keys are the same either way)."""
     model = FashionCNN(kernels or ckpt.get("kernels", "fused"))
-    model.load_state_dict(ckpt["model"])
+    ema = ckpt.get("ema")
+    model.load_state_dict(ema["model"] if ema else ckpt["model"])
     return model.to(device).eval()
 
 

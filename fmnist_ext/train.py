@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import atomic, checkpoint, cli, data, recipes
 from .batches import Batches, eval_batches, normalize, plan_epoch
+from .ema import WeightEMA
 from .evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .model import KERNELS, FashionCNN
 
@@ -62,7 +63,8 @@ SWEEP_TYPES = {
     "kernels": _choice(KERNELS), "recipe": _choice(tuple(recipes.RECIPES)),
     "optimizer": _choice(recipes.OPTIMIZERS), "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES), "label_smoothing": cli.fraction, "crop_pad": cli.nonneg_int,
-    "flip": _bool, "shuffle": _bool,
+    "flip": _bool, "shuffle": _bool, "ema": cli.fraction,
+    "clean_epochs": cli.nonneg_int,
 }
 
 
@@ -121,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (seed)")
     cli.flag_pair(g, "shuffle", "shuffle each epoch from the seeded generator (seed recipe: on)",
                   "keep the file order every epoch")
+    g.add_argument("--clean-epochs", type=cli.nonneg_int, default=None, metavar="N",
+                   help="train the last N epochs on the plain images: no crops, no flips (seed: 0)")
+    g.add_argument("--ema", type=cli.fraction, default=None, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights and BatchNorm "
+                   "statistics, updated every batch with this decay (warm-up min(DECAY, (1+t)/(10+t))); "
+                   "0 = off, evaluate the raw weights (seed: 0)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="train the cartesian product of these settings (keys: " + ", ".join(SWEEP_TYPES) +
                    "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv")
@@ -265,6 +273,10 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
     optimizer = recipes.make_optimizer(config["optimizer"], model.parameters(), config["lr"], config["weight_decay"])
     scheduler = recipes.make_scheduler(config["schedule"], optimizer, config["lr"], config["epochs"], steps_per_epoch)
     criterion = recipes.make_criterion(config["label_smoothing"])
+    ema_decay = config.get("ema", 0.0)  # checkpoints from before --ema have no such key
+    ema = WeightEMA(model, ema_decay) if ema_decay > 0 else None
+    eval_model = ema.module if ema is not None else model
+    eval_weights = "ema" if ema is not None else "raw"
 
     epoch, step, history = 0, 0, []
     partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
@@ -273,6 +285,8 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
         optimizer.load_state_dict(resume["optimizer"])
         if scheduler is not None and resume["scheduler"] is not None:
             scheduler.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
         checkpoint.set_rng_state(resume["rng"], gen)
         epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
         partial = dict(resume["partial"])
@@ -300,6 +314,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "epoch": ep, "step": st,
             "rng": {**checkpoint.rng_state(gen), "data": epoch_start_state},
             "partial": part, "history": history, "config": config, "kernels": config["kernels"],
@@ -311,9 +326,12 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
     with StopRequest(quiet=not main) as stop:
         while epoch < config["epochs"]:
             gen.set_state(epoch_start_state)
-            plan = plan_epoch(n_train, gen, config["shuffle"], config["crop_pad"], config["flip"],
+            # the last clean_epochs epochs see the plain images (key absent in checkpoints from before it)
+            augment = epoch < config["epochs"] - config.get("clean_epochs", 0)
+            crop_pad = config["crop_pad"] if augment else 0
+            plan = plan_epoch(n_train, gen, config["shuffle"], crop_pad, config["flip"] and augment,
                               d.rank, d.world_size)
-            batches = Batches(train_x, train_y, plan, config["batch_size"], config["crop_pad"], start=step)
+            batches = Batches(train_x, train_y, plan, config["batch_size"], crop_pad, start=step)
             loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
             correct = torch.tensor(partial["correct"], dtype=torch.long, device=device)
             seen, elapsed = partial["seen"], partial["time"]
@@ -329,6 +347,8 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
+                if ema is not None:
+                    ema.update(model)
                 loss_sum += loss.detach().double() * y.shape[0]
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.shape[0]
@@ -351,7 +371,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             times = all_reduce_sum(torch.tensor([elapsed], dtype=torch.float64, device=device), d)
             epoch_time = times.item() / d.world_size
             t1 = time.perf_counter()
-            test_loss, test_acc, _ = evaluate_split(model, test_x, test_y)
+            test_loss, test_acc, _ = evaluate_split(eval_model, test_x, test_y)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": stats[0].item() / total_seen,
@@ -359,6 +379,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                 "train_correct": int(stats[1].item()),
                 "test_loss": test_loss,
                 "test_acc": test_acc,
+                "eval_weights": eval_weights,
                 "epoch_time_s": round(epoch_time, 3),
                 "images_per_s": round(total_seen / epoch_time, 1) if epoch_time > 0 else None,
                 "eval_time_s": round(time.perf_counter() - t1, 3),
@@ -374,22 +395,24 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                 if tb is not None:
                     tb.epoch(epoch, record, model)
                 print(f"epoch {epoch:>3}/{config['epochs']}  train loss {record['train_loss']:.4f}  "
-                      f"train acc {record['train_acc']:.4f}  test acc {test_acc:.4f}  "
+                      f"train acc {record['train_acc']:.4f}  test acc{' (EMA)' if ema is not None else ''} {test_acc:.4f}  "
                       f"{epoch_time:.1f} s  {record['images_per_s']:.0f} img/s", flush=True)
             if stop.check(d, device) and epoch < config["epochs"]:
                 raise Interrupted(f"after epoch {epoch}")
     if tb is not None:
         tb.close()
-    return finish(config, out, model, ds, test_x, history, main)
+    return finish(config, out, eval_model, ds, test_x, history, main, eval_weights)
 
 
-def finish(config, out: Path, model, ds, test_x, history, main: bool) -> dict:
-    """Confusion matrix (printed and PNG), curves PNG, summary JSON."""
+def finish(config, out: Path, model, ds, test_x, history, main: bool, eval_weights: str = "raw") -> dict:
+    """Confusion matrix (printed and PNG), curves PNG, summary JSON; `model` is
+    the one evaluated (the EMA copy when eval_weights is "ema")."""
     cm = confusion_matrix(predictions(model, test_x), ds.test.labels)
     acc = cm.diag().sum().item() / cm.sum().item()
     summary = {
         "config": config,
         "test_acc": acc,
+        "eval_weights": eval_weights,
         "final": history[-1] if history else None,
         "per_class_acc": dict(zip(data.CLASSES, per_class_accuracy(cm).tolist())),
         "confusion_matrix": cm.tolist(),
@@ -400,7 +423,7 @@ def finish(config, out: Path, model, ds, test_x, history, main: bool) -> dict:
     if main:
         from . import viz
 
-        print(f"test accuracy {acc:.4f}; confusion matrix (rows: true, columns: predicted):")
+        print(f"test accuracy {acc:.4f} ({'EMA' if eval_weights == 'ema' else 'raw'} weights); confusion matrix (rows: true, columns: predicted):")
         print(format_confusion(cm))
         viz.save_confusion(cm, out / "confusion.png",
                            title=f"Test set, {config['recipe']} recipe, {config['kernels']} kernels: accuracy {acc:.4f}")

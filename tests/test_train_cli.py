@@ -47,7 +47,7 @@ def _env():
 # ------------------------------------------------------------------ help and errors
 
 @pytest.mark.parametrize("module, words", [
-    (train, ["--recipe", "--kernels", "--resume", "--sweep", "--tensorboard", "--data-dir", "improved"]),
+    (train, ["--recipe", "--kernels", "--resume", "--sweep", "--tensorboard", "--data-dir", "improved", "--ema"]),
     (evaluate, ["checkpoint", "--kernels", "--data-dir"]),
     (predict, ["IMAGE", "--invert", "--top"]),
     (viz, ["sprite", "curves"]),
@@ -161,10 +161,12 @@ def test_run_folder_contents_and_refusal_to_overwrite(syn, tmp_path, capsys):
     assert "--kernels stock (checkpoint: fused)" in err and "--seed" not in err
 
 
-@pytest.mark.parametrize("stop_at", [2, 6, 9], ids=["mid-epoch-1", "end-of-epoch-1", "mid-epoch-2"])
-def test_resume_gives_the_same_final_weights(syn, tmp_path, monkeypatch, stop_at):
-    # improved recipe: AdamW, one-cycle schedule, label smoothing, crops and flips all take part
-    extra = ["--recipe", "improved", "--epochs", "3", "--batch-size", "128", "--seed", "7", "--deterministic"]
+@pytest.mark.parametrize("stop_at,ema", [(2, "0.9"), (6, "0.9"), (9, "0.9"), (9, "0")],
+                         ids=["mid-epoch-1-ema", "end-of-epoch-1-ema", "mid-epoch-2-ema", "mid-epoch-2-no-ema"])
+def test_resume_gives_the_same_final_weights(syn, tmp_path, monkeypatch, stop_at, ema):
+    # improved recipe: one-cycle schedule, label smoothing, crops (then a clean last epoch), and the weight EMA
+    extra = ["--recipe", "improved", "--epochs", "3", "--batch-size", "128", "--seed", "7", "--deterministic",
+             "--ema", ema, "--clean-epochs", "1"]
     assert _train(syn, tmp_path / "a", *extra) == 0
 
     calls = {"n": 0}
@@ -186,9 +188,92 @@ def test_resume_gives_the_same_final_weights(syn, tmp_path, monkeypatch, stop_at
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["scheduler"] == b["scheduler"]
+    if ema == "0":
+        assert a["ema"] is None and b["ema"] is None
+    else:
+        assert a["ema"]["updates"] == b["ema"]["updates"] == 3 * 5  # 600 images / 128 -> 5 batches an epoch
+        for k in a["ema"]["model"]:
+            assert torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]), k
     for x, y in zip(a["history"], b["history"]):
         for key in ("train_loss", "train_acc", "test_acc", "test_loss"):
             assert x[key] == pytest.approx(y[key], rel=1e-9, abs=1e-12), key
+
+
+def test_ema_weights_are_evaluated_and_saved(syn, tmp_path):
+    out = tmp_path / "ema"
+    assert _train(syn, out, "--recipe", "improved", "--epochs", "2", "--ema", "0.9") == 0
+    ckpt = checkpoint.load(out / "checkpoint.pt")
+    assert ckpt["config"]["ema"] == 0.9 and ckpt["ema"]["decay"] == 0.9 and ckpt["ema"]["updates"] == 10
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(x["eval_weights"] == "ema" for x in lines) and summary["eval_weights"] == "ema"
+    # the checkpoint's model is the EMA one, which differs from the raw training weights
+    model = checkpoint.model_from(ckpt)
+    assert torch.equal(model.state_dict()["fc1.weight"], ckpt["ema"]["model"]["fc1.weight"])
+    assert not torch.equal(ckpt["ema"]["model"]["fc1.weight"], ckpt["model"]["fc1.weight"])
+    assert not torch.equal(ckpt["ema"]["model"]["bn2.running_mean"], ckpt["model"]["bn2.running_mean"])
+    ds = data.load(syn, verify=False, download=False, splits=("test",), progress=False)
+    acc = (evaluate.predictions(model, ds.test.images) == ds.test.labels).double().mean().item()
+    assert acc == pytest.approx(summary["test_acc"]) and acc == pytest.approx(lines[-1]["test_acc"])
+    # a checkpoint written before --ema (no "ema" key, no config["ema"]) still loads, with its raw weights
+    old = {k: v for k, v in ckpt.items() if k != "ema"}
+    old["config"] = {k: v for k, v in ckpt["config"].items() if k != "ema"}
+    torch.save(old, tmp_path / "old.pt")
+    raw = checkpoint.model_from(checkpoint.load(tmp_path / "old.pt"))
+    assert torch.equal(raw.state_dict()["fc1.weight"], ckpt["model"]["fc1.weight"])
+    # ... and resuming such a run works, evaluating its raw weights
+    (tmp_path / "oldrun").mkdir()
+    torch.save(old, tmp_path / "oldrun" / "checkpoint.pt")
+    assert _train(syn, tmp_path / "oldrun", "--resume") == 0
+    assert json.loads((tmp_path / "oldrun" / "summary.json").read_text())["eval_weights"] == "raw"
+
+
+def test_clean_epochs_turn_augmentation_off_at_the_end(syn, tmp_path, monkeypatch):
+    seen = []
+    original = train.plan_epoch
+
+    def spy(n, gen, shuffle, crop_pad, flip, *a):
+        seen.append((crop_pad, flip))
+        return original(n, gen, shuffle, crop_pad, flip, *a)
+
+    monkeypatch.setattr(train, "plan_epoch", spy)
+    assert _train(syn, tmp_path / "c", "--recipe", "improved", "--epochs", "3", "--crop-pad", "2", "--flip",
+                  "--clean-epochs", "2") == 0
+    assert seen == [(2, True), (0, False), (0, False)]
+
+
+def test_seed_recipe_evaluates_raw_weights(syn, tmp_path):
+    out = tmp_path / "raw"
+    assert _train(syn, out, "--epochs", "1") == 0
+    ckpt = checkpoint.load(out / "checkpoint.pt")
+    assert ckpt["ema"] is None and ckpt["config"]["ema"] == 0.0
+    assert json.loads((out / "summary.json").read_text())["eval_weights"] == "raw"
+
+
+def test_weight_ema_update_rule():
+    from torch import nn
+
+    from fmnist_ext.ema import WeightEMA
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(net, 0.5)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(3.0)
+        net[1].num_batches_tracked.fill_(4)
+    ema.update(net)  # t = 0: decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.module[0].weight, start + 0.9)
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 2.7))
+    assert int(ema.module[1].num_batches_tracked) == 4
+    ema.update(net)  # t = 1: decay min(0.5, 2/11)
+    assert torch.allclose(ema.module[0].weight, start + 1 - 0.1 * 2 / 11)
+    other = WeightEMA(net, 0.9)
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.5 and other.updates == 2
+    assert torch.equal(other.module[0].weight, ema.module[0].weight)
+    with pytest.raises(ValueError):
+        WeightEMA(net, 1.0)
 
 
 def test_resume_differs_from_another_seed(syn, tmp_path):
