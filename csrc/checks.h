@@ -91,6 +91,17 @@ inline at::ScalarType index_dtype_for_pool(int64_t pool) {
   return pool <= kMaxPoolForUint8Index ? at::kByte : at::kInt;
 }
 
+// Calls f with a value of the C++ index type used for this pool size
+// (uint8_t or int32_t), for the kernels' template dispatch.
+template <typename F>
+void dispatch_index_type(int64_t pool, F&& f) {
+  if (index_dtype_for_pool(pool) == at::kByte) {
+    f(uint8_t{});
+  } else {
+    f(int32_t{});
+  }
+}
+
 inline void check_backward_args(const at::Tensor& grad_output,
                                 const at::Tensor& indices,
                                 const ConvPoolShape& s,

@@ -18,6 +18,7 @@ it to check the fallback).
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -58,8 +59,9 @@ class ReferenceFallbackWarning(UserWarning):
     """The compiled kernels are not in use; the pure-PyTorch reference runs."""
 
 
+@functools.lru_cache(maxsize=None)
 def build_info():
-    """The build record CMake wrote beside the library (None if missing)."""
+    """The build record CMake wrote beside the library (None if missing); read once."""
     path = LIBRARY_DIR / "_build_info.py"
     if not path.exists():
         return None

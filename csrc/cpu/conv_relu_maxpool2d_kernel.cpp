@@ -106,16 +106,6 @@ Geometry make_geometry(const ConvPoolShape& s, const at::Tensor& input) {
   return g;
 }
 
-// Calls f with a value of the index type used for this pool size.
-template <typename F>
-void dispatch_index_type(int64_t pool, F&& f) {
-  if (index_dtype_for_pool(pool) == at::kByte) {
-    f(uint8_t{});
-  } else {
-    f(int32_t{});
-  }
-}
-
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "conv_relu_maxpool2d: expected ", name,
                     " on the CPU (this is the CPU kernel), got ", t.device());

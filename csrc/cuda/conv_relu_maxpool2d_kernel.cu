@@ -186,15 +186,6 @@ void check_sizes_fit(const ConvPoolShape& s) {
                     "the CUDA kernels");
 }
 
-template <typename F>
-void dispatch_index_type(int64_t pool, F&& f) {
-  if (index_dtype_for_pool(pool) == at::kByte) {
-    f(uint8_t{});
-  } else {
-    f(int32_t{});
-  }
-}
-
 Geom geom_of(const ConvPoolShape& s) {
   return make_geom(s.n, s.cin, s.h, s.w, s.cout, s.kh, s.kw, s.pad_h, s.pad_w, s.pool,
                    s.ph, s.pw);
