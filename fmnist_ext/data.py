@@ -2,14 +2,17 @@
 
 The four IDX files (gzipped or not) are looked for, in this order:
 
-1. ``--data-dir`` (the ``data_dir`` argument; if given it must hold the files),
-2. the ``FMNIST_DATA`` environment variable,
+1. ``--data-dir`` (the ``data_dir`` argument),
+2. the ``FMNIST_DATA`` environment variable (when set and not empty),
 3. the user cache folder (``$XDG_CACHE_HOME/fmnist_ext`` or ``~/.cache/fmnist_ext``),
 4. Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``),
 5. a download from the official mirror into the cache folder.
 
-A folder in torchvision's layout works too: for 1 and 2, ``DIR/FashionMNIST/raw``
-is tried after ``DIR``. Verification is on the decompressed bytes (MD5 and
+1 and 2 are explicit choices: the first one given is the only place looked at
+and must hold the files (an error names it otherwise; no fallback to another
+copy). A folder in torchvision's layout works too: ``DIR/FashionMNIST/raw`` is
+tried after ``DIR``. Only the files of the splits asked for are needed (the
+test split: the two t10k files). Verification is on the decompressed bytes (MD5 and
 size), because repacked copies have other gz checksums but the same content.
 """
 from __future__ import annotations
@@ -79,19 +82,38 @@ class DataError(Exception):
 
 # --------------------------------------------------------------------------- reading
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's content, decompressed when it is gzipped (detected by its magic)."""
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The file's content, decompressed when it is gzipped (detected by its magic).
+
+    With `limit`, at most limit + 1 bytes are read (decompressed), so that a
+    file bigger than it can be refused without holding all of it in memory (a
+    few MB of gzip can expand to many GB)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if gz:
+                with gzip.GzipFile(fileobj=f) as g:
+                    return _read_upto(g, limit)
+            return _read_upto(f, limit)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    return raw
+
+
+def _read_upto(f, limit: int | None, chunk: int = 1 << 20) -> bytes:
+    """Everything in `f`, or its first limit + 1 bytes (in chunks, so memory follows what is read)."""
+    if limit is None:
+        return f.read()
+    buf = bytearray()
+    while len(buf) <= limit:
+        part = f.read(min(chunk, limit + 1 - len(buf)))
+        if not part:
+            break
+        buf += part
+    return bytes(buf)
 
 
 def parse_idx(data: bytes, kind: str, source: str = "<bytes>") -> torch.Tensor:
@@ -128,10 +150,33 @@ def parse_idx(data: bytes, kind: str, source: str = "<bytes>") -> torch.Tensor:
     return t
 
 
+def expected_size(header: bytes, kind: str) -> int | None:
+    """Bytes an IDX file of `kind` has according to its header (None if the
+    header is too short or not of that kind: parse_idx then says why)."""
+    if kind == "images" and len(header) >= 16 and struct.unpack(">I", header[:4])[0] == IMAGES_MAGIC:
+        n, rows, cols = struct.unpack(">III", header[4:16])
+        return 16 + n * rows * cols
+    if kind == "labels" and len(header) >= 8 and struct.unpack(">I", header[:4])[0] == LABELS_MAGIC:
+        return 8 + struct.unpack(">I", header[4:8])[0]
+    return None
+
+
 def read_idx(path: str | os.PathLike, kind: str, verify: IdxFile | None = None) -> torch.Tensor:
     """Read an IDX file (gzipped or raw); with `verify`, check its decompressed
-    size and MD5 against the official file first."""
-    data = read_bytes(path)
+    size and MD5 against the official file first.
+
+    Never reads more than the size that is expected (the official size with
+    `verify`, else the size the header announces) plus one byte."""
+    if kind not in ("images", "labels"):
+        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}")
+    head = read_bytes(path, limit=16)
+    expected = verify.size if verify is not None else expected_size(head, kind)
+    data = head if expected is None else read_bytes(path, limit=expected)
+    if expected is not None and len(data) > expected:
+        what = f"the official {verify.name} has {verify.size}" if verify is not None else \
+            f"the header announces {expected}"
+        raise DataError(f"{path}: unexpected bytes: more than {expected} bytes decompressed, {what} "
+                        "(stopped reading there: corrupt, or not Fashion-MNIST?)")
     if verify is not None:
         if len(data) != verify.size:
             raise DataError(
@@ -151,10 +196,12 @@ def cache_dir() -> Path:
     return Path(base) / "fmnist_ext" / "fashion-mnist"
 
 
-def files_in(directory: Path) -> tuple[dict[str, Path], list[str]]:
-    """The files found in `directory` (raw preferred over .gz) and the keys missing."""
+def files_in(directory: Path, keys=None) -> tuple[dict[str, Path], list[str]]:
+    """The files found in `directory` (raw preferred over .gz) and the keys missing
+    (of `keys`, default all four)."""
     found, missing = {}, []
-    for key, f in FILES.items():
+    for key in keys or FILES:
+        f = FILES[key]
         for candidate in (directory / f.name, directory / (f.name + ".gz")):
             if candidate.is_file():
                 found[key] = candidate
@@ -164,49 +211,90 @@ def files_in(directory: Path) -> tuple[dict[str, Path], list[str]]:
     return found, missing
 
 
-def candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
-    """The folders looked at, in order, each with where it came from."""
-    out: list[tuple[str, Path]] = []
-    explicit = []
+def keys_for(splits=tuple(SPLITS)) -> tuple[str, ...]:
+    """The file keys the `splits` need (evaluate needs only the test files)."""
+    if not splits:
+        raise ValueError("splits must name at least one of " + ", ".join(SPLITS))
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {s!r}")
+    return tuple(k for s in splits for k in SPLITS[s])
+
+
+def explicit_choice(data_dir: str | os.PathLike | None = None) -> tuple[str, Path] | None:
+    """The folder the user chose (--data-dir, else a non-empty $FMNIST_DATA) and its label, or None."""
     if data_dir is not None:
-        explicit.append(("--data-dir", Path(data_dir)))
+        if str(data_dir) == "":
+            raise DataError("--data-dir: empty path")
+        return "--data-dir", Path(data_dir)
     if os.environ.get(DATA_ENV):
-        explicit.append((DATA_ENV, Path(os.environ[DATA_ENV])))
-    for label, d in explicit:
-        out.append((label, d))
-        out.append((f"{label} (torchvision layout)", d / "FashionMNIST" / "raw"))
-    out.append(("user cache", cache_dir()))
-    out.extend(("Debian dataset-fashion-mnist", d) for d in SYSTEM_DIRS)
-    return out
+        return DATA_ENV, Path(os.environ[DATA_ENV])
+    return None
 
 
-def locate(
+def candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """The folders looked at, in order, each with where it came from. An
+    explicit choice (--data-dir, else $FMNIST_DATA) is the only place looked
+    at: if it fails, that is an error, not a reason to take another copy."""
+    chosen = explicit_choice(data_dir)
+    if chosen is not None:
+        label, d = chosen
+        return [(label, d), (f"{label} (torchvision layout)", d / "FashionMNIST" / "raw")]
+    return [("user cache", cache_dir()), *(("Debian dataset-fashion-mnist", d) for d in SYSTEM_DIRS)]
+
+
+def _state(d: Path, keys) -> str:
+    if not d.exists():
+        return "does not exist"
+    if not d.is_dir():
+        return "not a folder"
+    found, missing = files_in(d, keys)
+    return f"missing {', '.join(FILES[k].name + '[.gz]' for k in missing)}" if found else "no IDX files"
+
+
+def _explicit_error(label: str, d: Path, keys) -> DataError:
+    """One line: the variable, the path and what is wrong with it."""
+    name = f"{label}={d}" if label == DATA_ENV else f"{label} {d}"
+    tv = d / "FashionMNIST" / "raw"
+    where = _state(d, keys)
+    if d.is_dir() and tv.is_dir() and not files_in(d, keys)[0]:
+        where = f"{_state(tv, keys)} in its torchvision layout {tv}"
+    return DataError(f"{name}: {where} (needs {', '.join(FILES[k].name + '[.gz]' for k in keys)})")
+
+
+@dataclass(frozen=True)
+class Located:
+    paths: dict[str, Path]
+    folder: Path
+    source: str  # where the folder came from: --data-dir, FMNIST_DATA, user cache, ..., download
+
+
+def locate_source(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
     mirror: str | None = None,
     progress: bool = True,
-) -> dict[str, Path]:
-    """Paths of the four files, found or downloaded (see the module docstring).
+    splits: tuple[str, ...] = tuple(SPLITS),
+) -> Located:
+    """The files `splits` need, found or downloaded (see the module docstring), and where they came from.
 
-    Raises DataError with the list of places tried when there are none.
-    """
+    Raises DataError: one line naming the variable and the path when an explicit
+    choice fails, else the list of places tried."""
+    keys = keys_for(splits)
+    chosen = explicit_choice(data_dir)
     tried = []
     for label, d in candidates(data_dir):
-        found, missing = files_in(d)
+        found, missing = files_in(d, keys)
         if not missing:
-            return found
-        state = "not a folder" if not d.is_dir() else ("no IDX files" if not found else f"missing {', '.join(missing)}")
-        tried.append(f"  {label}: {d} ({state})")
-        if data_dir is not None and len(tried) == 2:
-            # An explicit --data-dir (or its torchvision layout) must hold the files.
-            raise DataError(
-                f"--data-dir {data_dir}: no complete set of Fashion-MNIST files there "
-                f"(need {', '.join(f.name + '[.gz]' for f in FILES.values())}):\n" + "\n".join(tried)
-            )
+            return Located(found, d, label)
+        tried.append(f"  {label}: {d} ({_state(d, keys)})")
+    if chosen is not None:
+        raise _explicit_error(*chosen, keys)
     if download:
         base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_MIRROR
         try:
-            return download_all(cache_dir(), base, progress=progress)
+            return Located(download_all(cache_dir(), base, progress=progress, keys=keys), cache_dir(),
+                           f"download from {base}")
         except DataError as e:
             tried.append(f"  download from {base}: {e}")
     else:
@@ -218,6 +306,17 @@ def locate(
         f"  download the four *-ubyte.gz files from {OFFICIAL_MIRROR} into a folder\n"
         f"  and pass it with --data-dir or {DATA_ENV}"
     )
+
+
+def locate(
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    mirror: str | None = None,
+    progress: bool = True,
+    splits: tuple[str, ...] = tuple(SPLITS),
+) -> dict[str, Path]:
+    """Paths of the files `splits` need (all four by default); see locate_source."""
+    return locate_source(data_dir, download, mirror, progress, splits).paths
 
 
 # --------------------------------------------------------------------------- downloading
@@ -263,12 +362,14 @@ def download_file(url: str, dest: Path, md5: str | None = None, progress: bool =
     return dest
 
 
-def download_all(dest_dir: Path, base_url: str, md5s: dict[str, str] | None = None, progress: bool = True) -> dict[str, Path]:
-    """Download the four gz files that `dest_dir` lacks from `base_url`."""
+def download_all(dest_dir: Path, base_url: str, md5s: dict[str, str] | None = None, progress: bool = True,
+                 keys=None) -> dict[str, Path]:
+    """Download the gz files (of `keys`, default all four) that `dest_dir` lacks from `base_url`."""
     md5s = md5s if md5s is not None else {k: f.gz_md5 for k, f in FILES.items()}
     base = base_url if base_url.endswith("/") else base_url + "/"
-    found, _ = files_in(dest_dir)
-    for key, f in FILES.items():
+    found, _ = files_in(dest_dir, keys)
+    for key in keys or FILES:
+        f = FILES[key]
         if key not in found:
             found[key] = download_file(base + f.name + ".gz", dest_dir / (f.name + ".gz"), md5s.get(key), progress)
     return found
@@ -287,9 +388,14 @@ class Split:
 
 @dataclass
 class FashionMNIST:
-    train: Split
-    test: Split
+    train: Split | None  # None when not loaded (see `splits`)
+    test: Split | None
     folder: Path
+    source: str = ""  # where `folder` came from: --data-dir, FMNIST_DATA, user cache, ...
+
+    def describe(self) -> str:
+        """One line for the log: which data folder was used and why (train and evaluate print it)."""
+        return f"data: {self.folder}" + (f" (from {self.source})" if self.source else "")
 
 
 def load_split(paths: dict[str, Path], split: str, verify: bool = True) -> Split:
@@ -314,10 +420,11 @@ def load(
     splits: tuple[str, ...] = ("train", "test"),
     progress: bool = True,
 ) -> FashionMNIST:
-    """Find (or download) and read Fashion-MNIST into uint8 tensors."""
-    paths = locate(data_dir, download=download, progress=progress)
-    loaded = {s: load_split(paths, s, verify) for s in splits}
-    return FashionMNIST(loaded.get("train"), loaded.get("test"), paths[SPLITS[splits[0]][0]].parent)
+    """Find (or download) and read the `splits` of Fashion-MNIST into uint8 tensors;
+    only their files need to exist. `.describe()` says which folder was used."""
+    where = locate_source(data_dir, download=download, progress=progress, splits=splits)
+    loaded = {s: load_split(where.paths, s, verify) for s in splits}
+    return FashionMNIST(loaded.get("train"), loaded.get("test"), where.folder, where.source)
 
 
 def write_idx(path: str | os.PathLike, tensor: torch.Tensor, compress: bool | None = None) -> None:

@@ -241,3 +241,156 @@ def test_real_data_verified_and_normalisation_constants():
     assert torch.equal(torch.bincount(ds.test.labels), torch.full((10,), 1000))
     x = ds.train.images.double() / 255
     assert abs(x.mean().item() - data.MEAN) < 5e-4 and abs(x.std().item() - data.STD) < 5e-4
+
+
+# ------------------------------------------------------------------ explicit choices never fall back
+
+def _one_line(msg: str) -> str:
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("kind, state", [("file", "not a folder"), ("missing", "does not exist"),
+                                         ("partial", "missing t10k-images-idx3-ubyte[.gz]")])
+def test_bad_fmnist_data_is_an_error_not_a_fallback(isolated, monkeypatch, kind, state):
+    write_dataset(isolated / "system")  # a complete copy the lookup must NOT silently take instead
+    bad = isolated / "chosen"
+    if kind == "file":
+        bad.write_text("not a folder")
+    elif kind == "partial":
+        write_dataset(bad)
+        (bad / "t10k-images-idx3-ubyte.gz").unlink()
+    monkeypatch.setenv(data.DATA_ENV, str(bad))
+    with pytest.raises(data.DataError) as e:
+        data.locate()
+    msg = _one_line(str(e.value))
+    assert msg.startswith(f"{data.DATA_ENV}={bad}: {state}"), msg
+    # --data-dir with the same path: the same one-line error, naming --data-dir
+    monkeypatch.delenv(data.DATA_ENV)
+    with pytest.raises(data.DataError) as e:
+        data.locate(bad)
+    assert _one_line(str(e.value)).startswith(f"--data-dir {bad}: {state}"), str(e.value)
+
+
+def test_empty_fmnist_data_means_unset_and_empty_data_dir_is_refused(isolated, monkeypatch):
+    system = write_dataset(isolated / "system")
+    monkeypatch.setenv(data.DATA_ENV, "")
+    assert data.locate()["train-images"].parent == system
+    with pytest.raises(data.DataError, match="--data-dir: empty path"):
+        data.locate("")
+
+
+def test_load_says_which_folder_it_used(isolated, monkeypatch):
+    system = write_dataset(isolated / "system")
+    ds = data.load(verify=False, download=False, splits=("test",), progress=False)
+    assert (ds.folder, ds.source) == (system, "Debian dataset-fashion-mnist")
+    assert ds.describe() == f"data: {system} (from Debian dataset-fashion-mnist)"
+    env = write_dataset(isolated / "env")
+    monkeypatch.setenv(data.DATA_ENV, str(env))
+    ds = data.load(verify=False, download=False, progress=False)
+    assert (ds.folder, ds.source) == (env, data.DATA_ENV) and len(ds.train) == 600
+
+
+def _test_files_only(folder: Path) -> Path:
+    write_dataset(folder)
+    for key in data.SPLITS["train"]:
+        (folder / (data.FILES[key].name + ".gz")).unlink()
+    return folder
+
+
+def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
+    only_test = _test_files_only(isolated / "t10k-only")
+    ds = data.load(only_test, verify=False, download=False, splits=("test",), progress=False)
+    assert ds.train is None and len(ds.test) == 200 and ds.folder == only_test
+    monkeypatch.setenv(data.DATA_ENV, str(only_test))
+    assert set(data.locate(splits=("test",))) == {"t10k-images", "t10k-labels"}
+    # ... but training still needs the training files, and says which
+    with pytest.raises(data.DataError, match="missing train-images-idx3-ubyte.*train-labels"):
+        data.locate(splits=("train", "test"))
+    # the same for a folder found without being named (the system copy)
+    monkeypatch.delenv(data.DATA_ENV)
+    _test_files_only(isolated / "system")
+    assert data.locate(splits=("test",), download=False)["t10k-images"].parent == isolated / "system"
+
+
+def test_unknown_or_no_split_is_refused():
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.keys_for(("validation",))
+    with pytest.raises(ValueError, match="at least one"):
+        data.keys_for(())
+
+
+# ------------------------------------------------------------------ decompression bombs
+
+def _write_bomb(path: Path, header: bytes, zeros: int) -> None:
+    """`header` followed by `zeros` zero bytes, gzipped in a streaming way (the test itself stays small)."""
+    chunk = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(zeros // len(chunk)):
+            f.write(chunk)
+
+
+def _peak_mb(fn) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_gzip_bomb_refused_without_decompressing_it(tmp_path, verify):
+    # 200 MB of zeros behind a header announcing the official t10k labels (10,008 bytes): ~200 KB on disk.
+    bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    _write_bomb(bomb, struct.pack(">II", data.LABELS_MAGIC, 10_000), 200 << 20)
+    assert bomb.stat().st_size < 2 << 20
+    errors = []
+
+    def read():
+        try:
+            data.read_idx(bomb, "labels", data.FILES["t10k-labels"] if verify else None)
+        except data.DataError as e:
+            errors.append(str(e))
+
+    peak = _peak_mb(read)
+    assert errors and errors[0].startswith(f"{bomb}: unexpected bytes: more than 10008 bytes"), errors
+    assert peak < 8, f"{peak:.0f} MB allocated to refuse a 10 KB file"
+
+
+def test_gzip_bomb_in_the_data_folder_is_refused_by_load(isolated):
+    folder = _test_files_only(isolated / "d")
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    _write_bomb(images, struct.pack(">IIII", data.IMAGES_MAGIC, 10_000, 28, 28), 200 << 20)
+    errors = []
+
+    def load():
+        try:
+            data.load(folder, verify=True, download=False, splits=("test",), progress=False)
+        except data.DataError as e:
+            errors.append(str(e))
+
+    peak = _peak_mb(load)
+    assert errors and str(images) in errors[0] and "7840016" in errors[0], errors
+    assert peak < 40, f"{peak:.0f} MB allocated to refuse a 7.8 MB file"
+
+
+def test_oversized_raw_file_not_read_whole(tmp_path):
+    path = tmp_path / "labels"
+    with open(path, "wb") as f:
+        f.write(struct.pack(">II", data.LABELS_MAGIC, 4) + bytes(4))
+        f.truncate(64 << 20)  # sparse: 64 MB the header does not announce
+    errors = []
+
+    def read():
+        try:
+            data.read_idx(path, "labels")
+        except data.DataError as e:
+            errors.append(str(e))
+
+    assert _peak_mb(read) < 8
+    assert errors and errors[0].startswith(f"{path}: unexpected bytes"), errors
