@@ -2,7 +2,8 @@
 
     python -m fmnist_ext.evaluate runs/seed-fused-s0/checkpoint.pt
 
-prints test accuracy, per-class accuracy and the confusion matrix.
+prints test accuracy, per-class accuracy and the confusion matrix. Only the
+two test files (t10k-*) are needed; the data folder used is printed on stderr.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from . import checkpoint, cli, data
+from . import cli, clirun, data, loadmodel
 from .batches import eval_batches
 
 
@@ -71,16 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@clirun.guarded("fmnist_ext.evaluate")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = cli.resolve_device(parser, args.device)
     try:
-        ckpt = checkpoint.load(args.checkpoint, map_location="cpu")
-        model = checkpoint.model_from(ckpt, args.kernels, device)
+        model = loadmodel.load_model(args.checkpoint, args.kernels, device)
+    except loadmodel.Error as e:
+        cli.fail(parser, f"argument checkpoint: {e}")
+    try:
         ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download, splits=("test",))
-    except (checkpoint.CheckpointError, data.DataError) as e:
+    except data.DataError as e:
         cli.fail(parser, str(e))
+    cli.print_err(ds.describe())
     images, labels = ds.test.images.to(device), ds.test.labels
     cm = confusion_matrix(predictions(model, images, args.batch_size), labels)
     if args.json:
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
             "test_accuracy": acc,
             "per_class_accuracy": dict(zip(data.CLASSES, per_class_accuracy(cm).tolist())),
             "confusion_matrix": cm.tolist(),
+            "data_folder": str(ds.folder),
         }))
     else:
         print(format_report(cm))

@@ -1,0 +1,61 @@
+"""The ending every command-line tool shares: a closed pipe or Ctrl-C is not a crash.
+
+    @clirun.guarded("fmnist_ext.evaluate")
+    def main(argv=None) -> int: ...
+
+`evaluate ... | head -1` closes stdout early: the next write raises
+BrokenPipeError, and Python would print a traceback, then another one when it
+flushes stdout at exit. The standard recipe: catch it, point stdout at
+/dev/null so the exit flush has nowhere to fail, and exit 141 (128 + SIGPIPE,
+what a shell reports for a tool killed by the signal), quietly. Ctrl-C is one
+line and exit 130 (128 + SIGINT). train.py can use `guarded` the same way.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
+
+
+def silence_stdout() -> None:
+    """Send whatever is still buffered for stdout, and any later write, to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests, embedding)
+        pass
+
+
+def guarded(module: str):
+    """Decorator for the `main` of `python -m MODULE`: BrokenPipeError on stdout ->
+    exit 141 quietly; KeyboardInterrupt -> `PROG: interrupted` on stderr, exit 130."""
+
+    def prog() -> str:
+        from .cli import prog as cli_prog  # the console script's name when run as one
+
+        return cli_prog(module)
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                rc = main(*args, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+                return rc
+            except BrokenPipeError:
+                silence_stdout()
+                return EXIT_BROKEN_PIPE
+            except KeyboardInterrupt:
+                try:
+                    print(f"{prog()}: interrupted", file=sys.stderr, flush=True)
+                except (OSError, ValueError):  # stderr closed too: the exit status still says it
+                    pass
+                return EXIT_INTERRUPTED
+
+        return run
+
+    return wrap

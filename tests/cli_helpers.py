@@ -1,0 +1,60 @@
+"""Helpers for the command-line error tests: exit codes, the one-line error, a checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fmnist_ext import checkpoint, data
+from fmnist_ext.model import FashionCNN
+from fmnist_app_helpers import write_dataset
+
+NO_NET = ["--no-verify", "--no-download"]
+
+
+def exit_code(fn, argv) -> int:
+    try:
+        return fn(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def one_error_line(capsys) -> str:
+    """The only line on stderr (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def untrained_checkpoint(path: Path) -> Path:
+    """An untrained model's checkpoint: enough to run the commands end to end."""
+    torch.manual_seed(0)
+    checkpoint.save(path, {"model": FashionCNN("fused").state_dict(), "kernels": "fused"})
+    return path
+
+
+def t10k_only_folder(folder: Path, n_test: int = 50) -> Path:
+    """A data folder with the two t10k files and nothing else."""
+    write_dataset(folder, n_train=20, n_test=n_test)
+    for key in data.SPLITS["train"]:
+        (folder / (data.FILES[key].name + ".gz")).unlink()
+    return folder
+
+
+def closed_pipe_run(argv: list[str]) -> tuple[int, str]:
+    """Run `python ARGV` with a stdout whose reader has gone away (like `cmd | true`)."""
+    r, w = os.pipe()
+    os.close(r)  # nobody will read: the first write gets EPIPE
+    try:
+        p = subprocess.run([sys.executable, *argv], stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(w)
+    return p.returncode, p.stderr
+
+
+def assert_quiet(err: str) -> None:
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err

@@ -1,0 +1,81 @@
+"""evaluate: only the test files needed, the data folder printed, one-line errors, Ctrl-C
+(exit 130) and a closed stdout pipe (exit 141) without a traceback."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmnist_ext import checkpoint, data, evaluate
+from cli_helpers import NO_NET, assert_quiet, closed_pipe_run, exit_code, one_error_line, t10k_only_folder, \
+    untrained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("ck") / "checkpoint.pt")
+
+
+@pytest.fixture
+def test_only(tmp_path) -> Path:
+    return t10k_only_folder(tmp_path / "t10k")
+
+
+def test_evaluate_needs_only_the_test_files_and_says_which_folder(ckpt, test_only, capsys):
+    assert evaluate.main([str(ckpt), "--data-dir", str(test_only), *NO_NET, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"data: {test_only} (from --data-dir)" in err
+    res = json.loads(out)
+    assert res["data_folder"] == str(test_only) and sum(map(sum, res["confusion_matrix"])) == 50
+
+
+def test_evaluate_bad_fmnist_data_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "nowhere"))
+    assert exit_code(evaluate.main, [str(ckpt), "--no-download"]) == 2
+    line = one_error_line(capsys)
+    assert f"{data.DATA_ENV}={tmp_path / 'nowhere'}: does not exist" in line
+
+
+def test_evaluate_checkpoint_of_another_shape_is_one_line(tmp_path, test_only, capsys):
+    bad = tmp_path / "other.pt"
+    checkpoint.save(bad, {"model": {"conv1.weight": torch.zeros(3)}, "kernels": "fused"})
+    assert exit_code(evaluate.main, [str(bad), "--data-dir", str(test_only), *NO_NET]) == 2
+    line = one_error_line(capsys)
+    assert "argument checkpoint" in line and str(bad) in line and "not a checkpoint of this model" in line
+
+
+def test_evaluate_ctrl_c_while_loading_is_exit_130(ckpt, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load", interrupted)
+    assert evaluate.main([str(ckpt), "--no-download"]) == 130
+    assert one_error_line(capsys).endswith("fmnist_ext.evaluate: interrupted")
+
+
+def test_evaluate_real_sigint_while_loading(ckpt, tmp_path):
+    # A real Ctrl-C (SIGINT) in another process, while data.load is running.
+    code = ("import sys, time; from fmnist_ext import data, evaluate\n"
+            "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
+            "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ckpt), "--no-download"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "loading"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == ["python -m fmnist_ext.evaluate: interrupted"], err
+
+
+def test_evaluate_into_a_closed_pipe(ckpt, test_only):
+    rc, err = closed_pipe_run(["-m", "fmnist_ext.evaluate", str(ckpt), "--data-dir", str(test_only), *NO_NET])
+    assert rc == 141, (rc, err)
+    assert_quiet(err)
