@@ -2,8 +2,9 @@
 
     python -m fmnist_ext.predict runs/seed-fused-s0/checkpoint.pt shoe.png coat.jpg
 
-Each image is read with Pillow, converted to grayscale, resized to 28x28 if
-needed, and (by default, when its border is brighter than its centre) inverted,
+Each image is read with Pillow, turned upright by its EXIF orientation,
+converted to grayscale (16-bit images scaled from their 0-65535 range),
+resized to 28x28 if needed, and (by default, when its border is brighter than its centre) inverted,
 since Fashion-MNIST shows light garments on a black background. Prints the
 top-3 classes with probabilities.
 """
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from . import checkpoint, cli, data
+from . import cli, clirun, data, loadmodel
 from .batches import normalize
 
 
@@ -24,24 +25,57 @@ class ImageError(Exception):
 
 
 def load_image(path: str, invert: str = "auto") -> torch.Tensor:
-    """uint8 (28, 28) tensor of an image file."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 (28, 28) tensor of an image file, upright (EXIF orientation applied)."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if im.size != (28, 28):
-                im = im.resize((28, 28), Image.Resampling.LANCZOS)
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(28, 28)
+        # Pillow only warns between its pixel limit and twice it; an image that
+        # big is refused either way (it would take GBs to decode).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with a rotation tag
+                t = _to_gray28(im)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: too many pixels (over Pillow's decompression-bomb limit of "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types for damaged files
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if invert == "yes" or (invert == "auto" and _light_background(t)):
         t = 255 - t
     return t
+
+
+# Integer modes with more than 8 bits: Pillow's convert("L") clips them at 255
+# (a 16-bit photo becomes black and white), so they are scaled by the range of
+# their type first. "I" is how Pillow opens 16-bit PNGs too.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_gray28(im) -> torch.Tensor:
+    from PIL import Image
+
+    if im.mode in _WIDE_MODES:
+        import numpy as np
+
+        top = _WIDE_MODES[im.mode]
+        a = np.asarray(im).astype(np.float64).clip(0, top)
+        im = Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), mode="L")
+    else:
+        im = im.convert("L")
+    if im.size != (28, 28):
+        im = im.resize((28, 28), Image.Resampling.LANCZOS)
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(28, 28)
 
 
 def _light_background(t: torch.Tensor) -> bool:
@@ -57,6 +91,7 @@ def top_k(model, images_u8: torch.Tensor, k: int = 3) -> list[list[tuple[str, fl
     return [[(data.CLASSES[c], float(v)) for c, v in zip(ci.tolist(), pi.tolist())] for ci, pi in zip(i, p)]
 
 
+@clirun.guarded("fmnist_ext.predict")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog=cli.prog("fmnist_ext.predict"),
@@ -78,9 +113,9 @@ def main(argv=None) -> int:
         cli.fail(p, f"argument --top: at most 10 classes, got {args.top}")
     device = cli.resolve_device(p, args.device)
     try:
-        model = checkpoint.model_from(checkpoint.load(args.checkpoint), args.kernels, device)
+        model = loadmodel.load_model(args.checkpoint, args.kernels, device)
         batch = torch.stack([load_image(f, args.invert) for f in args.images]).to(device)
-    except checkpoint.CheckpointError as e:
+    except loadmodel.Error as e:
         cli.fail(p, f"argument checkpoint: {e}")
     except ImageError as e:
         cli.fail(p, f"argument IMAGE: {e}")
