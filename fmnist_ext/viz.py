@@ -3,7 +3,8 @@
     python -m fmnist_ext.viz sprite [--out sprite.png]
     python -m fmnist_ext.viz curves RUN_DIR [--out curves.png]
 
-All files are written atomically. matplotlib runs with the Agg backend.
+All files are written atomically, in the format of their extension (checked,
+with the folder, before any work). matplotlib runs with the Agg backend.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, cli, data
+from . import atomic, cli, clirun, data, outputs
 
 
 def _plt():
@@ -96,37 +97,100 @@ def save_curves(history: list[dict], path) -> None:
     plt.close(fig)
 
 
+CURVE_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+
+
+class MetricsError(Exception):
+    """A metrics.jsonl that cannot be drawn (the message names the file and the line)."""
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-epoch records of a run's metrics.jsonl, each checked to hold the numbers the curves need."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    records = []
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetricsError(f"{path}: line {no}: not JSON ({e.msg}; cut off by a crash?)") from None
+        if not isinstance(rec, dict):
+            raise MetricsError(f"{path}: line {no}: expected a JSON object, got {type(rec).__name__}")
+        bad = [k for k in CURVE_KEYS if isinstance(rec.get(k), bool) or not isinstance(rec.get(k), (int, float))]
+        if bad:
+            raise MetricsError(f"{path}: line {no}: missing or not a number: {', '.join(bad)}")
+        records.append(rec)
+    if not records:
+        raise MetricsError(f"{path}: no epochs recorded yet")
+    return records
 
 
-def main(argv=None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(prog=cli.prog("fmnist_ext.viz"), description="Fashion-MNIST pictures.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sprite", help="the training-set sprite: each class on three rows")
-    s.add_argument("--out", default="sprite.png", help="PNG to write (default: sprite.png)")
+    s.add_argument("--out", default="sprite.png",
+                   help="image to write; the format follows the extension (png, pdf, svg, ...; default: sprite.png)")
     s.add_argument("--rows", type=cli.positive_int, default=3, help="rows per class (default: 3)")
     s.add_argument("--columns", type=cli.positive_int, default=10, help="images per row (default: 10)")
     cli.add_data_args(s)
     c = sub.add_parser("curves", help="training curves of a run folder (from its metrics.jsonl)")
     c.add_argument("run_dir", help="run folder written by fmnist_ext.train")
-    c.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
+    c.add_argument("--out", default=None,
+                   help="image to write; the format follows the extension (default: RUN_DIR/curves.png)")
+    return p, {"sprite": s, "curves": c}
+
+
+def _check_out(sub: argparse.ArgumentParser, out) -> None:
+    """Before any work: --out must be a writable file name with an extension matplotlib can write."""
+    try:
+        outputs.check_figure_format(out, "--out")
+        outputs.check_writable(out, "--out")
+    except outputs.OutputError as e:
+        cli.fail(sub, str(e))
+
+
+def _save(sub: argparse.ArgumentParser, save, *args) -> None:
+    try:
+        save(*args)
+    except OSError as e:  # the folder vanished or filled up since the check
+        cli.fail(sub, f"argument --out: cannot write {args[-1]}: {e.strerror or e}")
+
+
+@clirun.guarded("fmnist_ext.viz")
+def main(argv=None) -> int:
+    p, subs = build_parser()
     args = p.parse_args(argv)
     if args.command == "sprite":
+        s = subs["sprite"]
+        _check_out(s, args.out)
         try:
             ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download, splits=("train",))
-            save_sprite(ds.train.images, ds.train.labels, args.out, args.rows, args.columns)
         except data.DataError as e:
             cli.fail(s, str(e))
+        cli.print_err(ds.describe())
+        try:
+            sprite_array(ds.train.images, ds.train.labels, args.rows, args.columns)
         except ValueError as e:
             cli.fail(s, f"argument --rows/--columns: {e}")
+        _save(s, save_sprite, ds.train.images, ds.train.labels, args.out, args.rows, args.columns)
         print(f"wrote {args.out}")
     else:
+        c = subs["curves"]
         metrics = Path(args.run_dir) / "metrics.jsonl"
         if not metrics.is_file():
             cli.fail(c, f"argument run_dir: {metrics} does not exist")
         out = args.out or str(Path(args.run_dir) / "curves.png")
-        save_curves(read_metrics(metrics), out)
+        _check_out(c, out)
+        try:
+            history = read_metrics(metrics)
+        except MetricsError as e:
+            cli.fail(c, f"argument run_dir: {e}")
+        _save(c, save_curves, history, out)
         print(f"wrote {out}")
     return 0
 
