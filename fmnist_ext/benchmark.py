@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
+from . import atomic, cli, clirun, outputs
+
 SCHEMA = "fmnist_ext.benchmark/1"
 
 IMPLS = ("fused", "stock", "compile", "reference")
@@ -984,7 +986,7 @@ def render_png(report: dict, path: Path) -> None:
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.1 if nr == 1 else 0.06, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -1011,6 +1013,60 @@ def _impl_list(text: str) -> list[str]:
     return vals
 
 
+def _block_list(text: str) -> list[int]:
+    vals = _int_list(text)
+    bad = [v for v in vals if v not in BLOCKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown block(s) {bad}; choose from {','.join(map(str, sorted(BLOCKS)))}")
+    return vals
+
+
+OUTPUTS = ("json", "png", "markdown")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any timing (one line, exit 2): every output path must be writable (and --png a
+    format matplotlib writes), no two the same file, so the results of a long run are not
+    lost; --device cuda needs a CUDA device. (The numbers are checked by their argparse types.)"""
+    seen: dict[Path, str] = {}
+    try:
+        for name in OUTPUTS:
+            path = getattr(args, name)
+            if path is None:
+                continue
+            if name == "png":
+                outputs.check_figure_format(path, "--png")
+            outputs.check_writable(path, f"--{name}")
+            key = path.resolve()
+            if key in seen:
+                raise outputs.OutputError(f"argument --{name}: {path} is also the {seen[key]} file")
+            seen[key] = f"--{name}"
+    except outputs.OutputError as e:
+        cli.fail(parser, str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        cli.fail(parser, "argument --device: cuda requested but torch sees no CUDA device")
+
+
+def write_outputs(args: argparse.Namespace, report: dict, md: str) -> list[str]:
+    """Write the requested files atomically; the errors (one line each) of those that failed."""
+    writers = {
+        "json": lambda path: atomic.write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n"),
+        "png": lambda path: render_png(report, path),
+        "markdown": lambda path: atomic.write_text(path, md),
+    }
+    errors = []
+    for name in OUTPUTS:  # the JSON first: it holds everything
+        path = getattr(args, name)
+        if path is None:
+            continue
+        try:
+            writers[name](path)
+        except (OSError, ValueError) as e:
+            errors.append(f"fmnist-benchmark: error: argument --{name}: cannot write {path}: "
+                          f"{getattr(e, 'strerror', None) or e}")
+    return errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fmnist-benchmark",
@@ -1018,10 +1074,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pure-PyTorch fallback, per conv block and batch size, plus the whole model's training step and epoch.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for CPU (default: torch's default)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads for CPU (default: torch's default)")
     p.add_argument("--batch-sizes", type=_int_list, default=None,
                    help="comma-separated (default 1,64,256,1000,4096 on CPU; plus 10000 on CUDA)")
-    p.add_argument("--blocks", type=_int_list, default=None, help="conv blocks to time: 1, 2 (default both)")
+    p.add_argument("--blocks", type=_block_list, default=None, help="conv blocks to time: 1, 2 (default both)")
     p.add_argument("--impls", type=_impl_list, default=None,
                    help=f"comma-separated from {','.join(IMPLS)} (default all; stock is always timed)")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model training step / epoch")
@@ -1030,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
     p.add_argument("--png", type=Path, default=None, help="write the speedup chart here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--min-run-time", type=float, default=None,
+    p.add_argument("--min-run-time", type=cli.positive_float, default=None,
                    help="seconds of measurement per implementation and row, split over the interleaving rounds "
                    "(default 1.0; 0.05 with --quick)")
     return p
@@ -1151,22 +1207,20 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
     return report
 
 
+@clirun.guarded("fmnist_ext.benchmark")
 def main(argv: list[str] | None = None, repo_dir: Path | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     report = run(args, repo_dir)
     md = render_markdown(report)
+    # Files before stdout: `... | head` closing the pipe must not lose them.
+    errors = write_outputs(args, report, md)
+    for line in errors:
+        print(line, file=sys.stderr)
     sys.stdout.write(md)
     sys.stdout.flush()
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(md)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if args.png:
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        render_png(report, args.png)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

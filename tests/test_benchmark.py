@@ -235,3 +235,76 @@ def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
         assert res.ok, (name, res.reason)
     res = bench.check_implementation(_WrongWeightGrad.apply, inp, pass_name, exact=exact)
     assert not res.ok and res.reason.startswith("grad_weight differs from the float64 reference"), res.reason
+
+
+# --- arguments and outputs checked before any timing ------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--min-run-time", "nan"], ["--min-run-time", "-1"], ["--min-run-time", "0"], ["--min-run-time", "inf"],
+    ["--threads", "0"], ["--threads", "-2"], ["--threads", "x"], ["--blocks", "3"],
+])
+def test_cli_rejects_bad_numbers_before_timing(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    def timed(*a, **k):
+        raise AssertionError("the benchmark ran before its arguments were checked")
+
+    monkeypatch.setattr(bench, "run", timed)
+
+
+@pytest.mark.parametrize("args, words", [
+    (lambda t: ["--json", str(t)], "is a folder"),
+    (lambda t: ["--markdown", str(t / "file" / "b.md")], "is not a folder"),
+    (lambda t: ["--png", str(t / "b.weird")], "unknown image format 'weird'"),
+    (lambda t: ["--json", str(t / "b.out"), "--markdown", str(t / "b.out")], "is also the --json file"),
+])
+def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, args, words):
+    (tmp_path / "file").write_text("x")
+    argv = args(tmp_path)
+    assert _exit_code(bench.main, ["--quick", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --" in err[0] and words in err[0], err
+
+
+def _exit_code(fn, argv) -> int:
+    try:
+        return fn(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_script_rejects_nan_quickly():
+    # The reported hang: --min-run-time nan made blocked_autorange loop forever.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--min-run-time", "nan"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--min-run-time" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_outputs_written_atomically(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    report = {"schema": bench.SCHEMA, "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu",
+                                                 "threads": 1, "quick": True},
+              "machine": {"torch": torch.__version__}, "rows": [], "model": None}
+    png = tmp_path / "b.png"
+    png.write_bytes(b"old chart")
+
+    def failing_savefig(self, fname, *a, **k):
+        with (open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname) as f:
+            f.write(b"half a chart")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    args = bench.build_parser().parse_args(["--png", str(png), "--json", str(tmp_path / "b.json")])
+    errors = bench.write_outputs(args, report, "md")
+    assert len(errors) == 1 and "--png" in errors[0] and "No space left" in errors[0]
+    assert png.read_bytes() == b"old chart"  # the old file is intact, no half-written one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]  # no temp files left
+    assert json.loads((tmp_path / "b.json").read_text())["schema"] == bench.SCHEMA  # the others still written
