@@ -248,8 +248,8 @@ def _state(d: Path, keys) -> str:
         return "does not exist"
     if not d.is_dir():
         return "not a folder"
-    found, missing = files_in(d, keys)
-    return f"missing {', '.join(FILES[k].name + '[.gz]' for k in missing)}" if found else "no IDX files"
+    _, missing = files_in(d, keys)
+    return f"missing {', '.join(FILES[k].name + '[.gz]' for k in missing)}"
 
 
 def _explicit_error(label: str, d: Path, keys) -> DataError:
@@ -259,7 +259,9 @@ def _explicit_error(label: str, d: Path, keys) -> DataError:
     where = _state(d, keys)
     if d.is_dir() and tv.is_dir() and not files_in(d, keys)[0]:
         where = f"{_state(tv, keys)} in its torchvision layout {tv}"
-    return DataError(f"{name}: {where} (needs {', '.join(FILES[k].name + '[.gz]' for k in keys)})")
+    if not where.startswith("missing"):
+        where += f" (needs {', '.join(FILES[k].name + '[.gz]' for k in keys)})"
+    return DataError(f"{name}: {where}")
 
 
 @dataclass(frozen=True)

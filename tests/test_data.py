@@ -272,6 +272,15 @@ def test_bad_fmnist_data_is_an_error_not_a_fallback(isolated, monkeypatch, kind,
     assert _one_line(str(e.value)).startswith(f"--data-dir {bad}: {state}"), str(e.value)
 
 
+def test_incomplete_torchvision_layout_is_named(isolated):
+    raw = write_dataset(isolated / "tv" / "FashionMNIST" / "raw")
+    (raw / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DataError) as e:
+        data.locate(isolated / "tv")
+    assert _one_line(str(e.value)) == (f"--data-dir {isolated / 'tv'}: missing train-labels-idx1-ubyte[.gz] "
+                                       f"in its torchvision layout {raw}")
+
+
 def test_empty_fmnist_data_means_unset_and_empty_data_dir_is_refused(isolated, monkeypatch):
     system = write_dataset(isolated / "system")
     monkeypatch.setenv(data.DATA_ENV, "")
@@ -305,8 +314,11 @@ def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
     monkeypatch.setenv(data.DATA_ENV, str(only_test))
     assert set(data.locate(splits=("test",))) == {"t10k-images", "t10k-labels"}
     # ... but training still needs the training files, and says which
-    with pytest.raises(data.DataError, match="missing train-images-idx3-ubyte.*train-labels"):
-        data.locate(splits=("train", "test"))
+    for splits in (("train", "test"), ("train",)):
+        with pytest.raises(data.DataError) as e:
+            data.locate(splits=splits)
+        assert _one_line(str(e.value)) == (f"{data.DATA_ENV}={only_test}: missing train-images-idx3-ubyte[.gz], "
+                                           "train-labels-idx1-ubyte[.gz]")
     # the same for a folder found without being named (the system copy)
     monkeypatch.delenv(data.DATA_ENV)
     _test_files_only(isolated / "system")
