@@ -3,7 +3,8 @@
     python -m fmnist_ext.predict runs/seed-fused-s0/checkpoint.pt shoe.png coat.jpg
 
 Each image is read with Pillow, turned upright by its EXIF orientation,
-converted to grayscale (16-bit images scaled from their 0-65535 range),
+converted to grayscale (16-bit images scaled from their 0-65535 range; 32-bit
+float or integer images are refused, their range is unknown),
 resized to 28x28 if needed, and (by default, when its border is brighter than its centre) inverted,
 since Fashion-MNIST shows light garments on a black background. Prints the
 top-3 classes with probabilities.
@@ -38,6 +39,8 @@ def load_image(path: str, invert: str = "auto") -> torch.Tensor:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with a rotation tag
                 t = _to_gray28(im)
+    except ImageError as e:  # a mode this tool cannot convert without guessing
+        raise ImageError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -65,11 +68,16 @@ _WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I
 def _to_gray28(im) -> torch.Tensor:
     from PIL import Image
 
+    if im.mode == "F":  # no range to scale by: 0-1 and 0-255 files both exist, so guessing would be wrong
+        raise ImageError("32-bit float images are not supported (save it as 8- or 16-bit)")
     if im.mode in _WIDE_MODES:
         import numpy as np
 
         top = _WIDE_MODES[im.mode]
-        a = np.asarray(im).astype(np.float64).clip(0, top)
+        a = np.asarray(im).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > top):
+            raise ImageError(f"pixel values {a.min():g}..{a.max():g} outside the 16-bit range 0..{top} "
+                             "(32-bit integer images are not supported)")
         im = Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), mode="L")
     else:
         im = im.convert("L")

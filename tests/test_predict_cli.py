@@ -106,3 +106,15 @@ def _truncated_png(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: __import__("PIL.Image").Image.new("F", (28, 28), 0.5), "32-bit float images are not supported"),
+    (lambda: __import__("PIL.Image").Image.new("I", (28, 28), 70000), "pixel values 70000..70000 outside the 16-bit range"),
+])
+def test_predict_refuses_modes_it_cannot_scale(ckpt, tmp_path, capsys, make, words):
+    # Converting these to 8 bits would mean guessing their range: Pillow clips them (a black image).
+    path = tmp_path / "deep.tif"
+    make().save(path)
+    assert exit_code(predict.main, [str(ckpt), str(path)]) == 2
+    assert f"argument IMAGE: {path}: {words}" in one_error_line(capsys)
