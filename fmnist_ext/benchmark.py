@@ -1207,7 +1207,7 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
     return report
 
 
-@clirun.guarded("fmnist_ext.benchmark")
+@clirun.guarded("fmnist_ext.benchmark", name="fmnist-benchmark")  # the name its errors use
 def main(argv: list[str] | None = None, repo_dir: Path | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

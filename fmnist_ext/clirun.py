@@ -30,14 +30,15 @@ def silence_stdout() -> None:
         pass
 
 
-def guarded(module: str):
+def guarded(module: str, name: str | None = None):
     """Decorator for the `main` of `python -m MODULE`: BrokenPipeError on stdout ->
-    exit 141 quietly; KeyboardInterrupt -> `PROG: interrupted` on stderr, exit 130."""
+    exit 141 quietly; KeyboardInterrupt -> `PROG: interrupted` on stderr, exit 130.
+    PROG is `name` if given (the parser's prog), else as cli.prog names the module."""
 
     def prog() -> str:
         from .cli import prog as cli_prog  # the console script's name when run as one
 
-        return cli_prog(module)
+        return name or cli_prog(module)
 
     def wrap(main):
         @functools.wraps(main)

@@ -308,3 +308,30 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
     assert png.read_bytes() == b"old chart"  # the old file is intact, no half-written one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]  # no temp files left
     assert json.loads((tmp_path / "b.json").read_text())["schema"] == bench.SCHEMA  # the others still written
+
+
+class _ClosedPipe:
+    """A stdout whose reader went away (`fmnist-benchmark ... | head -0`)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_loses_no_results_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", lambda args, repo_dir=None: {"schema": bench.SCHEMA})
+    monkeypatch.setattr(bench, "render_markdown", lambda report: "| table |\n")
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert bench.main(["--json", str(out)]) == 141
+    assert json.loads(out.read_text()) == {"schema": bench.SCHEMA}  # written before stdout was tried
+    monkeypatch.undo()
+
+    def interrupted(args, repo_dir=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    assert bench.main(["--quick"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["fmnist-benchmark: interrupted"]
