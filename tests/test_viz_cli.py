@@ -79,3 +79,14 @@ def test_viz_sprite_too_many_rows_blames_rows(tmp_path, capsys):
     assert viz.main(["sprite", "--data-dir", str(folder), *NO_NET, "--out", str(out), "--rows", "1",
                      "--columns", "2"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_viz_ctrl_c_while_loading_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load", interrupted)
+    out = tmp_path / "s.png"
+    assert viz.main(["sprite", "--out", str(out)]) == 130
+    assert one_error_line(capsys).endswith("fmnist_ext.viz: interrupted")
+    assert not out.exists()
