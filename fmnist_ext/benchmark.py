@@ -1084,7 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 1,64, no compile, short timings, tiny model section (explicit flags win)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
-    p.add_argument("--png", type=Path, default=None, help="write the speedup chart here")
+    p.add_argument("--png", type=Path, default=None,
+                   help="write the speedup chart here (format from the extension: png, svg, pdf, ...)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--min-run-time", type=cli.positive_float, default=None,
                    help="seconds of measurement per implementation and row, split over the interleaving rounds "
