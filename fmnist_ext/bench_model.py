@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,11 +79,16 @@ def _child_env(allocator: str) -> dict:
 def run_worker(spec: dict, allocator: str) -> dict:
     """Run one measurement process; its result, or {"error": why}."""
     cmd = [sys.executable, "-m", "fmnist_ext.bench_model_worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, env=_child_env(allocator), capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    env = _child_env(allocator)
+    # torch.compile: a fresh inductor cache directory, so first_call_s is a cold compile
+    # (the worker also turns off the in-process graph caches).
+    with tempfile.TemporaryDirectory(prefix="fmnist-bench-inductor-") as cache:
+        if spec.get("impl") == "compile":
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -251,7 +257,8 @@ def render(section: dict) -> str:
              f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
              f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
              f"normalised per step; epoch = {cfg['epoch_steps']} steps. `vs stock` = stock eager time / this time, "
-             "same allocator setting. torch.compile: "
+             "same allocator setting. `first call`: the first step or forward (for torch.compile: a cold compile). "
+             "torch.compile: "
              + (f"one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else "not timed."),
              ""]
     for alloc, a in section["allocators"].items():

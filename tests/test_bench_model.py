@@ -156,3 +156,17 @@ def test_benchmark_report_renders_the_section(monkeypatch):
     md = bench.render_markdown(report)
     assert "## Whole model (FashionCNN, separate process per implementation)" in md
     assert md.index("separate process per implementation") < md.index("Total benchmark time")
+
+
+def test_compile_workers_get_a_fresh_inductor_cache(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[__import__("json").loads(cmd[-1])["impl"]] = env.get("TORCHINDUCTOR_CACHE_DIR")
+        return __import__("subprocess").CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.setattr(bench_model.subprocess, "run", fake_run)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert bench_model.run_worker({"impl": "compile"}, "default") == {"ok": 1}
+    assert bench_model.run_worker({"impl": "fused"}, "tuned") == {"ok": 1}
+    assert "fmnist-bench-inductor-" in seen["compile"] and seen["fused"] is None
