@@ -22,7 +22,12 @@ What it measures, all in one process and one run:
   pure-PyTorch fallback path of fmnist_ext, called directly);
 * the whole seed CNN: one training step (forward, cross-entropy, backward,
   Adam) and one epoch (60 steps at batch 1000) on synthetic data, fused vs
-  stock.
+  stock;
+* on CPU and not with --quick, the whole-model section of
+  fmnist_ext.bench_model (each implementation in its own process: training
+  step and epoch, eval inference at batch 1 and 1000 including
+  FashionCNN.for_inference(), torch.compile, a per-layer profile of the fused
+  step, both allocator settings).
 
 Before any timing, each implementation's output (and, for the backward
 passes, its gradients) is compared with stock on the very inputs that are
@@ -914,6 +919,10 @@ def render_markdown(report: dict) -> str:
                     f"{s['epoch']['median_s']:.2f} s | {f['epoch']['median_s']:.2f} s | "
                     f"{mod['epoch_speedup_fused_vs_stock']:.2f}x |"
                 )
+    if report.get("whole_model"):
+        from . import bench_model as section
+
+        lines += ["", section.render(report["whole_model"]).rstrip("\n")]
     lines += ["", f"Total benchmark time: {report['duration_s']:.0f} s"]
     return "\n".join(lines) + "\n"
 
@@ -1195,6 +1204,12 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         except Exception as exc:  # noqa: BLE001 - keep the per-block figures
             traceback.print_exc()
             model = {"skipped": f"{type(exc).__name__}: {_first_line(exc)}"}
+    whole_model = None
+    if not args.no_model and not quick and device.type == "cpu":
+        from . import bench_model as section  # the whole-model section: one process per implementation
+
+        log("whole model, one process per implementation (python -m fmnist_ext.bench_model) ...")
+        whole_model = section.run_section(threads=threads, log=log)
     report = {
         "schema": SCHEMA,
         "config": config,
@@ -1202,6 +1217,7 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         "peaks": peaks,
         "rows": rows,
         "model": model,
+        "whole_model": whole_model,
         "duration_s": time.perf_counter() - t_start,
     }
     machine["loadavg_at_end"] = _loadavg()

@@ -57,6 +57,18 @@ class FashionCNN(nn.Module):
         self.fc2 = nn.Linear(120, 60)
         self.out = nn.Linear(60, 10)
 
+    def for_inference(self):
+        """An inference form of this model's current weights (fmnist_ext/inference.py).
+
+        Its outputs equal this model's in eval mode (float32 rounding aside):
+        BatchNorm is folded into the next layer and, on the CPU, the whole
+        forward is one C++ operator. A snapshot without gradients or training
+        mode; this model is left as it is.
+        """
+        from .inference import FashionCNNInference
+
+        return FashionCNNInference.from_model(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
         x = self.conv2(x)

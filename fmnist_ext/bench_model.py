@@ -1,0 +1,352 @@
+"""Whole-model section of the benchmark: training step, epoch, inference.
+
+    python -m fmnist_ext.bench_model [--quick] [--allocators default,tuned]
+        [--rounds N] [--threads N] [--no-compile] [--json PATH] [--markdown PATH]
+
+(also part of `python python/benchmark.py`, which calls run_section/render).
+
+Every implementation is timed in its own process (fmnist_ext.bench_model_worker),
+one process per implementation, task and round, the implementations alternated
+and their order rotated from round to round; the figure kept is the best
+(lowest) of the rounds' medians. One process per model because the allocator
+state one model leaves behind skews whichever model is timed after it.
+
+* Training step and epoch at batch 1000 (synthetic uint8 images, normalised
+  per step): stock eager, fused, torch.compile of the stock model, and the
+  fused model with Adam(foreach=True) and Adam(fused=True).
+* Eval forward at batch 1 and 1000 under no_grad: stock eager, the fused
+  model, FashionCNN.for_inference(), torch.compile of the stock model.
+* Per-layer breakdown of one fused training step from torch.profiler (self
+  CPU time per phase and layer; the profiler's own overhead inflates it, so
+  it is for proportions, the step time comes from the unprofiled runs).
+* Both glibc allocator settings: `default`, and `tuned`
+  (MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000, so
+  big buffers are not returned to the OS on every free). torch.compile is
+  timed in the first allocator setting only, in one round (its compile time
+  dominates the section's run time).
+
+Each process checks its implementation against the stock model in float32
+and float64 (loss and all gradients, or logits) before timing; a mismatch is
+reported as REFUSED and not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .bench_model_worker import INFER_IMPLS, TRAIN_IMPLS
+
+ALLOCATORS = {
+    "default": {},
+    "tuned": {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"},
+}
+# Issue 10's targets (ratios against stock eager, same run).
+TARGETS = {
+    "train_step": 7.0,      # fused training step at batch 1000
+    "infer_1": 8.0,         # for_inference() at batch 1
+    "infer_1000": 12.0,     # for_inference() at batch 1000
+    "epoch_s": 0.5,         # seconds per 60-step epoch (the CLI's seed recipe; here synthetic data)
+}
+WORKER_TIMEOUT_S = 600
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"batch": 256, "epoch_steps": 3, "warmup_steps": 1, "timed_steps": 3, "epoch_reps": 1,
+                "infer_batches": [1, 64], "min_time_s": 0.05, "blocks": 3, "profile_steps": 2}
+    return {"batch": 1000, "epoch_steps": 60, "warmup_steps": 3, "timed_steps": 10, "epoch_reps": 1,
+            "infer_batches": [1, 1000], "min_time_s": 0.5, "blocks": 5, "profile_steps": 5}
+
+
+def _child_env(allocator: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATORS["tuned"]}
+    env.update(ALLOCATORS[allocator])
+    # The child imports the same fmnist_ext as this process (installed or checkout).
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_worker(spec: dict, allocator: str) -> dict:
+    """Run one measurement process; its result, or {"error": why}."""
+    cmd = [sys.executable, "-m", "fmnist_ext.bench_model_worker", json.dumps(spec)]
+    env = _child_env(allocator)
+    # torch.compile: a fresh inductor cache directory, so first_call_s is a cold compile
+    # (the worker also turns off the in-process graph caches).
+    with tempfile.TemporaryDirectory(prefix="fmnist-bench-inductor-") as cache:
+        if spec.get("impl") == "compile":
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit code {proc.returncode}: {tail[:300]}"}
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"error": f"unreadable output: {lines[-1][:300]}"}
+
+
+def _rotated(items: list[str], r: int) -> list[str]:
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def _best(rounds: list[dict], key: str) -> dict | None:
+    """The round with the lowest median of `key` (best of rounds), with all rounds' medians."""
+    ok = [r[key] for r in rounds if key in r]
+    if not ok:
+        return None
+    best = min(ok, key=lambda s: s["median_s"])
+    return {**best, "round_medians_s": [s["median_s"] for s in ok]}
+
+
+def _train_summary(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    out = {"status": "failed", "errors": [r["error"] for r in runs if "error" in r]}
+    if not good:
+        return out
+    if not all(r["check"]["ok"] for r in good):
+        bad = next(r for r in good if not r["check"]["ok"])
+        return {**out, "status": "refused", "reason": bad["check"]["reason"], "check": bad["check"]}
+    return {**out, "status": "ok", "check": good[0]["check"], "first_call_s": good[0]["first_call_s"],
+            "adam": good[0]["adam"], "step": _best(good, "step"), "epoch": _best(good, "epoch"),
+            "fused_compiled": good[0]["fused_compiled"]}
+
+
+def _infer_summary(runs: list[dict], batches: list[int]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    out: dict = {"status": "failed" if not good else "ok", "errors": [r["error"] for r in runs if "error" in r],
+                 "batches": {}}
+    for b in batches:
+        rows = [r["batches"][str(b)] for r in good]
+        if not rows:
+            continue
+        bad = [x for x in rows if not x["check"]["ok"]]
+        if bad:
+            out["batches"][str(b)] = {"status": "refused", "reason": bad[0]["check"]["reason"]}
+            continue
+        out["batches"][str(b)] = {"status": "ok", "check": rows[0]["check"],
+                                  "first_call_s": rows[0]["first_call_s"], "forward": _best(rows, "forward")}
+    return out
+
+
+def run_section(quick: bool = False, allocators: list[str] | None = None, rounds: int | None = None,
+                threads: int | None = None, compile_: bool = True, log=None) -> dict:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    allocators = allocators or (["default"] if quick else ["default", "tuned"])
+    rounds = rounds or (1 if quick else 2)
+    threads = threads or torch.get_num_threads()
+    cfg = settings(quick)
+    with_compile = compile_ and not quick
+    train_impls = [i for i in TRAIN_IMPLS if with_compile or i != "compile"]
+    infer_impls = [i for i in INFER_IMPLS if with_compile or i != "compile"]
+    section: dict = {"config": {**cfg, "rounds": rounds, "threads": threads, "allocators": allocators,
+                                "allocator_env": {a: ALLOCATORS[a] for a in allocators},
+                                "train_impls": train_impls, "infer_impls": infer_impls, "quick": quick,
+                                "compile_timed_in": allocators[0] if "compile" in train_impls else None,
+                                "targets": TARGETS},
+                     "allocators": {}}
+    for ai, alloc in enumerate(allocators):
+        train_runs: dict[str, list[dict]] = {i: [] for i in train_impls}
+        infer_runs: dict[str, list[dict]] = {i: [] for i in infer_impls}
+        for r in range(rounds):
+            for impl in _rotated(train_impls, r):
+                if impl == "compile" and (ai > 0 or r > 0):
+                    continue
+                spec = {"task": "train", "impl": impl, "threads": threads,
+                        **{k: cfg[k] for k in ("batch", "epoch_steps", "warmup_steps", "timed_steps", "epoch_reps")}}
+                t0 = time.perf_counter()
+                res = run_worker(spec, alloc)
+                train_runs[impl].append(res)
+                log(f"  [{alloc} r{r}] train {impl}: " + _brief(res, "step") + f" ({time.perf_counter() - t0:.0f} s)")
+            for impl in _rotated(infer_impls, r):
+                if impl == "compile" and (ai > 0 or r > 0):
+                    continue
+                spec = {"task": "infer", "impl": impl, "threads": threads, "batches": cfg["infer_batches"],
+                        "min_time_s": cfg["min_time_s"], "blocks": cfg["blocks"]}
+                t0 = time.perf_counter()
+                res = run_worker(spec, alloc)
+                infer_runs[impl].append(res)
+                log(f"  [{alloc} r{r}] infer {impl}: ({time.perf_counter() - t0:.0f} s)"
+                    + (f" {res['error']}" if "error" in res else ""))
+        prof = run_worker({"task": "profile", "threads": threads, "batch": cfg["batch"],
+                           "profile_steps": cfg["profile_steps"]}, alloc)
+        section["allocators"][alloc] = _summarise(train_runs, infer_runs, prof, cfg["infer_batches"])
+    section["duration_s"] = time.perf_counter() - t_start
+    return section
+
+
+def _brief(res: dict, key: str) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"]
+    if not res["check"]["ok"]:
+        return "REFUSED " + str(res["check"]["reason"])
+    return f"{res[key]['median_s'] * 1e3:.2f} ms"
+
+
+def _ratio(stock: dict | None, impl: dict | None) -> float | None:
+    if not stock or not impl:
+        return None
+    return stock["median_s"] / impl["median_s"]
+
+
+def _summarise(train_runs, infer_runs, prof, batches) -> dict:
+    train = {i: _train_summary(runs) for i, runs in train_runs.items() if runs}
+    infer = {i: _infer_summary(runs, batches) for i, runs in infer_runs.items() if runs}
+    stock = train.get("stock", {})
+    for impl, t in train.items():
+        if t["status"] == "ok" and stock.get("status") == "ok":
+            t["step_vs_stock"] = _ratio(stock["step"], t["step"])
+            t["epoch_vs_stock"] = _ratio(stock["epoch"], t["epoch"])
+    for impl, t in infer.items():
+        for b, row in t["batches"].items():
+            srow = infer.get("stock", {}).get("batches", {}).get(b, {})
+            if row["status"] == "ok" and srow.get("status") == "ok":
+                row["vs_stock"] = _ratio(srow["forward"], row["forward"])
+    return {"train": train, "infer": infer, "profile": prof}
+
+
+# ----------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    v = s * 1e3
+    return f"{v * 1e3:.0f} µs" if v < 1 else (f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms")
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _targets(a: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    f = a["train"].get("fused", {})
+    v = f.get("step_vs_stock")
+    rows.append(("training step >= 7x stock", _x(v), "-" if v is None else ("yes" if v >= TARGETS["train_step"] else "**no**")))
+    e = (f.get("epoch") or {}).get("median_s")
+    rows.append(("epoch (60 steps, synthetic data) <= 0.5 s", "-" if e is None else f"{e:.2f} s",
+                 "-" if e is None else ("yes" if e <= TARGETS["epoch_s"] else "**no**")))
+    for b, key in (("1", "infer_1"), ("1000", "infer_1000")):
+        v = a["infer"].get("inference", {}).get("batches", {}).get(b, {}).get("vs_stock")
+        rows.append((f"for_inference() at batch {b} >= {TARGETS[key]:g}x stock", _x(v),
+                     "-" if v is None else ("yes" if v >= TARGETS[key] else "**no**")))
+    return rows
+
+
+def render(section: dict) -> str:
+    cfg = section["config"]
+    lines = ["## Whole model (FashionCNN, separate process per implementation)", "",
+             f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
+             f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
+             f"normalised per step; epoch = {cfg['epoch_steps']} steps. `vs stock` = stock eager time / this time, "
+             "same allocator setting. `first call`: the first step or forward (for torch.compile: a cold compile). "
+             "torch.compile: "
+             + (f"one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else "not timed."),
+             ""]
+    for alloc, a in section["allocators"].items():
+        env = " ".join(f"{k}={v}" for k, v in cfg["allocator_env"][alloc].items()) or "glibc defaults"
+        lines += [f"### Allocator: {alloc} ({env})", "",
+                  "| training | step (median) | vs stock | epoch | vs stock | first call |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for impl, t in a["train"].items():
+            if t["status"] != "ok":
+                lines.append(f"| {impl} | {t['status'].upper()}: {t.get('reason') or '; '.join(t['errors'])} | | | | |")
+                continue
+            lines.append(f"| {impl} | {_ms(t['step']['median_s'])} | {_x(t.get('step_vs_stock'))} | "
+                         f"{t['epoch']['median_s']:.2f} s | {_x(t.get('epoch_vs_stock'))} | {t['first_call_s']:.2f} s |")
+        lines += ["", "| eval forward (no_grad) | " + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"]) + " |",
+                  "|---|" + "---:|---:|" * len(cfg["infer_batches"])]
+        for impl, t in a["infer"].items():
+            cells = []
+            for b in cfg["infer_batches"]:
+                row = t["batches"].get(str(b))
+                if row is None:
+                    cells += ["FAILED: " + "; ".join(t["errors"]), ""]
+                elif row["status"] != "ok":
+                    cells += [f"REFUSED: {row['reason']}", ""]
+                else:
+                    cells += [_ms(row["forward"]["median_s"]), _x(row.get("vs_stock"))]
+            name = "for_inference()" if impl == "inference" else impl
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| target (issue 10) | measured | met? |", "|---|---:|---|"]
+        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in _targets(a)]
+        prof = a["profile"]
+        if "error" in prof:
+            lines += ["", f"Profile: ERROR {prof['error']}"]
+        else:
+            per = prof["self_cpu_s_per_step"]
+            total = sum(per.values())
+            lines += ["", f"Fused training step by phase and layer (torch.profiler self CPU time per step, "
+                          f"{prof['steps']} steps; profiled wall time {_ms(prof['wall_per_step_s'])}/step):", "",
+                      "| phase \\| layer | ms/step | share |", "|---|---:|---:|"]
+            for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+                if v / total >= 0.005:
+                    lines.append(f"| {k.replace('|', '/')} | {v * 1e3:.2f} | {100 * v / total:.0f}% |")
+        lines.append("")
+    lines.append(f"Whole-model section: {section['duration_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fmnist_ext.bench_model",
+                                description="Whole-model benchmark of FashionCNN: training step and epoch, eval "
+                                "inference at batch 1 and 1000, one process per implementation.")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 256, 3-step epoch, batch 1/64, no compile")
+    p.add_argument("--allocators", default=None,
+                   help="comma-separated from default,tuned (default: both; --quick: default)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per implementation (default 2; --quick 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--no-compile", action="store_true", help="do not time torch.compile")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the markdown here")
+    return p
+
+
+def parse_allocators(parser: argparse.ArgumentParser, text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    vals = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [v for v in vals if v not in ALLOCATORS]
+    if bad or not vals:
+        parser.error(f"argument --allocators: unknown {bad or text!r}; choose from {','.join(ALLOCATORS)}")
+    return vals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    allocators = parse_allocators(parser, args.allocators)
+    for name in ("rounds", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"argument --{name}: must be >= 1")
+    section = run_section(args.quick, allocators, args.rounds, args.threads, not args.no_compile)
+    md = render(section)
+    sys.stdout.write(md)
+    # atomic: an interrupted run never leaves a half-written file in place of an old one
+    if args.markdown:
+        atomic.write_text(args.markdown, md)
+    if args.json:
+        atomic.write_text(args.json, json.dumps(section, indent=2, allow_nan=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

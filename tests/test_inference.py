@@ -1,0 +1,204 @@
+"""FashionCNN.for_inference(): same outputs as the eval-mode model, and its errors.
+
+The source models have non-trivial BatchNorm statistics and affine parameters
+(a few Adam steps in training mode), so the folding is really exercised.
+With the compiled library the CPU forward is the single C++ op
+fmnist_ext::fashion_cnn_inference; FMNIST_REQUIRE_COMPILED=1 makes the tests
+insist on it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmnist_ext import _library, inference
+from fmnist_ext.model import FashionCNN
+
+REQUIRE_COMPILED = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")
+
+
+def trained_model(kernels: str = "fused", dtype=torch.float32, steps: int = 3) -> FashionCNN:
+    """A FashionCNN after a few training steps: BN running stats, gamma, beta all moved."""
+    torch.manual_seed(0)
+    model = FashionCNN(kernels).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(32, 1, 28, 28, dtype=dtype) * 1.5 + 0.3
+        y = torch.randint(0, 10, (32,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def eval_logits(model: FashionCNN, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_the_source_model_has_nontrivial_batchnorm():
+    m = trained_model()
+    for bn in (m.bn1, m.bn2):
+        assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+        assert not torch.allclose(bn.weight, torch.ones_like(bn.weight))
+        assert not torch.allclose(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_uses_the_compiled_op_on_cpu():
+    net = trained_model().for_inference()
+    if REQUIRE_COMPILED:
+        assert net.uses_compiled_op
+    assert net.uses_compiled_op == inference.has_compiled_op(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kernels", ["fused", "stock"])
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_float32_equals_the_eval_model(kernels, batch, cpu_isa):
+    model = trained_model(kernels)
+    net = model.for_inference()
+    x = torch.randn(batch, 1, 28, 28) * 1.2 + 0.2
+    want = eval_logits(model, x)
+    got = net(x)
+    assert got.shape == (batch, 10) and got.dtype == torch.float32
+    # float32 rounding only: the folded weights round differently from BN's
+    # separate multiply-add, so compare against the scale of the logits.
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+    # and about as close to the float64 truth as the eval model itself
+    truth = eval_logits(trained_model(kernels, torch.float64), x.double())
+    err_net = (got.double() - truth).abs().max().item()
+    err_eval = (want.double() - truth).abs().max().item()
+    assert err_net <= 4 * err_eval + 1e-6, (err_net, err_eval)
+
+
+def test_float64_equals_the_eval_model():
+    model = trained_model(dtype=torch.float64)
+    net = model.for_inference()
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    got = net(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, eval_logits(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_operator_path_equals_the_operator_by_operator_path():
+    net = trained_model().for_inference()
+    x = torch.randn(9, 1, 28, 28)
+    torch.testing.assert_close(net(x), net._forward_ops(x), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_zero_and_noncontiguous_input():
+    model = trained_model()
+    net = model.for_inference()
+    assert net(torch.empty(0, 1, 28, 28)).shape == (0, 10)
+    x = torch.randn(6, 1, 28, 56)[..., ::2]  # strided
+    assert not x.is_contiguous()
+    torch.testing.assert_close(net(x), eval_logits(model, x.contiguous()), rtol=1e-4, atol=1e-5)
+
+
+def test_is_a_snapshot_and_leaves_the_model_alone():
+    model = trained_model()
+    model.train()
+    net = model.for_inference()
+    assert model.training  # for_inference does not switch the model's mode
+    x = torch.randn(3, 1, 28, 28)
+    before = net(x)
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+        model.bn1.running_mean.add_(1.0)
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+def test_no_gradients_and_no_training_mode():
+    net = trained_model().for_inference()
+    assert not net.training and list(net.parameters()) == []
+    out = net(torch.randn(2, 1, 28, 28))
+    assert not out.requires_grad
+    with pytest.raises(RuntimeError, match="inference form"):
+        net.train()
+    assert net.eval() is net
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        net(x)
+    with torch.no_grad():
+        assert net(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: torch.randn(2, 28, 28), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda: torch.randn(2, 3, 28, 28), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda: torch.randn(2, 1, 32, 32), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda: torch.randn(2, 1, 28, 28, dtype=torch.float64), TypeError, "dtype torch.float32"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.uint8), TypeError, "dtype torch.float32"),
+        (lambda: torch.randn(2, 1, 28, 28, device="meta"), ValueError, "expected input on cpu"),
+        (lambda: [[0.0]], TypeError, "expected input to be a Tensor"),
+    ],
+)
+def test_bad_inputs_name_the_argument(make, exc, match):
+    net = trained_model().for_inference()
+    with pytest.raises(exc, match=match):
+        net(make())
+
+
+def test_batchnorm_without_running_stats_is_refused():
+    model = FashionCNN("fused")
+    model.bn2 = torch.nn.BatchNorm1d(120, track_running_stats=False)
+    with pytest.raises(ValueError, match="running statistics"):
+        model.for_inference()
+
+
+@pytest.mark.skipif(not inference.has_compiled_op(torch.device("cpu")), reason="compiled library not loaded")
+class TestOperatorChecks:
+    """Direct torch.ops calls are checked in C++ too, naming the argument."""
+
+    def args(self):
+        net = trained_model().for_inference()
+        return [torch.randn(2, 1, 28, 28), *net._params]
+
+    def call(self, args):
+        return torch.ops.fmnist_ext.fashion_cnn_inference(*args)
+
+    def test_valid_call(self):
+        args = self.args()
+        assert self.call(args).shape == (2, 10)
+
+    @pytest.mark.parametrize(
+        "index, value, exc, match",
+        [
+            (0, torch.randn(2, 28, 28), ValueError, "expected input to be a 4-D tensor"),
+            (0, torch.randn(2, 2, 28, 28), ValueError, r"input.size\(1\)"),
+            (0, torch.randn(2, 1, 12, 12), ValueError, "too small"),
+            (0, torch.randn(2, 1, 32, 32), ValueError, r"fc1_weight.size\(1\) = 300"),
+            (0, torch.zeros(2, 1, 28, 28, dtype=torch.int32), TypeError, "float32 or float64"),
+            (5, torch.randn(120, 100), ValueError, r"fc1_weight.size\(1\) = 192"),
+            (6, torch.randn(7), ValueError, "fc1_bias of length 120"),
+            (10, torch.randn(10, dtype=torch.float64), TypeError, "out_bias to have the dtype"),
+            (3, torch.randn(12, 5, 5, 5), ValueError, r"conv2_weight.size\(1\)"),
+        ],
+    )
+    def test_bad_argument(self, index, value, exc, match):
+        args = self.args()
+        args[index] = value
+        with pytest.raises(exc, match=match):
+            self.call(args)
+
+    def test_requires_grad_is_refused(self):
+        args = self.args()
+        args[5] = args[5].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="fc1_weight requires grad"):
+            self.call(args)
+        with torch.no_grad():
+            assert self.call(args).shape == (2, 10)
+
+    def test_registered_for_cpu_only_with_one_schema(self):
+        schema = torch.ops.fmnist_ext.fashion_cnn_inference.default._schema
+        assert [a.name for a in schema.arguments][:2] == ["input", "conv1_weight"]
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(inference.OP_NAME, "CPU")
+        assert _library.LOADED
