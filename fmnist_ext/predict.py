@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         cli.fail(p, f"argument checkpoint: {e}")
     except ImageError as e:
         cli.fail(p, f"argument IMAGE: {e}")
-    for path, top in zip(args.images, top_k(model, batch, args.top)):
+    infer = model.for_inference() if model.kernels == "fused" else model  # BatchNorm folded, one op
+    for path, top in zip(args.images, top_k(infer, batch, args.top)):
         if args.json:
             print(json.dumps({"image": path, "top": [{"class": c, "probability": q} for c, q in top]}))
         else:
