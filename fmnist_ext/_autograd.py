@@ -17,6 +17,7 @@ and `jvp`, applied whenever an input requires grad or carries a tangent.
 from __future__ import annotations
 
 import torch
+from torch._functorch.utils import enable_single_level_autograd_function
 
 from . import _library, winners
 
@@ -150,10 +151,11 @@ def _apply(fn, *args):
     # kernel, reached after torch.func unwrapped the tensors for this level,
     # so the plain C++ apply is the right one here (torch.func does the same
     # for each level of a custom Function: a "single-level" function).
-    from torch._functorch.utils import enable_single_level_autograd_function
-
+    apply = super(torch.autograd.Function, fn).apply
+    if not torch._C._are_functorch_transforms_active():
+        return apply(*args)
     with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, fn).apply(*args)
+        return apply(*args)
 
 
 def _forward_autograd(keyset, input, weight, bias, padding, pool):

@@ -63,6 +63,7 @@ class Mismatch:
 @dataclass
 class DeviceReport:
     device: str
+    kernels: str = "compiled kernels"  # or the pure-PyTorch reference, checked against itself
     cases: int = 0
     worst: dict = field(default_factory=dict)  # dtype -> (error, case, tensor)
     mismatches: list = field(default_factory=list)
@@ -74,13 +75,13 @@ class DeviceReport:
 
     def summary(self) -> str:
         if self.failure is not None:
-            return f"{self.device}: FAILED ({self.failure})"
+            return f"{self.device} ({self.kernels}): FAILED ({self.failure})"
         worst = ", ".join(
             f"{str(dt).replace('torch.', '')} {err:.1e} ({case} {name})"
             for dt, (err, case, name) in self.worst.items()
         )
         verdict = "OK" if self.ok else "MISMATCH"
-        line = f"{self.device}: {verdict}, {self.cases} cases; largest relative errors: {worst}"
+        line = f"{self.device} ({self.kernels}): {verdict}, {self.cases} cases; largest relative errors: {worst}"
         for m in self.mismatches[:5]:
             line += (f"\n    {m.case} {str(m.dtype).replace('torch.', '')} {m.tensor}: "
                      f"relative error {m.error:.2e} > {TOLERANCE[m.dtype]:.0e}")
@@ -139,7 +140,9 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
     check that a wrong kernel is caught)."""
     device = torch.device(device)
     op = op or _fused
-    report = DeviceReport(str(device))
+    from .ops import uses_compiled_kernels
+
+    report = DeviceReport(str(device), "compiled kernels" if uses_compiled_kernels(device) else "reference, not compiled")
     cases, dtypes = (QUICK_CASES, (torch.float32,)) if quick else (FULL_CASES, DTYPES)
     for i, case in enumerate(cases):
         name, pool, padding = case[0], case[-1], case[-2]
