@@ -17,6 +17,7 @@ and `jvp`, applied whenever an input requires grad or carries a tangent.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
 
 from . import _library, winners
@@ -27,13 +28,16 @@ _BACKWARD = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward.default
 
 
 def _has_tangent(t) -> bool:
-    return isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t, level=0).tangent is not None
+    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t, level=0).tangent is not None
 
 
 def _needs_autograd(tensors) -> bool:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return True
-    return torch._C._is_fwd_grad_enabled() and any(_has_tangent(t) for t in tensors)
+    # Tangents exist only inside a dual level (forward_ad.dual_level, which
+    # torch.func.jvp enters too): a global read keeps the common case cheap.
+    return (fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
+            and any(_has_tangent(t) for t in tensors))
 
 
 def _below_autograd(op, keyset, *args):
@@ -58,7 +62,7 @@ class _Call:
     def below_autograd(self, op, *args):
         if not torch._C._are_functorch_transforms_active():
             return _below_autograd(op, self.keyset, *args)
-        with torch.set_grad_enabled(self.grad), torch.autograd.forward_ad._set_fwd_grad_enabled(self.fwd_grad):
+        with torch.set_grad_enabled(self.grad), fwAD._set_fwd_grad_enabled(self.fwd_grad):
             return _below_autograd(op, self.keyset, *args)
 
 
