@@ -123,7 +123,9 @@ def conv_relu_maxpool2d(
 
     Stride 1, dilation 1, zero padding (an int or a pair (pad_h, pad_w)); the
     pooling window `pool` has stride `pool` and floors like F.max_pool2d.
-    float32 and float64. Differentiable with respect to input, weight and bias.
+    float32 and float64; under torch.autocast it computes in float32 and
+    returns the autocast dtype. Differentiable with respect to input, weight
+    and bias in every autodiff mode (double backward, forward mode).
     Runs the compiled kernels where they exist for the input's device, and the
     pure-PyTorch reference otherwise.
     """

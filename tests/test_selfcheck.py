@@ -116,6 +116,12 @@ def test_training_precheck_refuses_wrong_kernels(monkeypatch, capsys):
     selfcheck.precheck_training(parser, "fused", torch.device("cpu"))
 
 
+def test_check_and_json_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        info.main(["--check", "--json"])
+    assert stop.value.code == 2 and "--check: not allowed with --json" in capsys.readouterr().err
+
+
 def test_quick_check_is_small():
     assert sum(c[1] for c in selfcheck.QUICK_CASES) <= 128
 
