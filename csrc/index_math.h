@@ -43,6 +43,14 @@ FMNIST_HD int32_t no_grad_index(int64_t pool) {
   return static_cast<int32_t>(pool * pool);
 }
 
+// True when a saved index names a position inside the pool window (0 ..
+// pool*pool - 1). The no-gradient marker and anything else (an indices tensor
+// not made by the forward: out of range, negative) is false: such a window
+// contributes no gradient, and the kernels never index with it.
+FMNIST_HD bool winner_in_window(int32_t j, int32_t no_grad) {
+  return static_cast<uint32_t>(j) < static_cast<uint32_t>(no_grad);
+}
+
 // Largest pool window whose positions plus the no-gradient marker fit in uint8.
 constexpr int64_t kMaxPoolForUint8Index = 15;  // 15*15 = 225 < 255
 

@@ -118,8 +118,30 @@ def built_torch_version() -> str | None:
     return None if info is None else info.TORCH_VERSION
 
 
+CPU_ISAS = ("default", "avx2", "avx512")  # lowest first; csrc/cpu/conv_relu_maxpool2d_kernel.cpp
+
+
+def cpu_isa_request_error() -> str | None:
+    """Why FMNIST_CPU_ISA cannot be honoured (unknown value, or more than this
+    CPU supports), or None when it is unset or fine. The CPU kernels refuse the
+    same values at every call; this lets the tools say so in one line first."""
+    want = os.environ.get("FMNIST_CPU_ISA", "")
+    if want == "" or "cpu" not in COMPILED_DEVICE_TYPES:
+        return None
+    if want not in CPU_ISAS:
+        return f"FMNIST_CPU_ISA must be one of {', '.join(CPU_ISAS)} (or unset for the best one); got {want!r}"
+    best = torch.ops.fmnist_ext._cpu_best_isa()
+    if CPU_ISAS.index(want) > CPU_ISAS.index(best):
+        return f"FMNIST_CPU_ISA={want} is not supported by this CPU (allowed here: {', '.join(CPU_ISAS[: CPU_ISAS.index(best) + 1])})"
+    return None
+
+
 def cpu_isa() -> str | None:
-    """The CPU kernel build in use (avx512 / avx2 / default), or None."""
+    """The CPU kernel build in use (avx512 / avx2 / default), or None.
+    Raises ValueError naming FMNIST_CPU_ISA when that variable is invalid."""
     if "cpu" not in COMPILED_DEVICE_TYPES:
         return None
+    error = cpu_isa_request_error()
+    if error is not None:
+        raise ValueError(error)
     return torch.ops.fmnist_ext._cpu_isa()

@@ -1,4 +1,8 @@
-"""`python -m fmnist_ext.info`: which kernels run on which device, and why."""
+"""`python -m fmnist_ext.info`: which kernels run on which device, and why.
+
+`--check` also runs the fused operator against the stock sequence on every
+visible device (fmnist_ext/selfcheck.py) and exits 1 on any mismatch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +17,22 @@ def main(argv: list[str] | None = None) -> int:
         "compiled CUDA / pure-PyTorch reference) and the torch versions involved.",
     )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="also run a short battery of the fused operator against the stock conv2d -> relu -> "
+        "max_pool2d sequence (output and all gradients, float32 and float64) on cpu and every "
+        "visible CUDA device; print a verdict per device; exit 1 on any mismatch",
+    )
     args = parser.parse_args(argv)
+    if args.json and args.check:
+        parser.exit(2, f"{parser.prog}: error: argument --check: not allowed with --json\n")
 
     import fmnist_ext
+    from fmnist_ext import _library
 
+    error = _library.cpu_isa_request_error()
+    if error is not None:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     status = fmnist_ext.kernels_status()
     if args.json:
         print(json.dumps(status, indent=2))
@@ -30,12 +46,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cuda kernels:  {cuda}")
     print(f"  built against: torch {status['built_against_torch'] or '(not built)'}")
     print(f"  running:       torch {status['running_torch']}")
-    from fmnist_ext import _library
-
     if _library.LOADED:
         print(f"  library:       {_library.LIBRARY_PATH}")
     if status["not_loaded_reason"]:
         print(f"  compiled library not loaded: {status['not_loaded_reason']}")
+    if args.check:
+        return run_check()
+    return 0
+
+
+def run_check(devices: list[str] | None = None) -> int:
+    """Print one verdict per device; 0 when every device agrees with stock."""
+    from fmnist_ext import selfcheck
+
+    print("check: fused vs stock (output, grad_input, grad_weight, grad_bias; relative to magnitude)")
+    reports = [selfcheck.check_device(dev) for dev in (devices or selfcheck.available_devices())]
+    for report in reports:
+        print(f"  {report.summary()}", flush=True)
+    bad = [r.device for r in reports if not r.ok]
+    if bad:
+        print(f"check FAILED on {', '.join(bad)}: the fused kernels disagree with stock there; "
+              f"use --kernels stock for training on {'it' if len(bad) == 1 else 'them'}")
+        return 1
+    print("check passed")
     return 0
 
 

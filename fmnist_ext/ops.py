@@ -3,8 +3,9 @@
 The schema lives in C++ (csrc/conv_relu_maxpool2d.cpp) and the kernels are
 registered there per dispatch key. Here we add what torch.library wants from
 Python: fake (meta) kernels for the forward and the backward op, so
-torch.compile can trace them, and the autograd formula, whose backward is
-itself the registered op ``_conv_relu_maxpool2d_backward``.
+torch.compile can trace them, and (in _autograd.py, _autocast.py) the Autograd
+kernels, whose backward is itself the registered op
+``_conv_relu_maxpool2d_backward``, and the Autocast kernels.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from . import _library, reference
+
+if _library.LOADED:
+    from . import _autocast, _autograd
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 MAX_POOL_FOR_UINT8_INDEX = 15  # must match csrc/index_math.h
@@ -119,13 +123,21 @@ def conv_relu_maxpool2d(
 
     Stride 1, dilation 1, zero padding (an int or a pair (pad_h, pad_w)); the
     pooling window `pool` has stride `pool` and floors like F.max_pool2d.
-    float32 and float64. Differentiable with respect to input, weight and bias.
+    float32 and float64; under torch.autocast it computes in float32 and
+    returns the autocast dtype. Differentiable with respect to input, weight
+    and bias in every autodiff mode (double backward, forward mode).
     Runs the compiled kernels where they exist for the input's device, and the
     pure-PyTorch reference otherwise.
     """
     pad = normalize_padding(padding)
-    check_args(input, weight, bias, pad, pool)
-    if input.device.type in _library.COMPILED_DEVICE_TYPES:
+    compiled = isinstance(input, torch.Tensor) and input.device.type in _library.COMPILED_DEVICE_TYPES
+    if compiled and _autocast.is_active(input.device.type) and _autocast.casts_to_float32(input, weight, bias):
+        # Under autocast the op computes in float32 and returns the autocast
+        # dtype (_autocast.py); check the arguments as the kernels will see them.
+        check_args(*map(_autocast.to_float32, (input, weight, bias)), pad, pool)
+    else:
+        check_args(input, weight, bias, pad, pool)
+    if compiled:
         out, _ = torch.ops.fmnist_ext.conv_relu_maxpool2d(input, weight, bias, list(pad), pool)
         return out
     return reference.conv_relu_maxpool2d(input, weight, bias, pad, pool)
@@ -148,26 +160,7 @@ if _library.LOADED:
         grad_bias = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
         return grad_input, grad_weight, grad_bias
 
-    def _setup_context(ctx, inputs, output):
-        input, weight, bias, padding, pool = inputs
-        _, indices = output
-        ctx.save_for_backward(input, weight, indices)
-        ctx.padding = padding
-        ctx.pool = pool
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, grad_out, _grad_indices):
-        input, weight, indices = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_input, grad_weight, grad_bias = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward(
-            grad_out, input, weight, indices, ctx.padding, ctx.pool, mask
-        )
-        return (
-            grad_input if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(_library.FORWARD_OP, _backward, setup_context=_setup_context)
+    # Backward, double backward and forward-mode AD of both ops (_autograd.py);
+    # mixed precision under torch.autocast (_autocast.py).
+    _autograd.register()
+    _autocast.register()

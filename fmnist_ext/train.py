@@ -527,6 +527,8 @@ def main(argv=None) -> int:
             cli.fail(parser, f"argument --out: {ckpt_path} exists; add --resume to continue it or choose another --out")
 
     d, device = init_distributed(parser, args.device)
+    from .selfcheck import precheck_training  # fused kernels usable here? else exit 2 (issue 8 §3)
+    precheck_training(parser, config["kernels"], device)
     try:
         if d.main:
             ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download,

@@ -15,6 +15,8 @@ CASES = [
     ("input-not-4d", lambda x, w, b: (x[0], w, b, 0, 2), ValueError, "input to be a 4-D"),
     ("weight-not-4d", lambda x, w, b: (x, w[0], b, 0, 2), ValueError, "weight to be a 4-D"),
     ("integer-input", lambda x, w, b: (x.long(), w, b, 0, 2), TypeError, "input to be float32 or float64"),
+    ("complex-input", lambda x, w, b: (x.cfloat(), w.cfloat(), b.cfloat(), 0, 2), TypeError, "input to be float32 or float64, got torch.complex64"),
+    ("bfloat16-input", lambda x, w, b: (x.bfloat16(), w.bfloat16(), b.bfloat16(), 0, 2), TypeError, "input to be float32 or float64, got torch.bfloat16"),
     ("integer-weight", lambda x, w, b: (x, w.int(), b, 0, 2), TypeError, "weight to have the dtype of input"),
     ("mixed-dtypes", lambda x, w, b: (x, w.double(), b, 0, 2), TypeError, "weight to have the dtype of input"),
     ("mixed-bias-dtype", lambda x, w, b: (x, w, b.double(), 0, 2), TypeError, "bias to have the dtype"),

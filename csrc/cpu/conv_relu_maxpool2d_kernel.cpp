@@ -77,6 +77,7 @@ Isa active_isa() {
 }
 
 std::string active_isa_name() { return isa_name(active_isa()); }
+std::string best_isa_name() { return isa_name(best_supported_isa()); }
 
 template <typename T, typename I>
 void run_forward(Isa isa, const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
@@ -222,4 +223,7 @@ TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
 TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
   // Which CPU kernel build runs (default / avx2 / avx512); for diagnostics.
   m.def("_cpu_isa() -> str", &fmnist_ext::cpu::active_isa_name);
+  // The best build this CPU supports, whatever FMNIST_CPU_ISA says (so the
+  // Python side can validate that variable with a clear message).
+  m.def("_cpu_best_isa() -> str", &fmnist_ext::cpu::best_isa_name);
 }

@@ -519,7 +519,11 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
         for (int64_t pw = 0; pw < g.pw; ++pw) {
           const int64_t k = ph * g.pw + pw;
           const int32_t j = static_cast<int32_t>(a.indices[base + k]);
-          if (j == no_grad) continue;
+          // One unsigned compare skips both the no-gradient marker and any
+          // value outside the window (a corrupt or hand-made indices tensor,
+          // negative ones included): they pass no gradient, and no table or
+          // buffer is ever read or written outside its bounds.
+          if (!winner_in_window(j, no_grad)) continue;
           offs[m] = (ph * pool) * ws + pw * pool + win_off[j];
           pix[m] = (ph * pool) * gws + pw * pool + win_pix[j];
           gvals[m] = a.grad_out[base + k];

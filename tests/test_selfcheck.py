@@ -1,0 +1,143 @@
+"""`info --check` and the training pre-check (fmnist_ext/selfcheck.py).
+
+There is no GPU here, so the device is a parameter of the check: the refusal
+paths are exercised on the CPU with a deliberately wrong operator in place of
+the fused one.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import requires_compiled_cpu
+
+from fmnist_ext import info, reference, selfcheck
+
+
+def wrong_output(x, w, b, padding, pool):
+    """Right everywhere except one output element per 1000 (like a kernel
+    with a bad edge case)."""
+    y = reference.conv_relu_maxpool2d(x, w, b, padding, pool)
+    bump = torch.zeros_like(y)
+    bump.view(-1)[::1000] = 0.5
+    return y + bump
+
+
+class _WrongWeightGrad(torch.autograd.Function):
+    """The right forward and a grad_weight off by 0.1% (like a kernel that
+    drops a term of its reduction)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, padding, pool):
+        ctx.save_for_backward(x, w, b)
+        ctx.padding, ctx.pool = padding, pool
+        return reference.conv_relu_maxpool2d(x, w, b, padding, pool)
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            y = reference.conv_relu_maxpool2d(*leaves, ctx.padding, ctx.pool)
+            gx, gw, gb = torch.autograd.grad(y, leaves, g)
+        return gx, gw * 1.001, gb, None, None
+
+
+def wrong_weight_grad(x, w, b, padding, pool):
+    return _WrongWeightGrad.apply(x, w, b, padding, pool)
+
+
+def test_quick_battery_passes_on_cpu():
+    report = selfcheck.check_device("cpu", quick=True)
+    assert report.ok, report.summary()
+    assert report.cases == len(selfcheck.QUICK_CASES)
+    assert set(report.worst) == {torch.float32}
+    assert report.summary().startswith("cpu (") and "): OK," in report.summary()
+
+
+def test_the_batch_1000_seed_blocks_are_in_the_battery():
+    shapes = {(c[1], c[2], c[3], c[4], c[5]) for c in selfcheck.FULL_CASES}
+    assert (1000, 1, 28, 28, 6) in shapes and (1000, 6, 12, 12, 12) in shapes
+
+
+def test_battery_data_make_float32_exact():
+    # The premise of the tolerances: on these data float32 reproduces the
+    # float64 stock result exactly (no near-ties that round differently).
+    case = selfcheck.FULL_CASES[0]
+    x, w, b, g = selfcheck._case_tensors(case, seed=1234)
+    want = selfcheck._forward_and_grads(selfcheck._stock, x, w, b, g, (0, 0), 2)
+    got = selfcheck._forward_and_grads(selfcheck._stock, x.float(), w.float(), b.float(), g.float(), (0, 0), 2)
+    for a, e in zip(got, want):
+        assert torch.equal(a.double(), e)
+
+
+@pytest.mark.parametrize("op,tensor", [(wrong_output, "output"), (wrong_weight_grad, "grad_weight")])
+def test_info_check_fails_naming_the_device_and_tensor(monkeypatch, capsys, op, tensor):
+    monkeypatch.setattr(selfcheck, "FULL_CASES", selfcheck.FULL_CASES[2:])  # the small ones: quicker
+    monkeypatch.setattr(selfcheck, "_fused", op)
+    assert info.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "cpu (compiled kernels): MISMATCH" in out or "cpu (reference, not compiled): MISMATCH" in out
+    assert tensor in out
+    assert "check FAILED on cpu" in out and "--kernels stock" in out
+
+
+def test_info_check_reports_an_op_that_raises(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(selfcheck, "_fused", broken)
+    assert info.main(["--check"]) == 1
+    assert "): FAILED (block1-b1000 torch.float32: RuntimeError: CUDA error" in capsys.readouterr().out
+
+
+@requires_compiled_cpu
+def test_info_check_passes(capsys):
+    assert info.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"cpu (compiled kernels): OK, {2 * len(selfcheck.FULL_CASES)} cases" in out and "check passed" in out
+    assert "float32 0.0e+00" in out  # the exact data: float32 reproduces float64 exactly
+
+
+def test_training_precheck_refuses_wrong_kernels(monkeypatch, capsys):
+    parser = argparse.ArgumentParser(prog="python -m fmnist_ext.train")
+    # The real hook checks CUDA devices only; check_types makes it judge the CPU.
+    selfcheck.precheck_training(parser, "fused", torch.device("cpu"), check_types=("cpu",))  # right kernels: no-op
+    monkeypatch.setattr(selfcheck, "_fused", wrong_weight_grad)
+    with pytest.raises(SystemExit) as stop:
+        selfcheck.precheck_training(parser, "fused", torch.device("cpu"), check_types=("cpu",))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m fmnist_ext.train: error: the fused kernels disagree with the stock sequence on cpu")
+    assert "--kernels stock" in err and err.count("\n") <= 2
+    # Stock kernels never run the check, nor do CPU devices by default.
+    selfcheck.precheck_training(parser, "stock", torch.device("cpu"), check_types=("cpu",))
+    selfcheck.precheck_training(parser, "fused", torch.device("cpu"))
+
+
+def test_check_and_json_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        info.main(["--check", "--json"])
+    assert stop.value.code == 2 and "--check: not allowed with --json" in capsys.readouterr().err
+
+
+def test_quick_check_is_small():
+    assert sum(c[1] for c in selfcheck.QUICK_CASES) <= 128
+
+
+def _run(module, *args, **env):
+    full_env = {**os.environ, **env}
+    full_env.pop("FMNIST_REQUIRE_COMPILED", None)
+    return subprocess.run([sys.executable, "-m", module, *args], env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("value,fragment", [("sse9", "must be one of default, avx2, avx512"), ("AVX2", "got 'AVX2'")])
+def test_bad_cpu_isa_variable_is_one_line_for_info_and_train(tmp_path, value, fragment):
+    for module, args in (("fmnist_ext.info", ()), ("fmnist_ext.train", ("--device", "cpu", "--out", str(tmp_path / "run")))):
+        out = _run(module, *args, FMNIST_CPU_ISA=value)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert "FMNIST_CPU_ISA" in out.stderr and fragment in out.stderr
+        assert not (tmp_path / "run").exists()
