@@ -318,6 +318,8 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             "epoch": ep, "step": st,
             "rng": {**checkpoint.rng_state(gen), "data": epoch_start_state},
             "partial": part, "history": history, "config": config, "kernels": config["kernels"],
+            # the batches of an epoch depend on it: a mid-epoch resume needs the same number of processes
+            "world_size": d.world_size,
         }
 
     def write_metrics() -> None:
@@ -513,7 +515,7 @@ def main(argv=None) -> int:
         ckpt_path = out / "checkpoint.pt"
         if args.resume:
             try:
-                resume = checkpoint.load(ckpt_path, map_location="cpu")
+                resume = checkpoint.load(ckpt_path, map_location="cpu", resume=True)
             except checkpoint.CheckpointError as e:
                 cli.fail(parser, f"argument --resume: {e}")
             saved = resume["config"]
