@@ -5,8 +5,9 @@ Contents: format, model (state_dict), optimizer, scheduler (or None), epoch
 epoch boundary), rng (CPU/CUDA RNG states and the data generator's state at
 the start of the epoch in progress, all uint8 tensors), partial (running sums
 of the epoch in progress), history (per-epoch metrics), config (the run's
-settings, plain values), kernels, world_size (number of training processes),
-ema (None, or the weight EMA: decay, updates, model = its state_dict; absent
+settings, plain values), kernels, world_size (number of training processes;
+absent in older checkpoints: 1), train_images (size of the training split;
+absent in older ones), ema (None, or the weight EMA: decay, updates, model = its state_dict; absent
 in checkpoints written before --ema). `model_from` builds the EMA weights
 when present: those are the run's result.
 
@@ -45,6 +46,8 @@ _TAG = b"fmnist_ext sha256 "
 _TRAILER_LEN = len(_TAG) + 64
 _EOCD_SIG = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes, then the comment
 _ZIP_SIG = b"PK\x03\x04"
+# A FashionCNN checkpoint is about 1 MB; anything far larger is not one, and is not read into memory.
+MAX_BYTES = 256 * 2**20
 
 
 class CheckpointError(Exception):
@@ -98,6 +101,10 @@ def _read(path: Path) -> bytes:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise CheckpointError(f"{path}: not an fmnist_ext checkpoint ({size / 2**20:.0f} MiB; "
+                                  f"checkpoints are about 1 MiB)")
         return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None

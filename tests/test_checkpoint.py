@@ -221,3 +221,12 @@ def test_folder_and_unreadable_paths(tmp_path):
     (tmp_path / "other.pt").write_bytes(buf.getvalue())
     with pytest.raises(checkpoint.CheckpointError, match="not an fmnist_ext checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
+
+
+def test_huge_file_is_not_read(tmp_path, monkeypatch):
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(checkpoint.MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(checkpoint.Path, "read_bytes", lambda self: pytest.fail("read into memory"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"big.pt: not an fmnist_ext checkpoint \(256 MiB"):
+        checkpoint.load(big)
