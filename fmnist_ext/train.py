@@ -314,8 +314,12 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
         epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
         partial = dict(resume["partial"])
         if main:
-            where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
-            print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
+            if epoch >= config["epochs"]:
+                print(f"{out / 'checkpoint.pt'}: the run is already finished ({epoch} epochs); "
+                      "recomputing its final results")
+            else:
+                where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
+                print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
     # The generator state at the start of the epoch in progress (restored above on resume).
     epoch_start_state = gen.get_state()
 

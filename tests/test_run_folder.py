@@ -322,10 +322,15 @@ def test_resume_with_a_step_past_the_epoch_is_refused(syn, interrupted_run, caps
     _one_line(capsys, "--resume", "cannot resume from it", "step 50 is past the 2 batches")
 
 
-def test_resume_finishes_and_the_metrics_are_whole(syn, interrupted_run):
+def test_resume_finishes_and_the_metrics_are_whole(syn, interrupted_run, capsys):
     assert _train(syn, interrupted_run, "--resume") == 0
+    assert "at epoch 1, batch 2 of 2" in capsys.readouterr().out
     lines = [json.loads(x) for x in (interrupted_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
+    # resuming a finished run says so (it only recomputes the final results)
+    assert _train(syn, interrupted_run, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "already finished (2 epochs)" in out and "epoch 3" not in out
 
 
 def test_help_tells_the_rules(capsys):
