@@ -1,7 +1,7 @@
 """Run folders: checked before anything is created, locked while a run owns them.
 
-    with RunFolder(out) as folder:          # creates it (and its parents) if needed, then locks it
-        folder.run_files()                  # the run files already in it
+    check_path(out)                         # before anything is loaded or created
+    with RunFolder(out):                    # creates it (and its parents) if needed, then locks it
         ...train...
 
 The lock is fcntl.flock on a hidden lock file inside the folder, held for the
@@ -67,9 +67,6 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         self._cleanup()
-
-    def run_files(self) -> list[str]:
-        return [name for name in RUN_FILES if (self.path / name).exists()]
 
     @property
     def lock_path(self) -> Path:

@@ -269,6 +269,7 @@ def test_training_with_too_few_images(tmp_path, capsys):
     syn = write_dataset(tmp_path / "one", n_train=1, n_test=5)
     assert _train(syn, tmp_path / "run") == 2
     _one_line(capsys, "--data-dir", "1 image(s)")
+    assert not (tmp_path / "run").exists()  # refused after the data loaded: the folder it made is gone
 
 
 # ------------------------------------------------------------------ resume checks (items 5, 9)
