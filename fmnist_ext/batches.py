@@ -77,8 +77,18 @@ def augment(images_u8: torch.Tensor, shift: torch.Tensor | None, flip: torch.Ten
     return x[bi, rows[:, :, None], cols[:, None, :]]
 
 
+def batch_count(n: int, batch_size: int) -> int:
+    """Batches in an epoch of n images. The rule: a final batch that would hold
+    a single image joins the previous batch instead (which then has
+    batch_size + 1 images): BatchNorm cannot train on one image, and no image
+    is dropped. n = 1 gives one batch of one image; the caller refuses that."""
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
 class Batches:
-    """Iterate (inputs, targets) batches of one epoch plan, starting at batch `start`."""
+    """Iterate (inputs, targets) batches of one epoch plan, starting at batch
+    `start`; the last batch follows batch_count's rule."""
 
     def __init__(self, images_u8, labels, plan: EpochPlan, batch_size: int, crop_pad: int = 0, start: int = 0):
         device = images_u8.device
@@ -88,15 +98,17 @@ class Batches:
         self.batch_size, self.crop_pad, self.start = batch_size, crop_pad, start
 
     def __len__(self) -> int:
-        return max(0, -(-self.plan.order.numel() // self.batch_size) - self.start)
+        return max(0, batch_count(self.plan.order.numel(), self.batch_size) - self.start)
 
     def __iter__(self):
         n, bs = self.plan.order.numel(), self.batch_size
-        for i in range(self.start * bs, n, bs):
-            idx = self.plan.order[i : i + bs]
+        count = batch_count(n, bs)
+        for b in range(self.start, count):
+            i, j = b * bs, (n if b == count - 1 else (b + 1) * bs)
+            idx = self.plan.order[i:j]
             x = self.images[idx]
-            shift = self.plan.shift[i : i + bs] if self.plan.shift is not None else None
-            flip = self.plan.flip[i : i + bs] if self.plan.flip is not None else None
+            shift = self.plan.shift[i:j] if self.plan.shift is not None else None
+            flip = self.plan.flip[i:j] if self.plan.flip is not None else None
             x = augment(x, shift, flip, self.crop_pad)
             yield normalize(x), self.labels[idx]
 

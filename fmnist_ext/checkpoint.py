@@ -5,46 +5,248 @@ Contents: format, model (state_dict), optimizer, scheduler (or None), epoch
 epoch boundary), rng (CPU/CUDA RNG states and the data generator's state at
 the start of the epoch in progress, all uint8 tensors), partial (running sums
 of the epoch in progress), history (per-epoch metrics), config (the run's
-settings, plain values), kernels, ema (None, or the weight EMA: decay,
-updates, model = its state_dict; absent in checkpoints written before --ema).
-`model_from` builds the EMA weights when present: those are the run's result.
+settings, plain values), kernels, world_size (number of training processes;
+absent in older checkpoints: 1), train_images (size of the training split;
+absent in older ones), ema (None, or the weight EMA: decay, updates, model = its state_dict; absent
+in checkpoints written before --ema). `model_from` builds the EMA weights
+when present: those are the run's result.
+
+Integrity: the file is torch.save's zip archive whose zip comment (the last
+bytes of the file) holds the SHA-256 of every byte before it, so any change
+to the file (one flipped bit anywhere) is refused on load, while
+`torch.load(path, weights_only=True)` still reads it as it is. Checkpoints
+written before that (format .../1) carry no hash; for them the zip CRC of
+every member is checked instead.
+
+`load` is the one reader (train --resume, evaluate, predict): every problem
+with a file, its integrity or its structure raises CheckpointError with a
+one-line message that starts with the file's path.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
-from . import atomic
-from .model import FashionCNN
+from . import atomic, recipes
+from .model import KERNELS, FashionCNN
 
-FORMAT = "fmnist_ext.checkpoint/1"
+FORMAT = "fmnist_ext.checkpoint/2"  # what save() writes: with the SHA-256 trailer
+FORMAT_V1 = "fmnist_ext.checkpoint/1"  # before the trailer; still read
+FORMATS = (FORMAT, FORMAT_V1)
+
+_TAG = b"fmnist_ext sha256 "
+_TRAILER_LEN = len(_TAG) + 64
+_EOCD_SIG = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes, then the comment
+_ZIP_SIG = b"PK\x03\x04"
+# A FashionCNN checkpoint is about 1 MB; anything far larger is not one, and is not read into memory.
+MAX_BYTES = 256 * 2**20
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be read or is not one of ours."""
+    """A checkpoint that cannot be read, is damaged, or is not one of ours."""
+
+
+# --------------------------------------------------------------------------- writing
+
+def to_bytes(state: dict) -> bytes:
+    """The checkpoint file's bytes: torch.save's zip with the SHA-256 trailer as its zip comment."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    raw = buf.getvalue()
+    if raw[-22:-18] != _EOCD_SIG or raw[-2:] != b"\0\0":
+        raise RuntimeError("torch.save wrote an unexpected zip layout; cannot add the checkpoint hash")
+    # The comment length is set before hashing, so the hash covers it too.
+    body = raw[:-2] + struct.pack("<H", _TRAILER_LEN)
+    return body + _TAG + hashlib.sha256(body).hexdigest().encode()
 
 
 def save(path: str | os.PathLike, state: dict) -> None:
-    atomic.torch_save({"format": FORMAT, **state}, path)
+    """Write atomically (the previous file stays until the new one is complete)."""
+    atomic.write_bytes(path, to_bytes(state))
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
+# --------------------------------------------------------------------------- reading
+
+def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -> dict:
+    """Read, verify and check a checkpoint; raise CheckpointError naming `path` otherwise.
+
+    Always checked: integrity, format, the model weights (and EMA weights)
+    against the FashionCNN's names, shapes and dtypes, kernels, settings.
+    With resume=True also the training state that --resume needs.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    raw = _read(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an fmnist_ext checkpoint (format {FORMAT!r} expected)")
+        ckpt = _verified_load(raw, map_location)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    problems = _problems(ckpt, resume)
+    if problems:
+        raise CheckpointError(f"{path}: not a usable fmnist_ext checkpoint: " + "; ".join(problems[:4])
+                              + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
+    # Checkpoints written before the field existed came from single-process runs.
+    ckpt.setdefault("world_size", 1)
     return ckpt
 
+
+def _read(path: Path) -> bytes:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise CheckpointError(f"{path}: not an fmnist_ext checkpoint ({size / 2**20:.0f} MiB; "
+                                  f"checkpoints are about 1 MiB)")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _verified_load(raw: bytes, map_location) -> dict:
+    hashed = _has_trailer(raw)
+    if hashed:
+        body, recorded = raw[:-_TRAILER_LEN], raw[-64:].decode("ascii")
+        if hashlib.sha256(body).hexdigest() != recorded:
+            raise CheckpointError("damaged: its contents do not match the SHA-256 recorded when it was written "
+                                  "(changed or corrupted since)")
+    elif not raw.startswith(_ZIP_SIG):
+        raise CheckpointError("not an fmnist_ext checkpoint (not a PyTorch zip archive)")
+    else:
+        _check_zip_crcs(raw)
+    try:
+        ckpt = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message would suggest weights_only=False, i.e. running the file's code: never for a checkpoint
+        raise CheckpointError("not an fmnist_ext checkpoint (it holds Python objects a checkpoint never contains)") from None
+    except Exception as e:  # a damaged archive fails in many ways inside torch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a readable checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
+        raise CheckpointError(f"not an fmnist_ext checkpoint (no format tag {FORMAT!r})")
+    if ckpt["format"] == FORMAT and not hashed:
+        raise CheckpointError("damaged: its SHA-256 record (the end of the file) is missing or changed")
+    return ckpt
+
+
+def _has_trailer(raw: bytes) -> bool:
+    tail = raw[-_TRAILER_LEN:]
+    if len(raw) < _TRAILER_LEN + 22 or not tail.startswith(_TAG):
+        return False
+    digits = tail[len(_TAG):]
+    return all(c in b"0123456789abcdef" for c in digits)
+
+
+def _check_zip_crcs(raw: bytes) -> None:
+    """Checkpoints without the hash: at least every member's zip CRC (torch.load skips them)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            bad = z.testzip()
+    except Exception as e:  # BadZipFile, and the odd struct/zlib error on a mangled archive
+        raise CheckpointError(f"damaged or not a checkpoint (bad zip archive: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"damaged: zip member {bad} fails its CRC check")
+
+
+# --------------------------------------------------------------------------- structure
+
+@functools.lru_cache(maxsize=1)
+def _model_layout() -> dict:
+    return {k: (tuple(v.shape), v.dtype) for k, v in FashionCNN("stock").state_dict().items()}
+
+
+def state_dict_problems(sd, what: str = "model") -> list[str]:
+    """How `sd` differs from the FashionCNN's state_dict (names, shapes, dtypes)."""
+    if not isinstance(sd, dict):
+        return [f"{what} weights are a {type(sd).__name__}, not a state_dict"]
+    layout = _model_layout()
+    problems = []
+    missing = [k for k in layout if k not in sd]
+    extra = [k for k in sd if k not in layout]
+    if missing or extra:
+        problems.append(f"{what} weights are not the FashionCNN's (another architecture?): "
+                        + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
+                        + ("; " if missing and extra else "")
+                        + (f"unexpected {', '.join(map(str, extra[:3]))}{' ...' if len(extra) > 3 else ''}" if extra else ""))
+    for k, (shape, dtype) in layout.items():
+        v = sd.get(k)
+        if k not in sd:
+            continue
+        if not isinstance(v, torch.Tensor):
+            problems.append(f"{what} weight {k} is a {type(v).__name__}, not a tensor")
+        elif tuple(v.shape) != shape:
+            problems.append(f"{what} weight {k} has shape {list(v.shape)}, expected {list(shape)}")
+        elif v.dtype.is_floating_point != dtype.is_floating_point:
+            problems.append(f"{what} weight {k} has dtype {v.dtype}, expected {dtype}")
+    return problems
+
+
+def _problems(ck: dict, resume: bool) -> list[str]:
+    problems = state_dict_problems(ck.get("model"), "model")
+    ema = ck.get("ema")
+    if ema is not None:
+        if not isinstance(ema, dict) or not {"decay", "updates", "model"} <= set(ema):
+            problems.append("ema is not a weight average (decay, updates, model)")
+        else:
+            problems += state_dict_problems(ema["model"], "EMA")
+    if ck.get("kernels", "fused") not in KERNELS:
+        problems.append(f"kernels {ck.get('kernels')!r} is not one of {', '.join(KERNELS)}")
+    if resume:  # evaluate and predict need only the weights
+        problems += recipes.config_problems(ck.get("config")) if "config" in ck else ["settings (config) missing"]
+        problems += _training_state_problems(ck)
+    return problems
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _training_state_problems(ck: dict) -> list[str]:
+    """What --resume needs beyond the weights."""
+    problems = []
+    for key in ("optimizer", "epoch", "step", "rng", "partial", "history"):
+        if key not in ck:
+            problems.append(f"{key} missing (needed to resume)")
+    if problems:
+        return problems
+    opt = ck["optimizer"]
+    if not isinstance(opt, dict) or not {"state", "param_groups"} <= set(opt):
+        problems.append("optimizer is not an optimizer state_dict")
+    if ck.get("scheduler") is not None and not isinstance(ck["scheduler"], dict):
+        problems.append("scheduler is not a scheduler state_dict")
+    if ck.get("ema") is None and isinstance(ck.get("config"), dict) and ck["config"].get("ema", 0.0) > 0:
+        problems.append("the settings use --ema but the weight average is missing")
+    epoch, step = ck["epoch"], ck["step"]
+    epochs = ck["config"].get("epochs") if isinstance(ck.get("config"), dict) else None
+    if not _is_int(epoch) or epoch < 0 or (_is_int(epochs) and epoch > epochs):
+        problems.append(f"epoch {epoch!r} is not in [0, {epochs}]")
+    if not _is_int(step) or step < 0:
+        problems.append(f"step {step!r} is not a non-negative integer")
+    if not isinstance(ck["history"], list) or (_is_int(epoch) and len(ck["history"]) != epoch):
+        problems.append(f"history does not hold one record per completed epoch ({epoch!r})")
+    rng = ck["rng"]
+    if not isinstance(rng, dict) or not all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8
+                                            for k in ("torch", "data")) or not isinstance(rng.get("cuda"), list):
+        problems.append("rng is not a set of generator states")
+    part = ck["partial"]
+    if not isinstance(part, dict) or not all(isinstance(part.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "time")):
+        problems.append("partial (the epoch in progress) is not a set of running sums")
+    ws = ck.get("world_size", 1)
+    if not _is_int(ws) or ws < 1:
+        problems.append(f"world_size {ws!r} is not a positive integer")
+    return problems
+
+
+# --------------------------------------------------------------------------- using one
 
 def model_from(ckpt: dict, kernels: str | None = None, device="cpu") -> FashionCNN:
     """The checkpoint's FashionCNN (its EMA weights when it has them), in eval mode, with `kernels` (default: the

@@ -10,9 +10,16 @@ import torch
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Print `prog: error: message` and exit with status 2 (argparse's convention)."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
+def fail(parser: argparse.ArgumentParser, message: str, status: int = 2) -> NoReturn:
+    """Print `prog: error: message` and exit with status 2 (argparse's convention for a user mistake)."""
+    parser.exit(status, f"{parser.prog}: error: {message}\n")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self, f"{message} (see --help)")
 
 
 def _parsed(text: str, cast, acceptable, expected: str):
@@ -32,6 +39,18 @@ def positive_int(text: str) -> int:
 
 def nonneg_int(text: str) -> int:
     return _parsed(text, int, lambda v: v >= 0, "a non-negative integer")
+
+
+def batch_size(text: str) -> int:
+    """A training batch size: at least 2, since BatchNorm cannot train on a batch of one image."""
+    return _parsed(text, int, lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)")
+
+
+def seed(text: str) -> int:
+    """A seed torch.manual_seed accepts: [-2**63, 2**64)."""
+    from .recipes import SEED_MAX, SEED_MIN
+
+    return _parsed(text, int, lambda v: SEED_MIN <= v <= SEED_MAX, "an integer in [-2**63, 2**64)")
 
 
 def positive_float(text: str) -> float:

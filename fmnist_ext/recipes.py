@@ -33,8 +33,12 @@ values tried). Batch 64: 90.86% on seed 0 (dropped).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from .model import KERNELS
 
 RECIPES: dict[str, dict] = {
     "seed": dict(
@@ -49,6 +53,52 @@ RECIPES: dict[str, dict] = {
 TRAINING_KEYS = tuple(RECIPES["seed"])
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "onecycle", "cosine")
+# torch.manual_seed accepts exactly this range (negative seeds are mapped into it)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# keys added after the first checkpoints were written, with the value those runs had
+LATER_KEYS = {"clean_epochs": 0, "ema": 0.0}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# key -> (check, what it must be); a run's settings as saved in its checkpoint
+_CHECKS = {
+    "recipe": (lambda v: v in RECIPES, f"one of {', '.join(RECIPES)}"),
+    "kernels": (lambda v: v in KERNELS, f"one of {', '.join(KERNELS)}"),
+    "seed": (lambda v: _is_int(v) and SEED_MIN <= v <= SEED_MAX, "an integer in [-2**63, 2**64)"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "crop_pad": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
+    "shuffle": (lambda v: isinstance(v, bool), "true or false"),
+    "clean_epochs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "ema": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def config_problems(config) -> list[str]:
+    """What is wrong with a run's saved settings (empty when nothing is)."""
+    if not isinstance(config, dict):
+        return [f"settings are a {type(config).__name__}, not a dict"]
+    problems = []
+    for key, (ok, what) in _CHECKS.items():
+        if key not in config:
+            if key not in LATER_KEYS:
+                problems.append(f"setting {key!r} missing")
+        elif not ok(config[key]):
+            problems.append(f"setting {key}={config[key]!r} is not {what}")
+    return problems
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:

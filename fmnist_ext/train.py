@@ -8,17 +8,19 @@
 
 The run folder (--out) receives: checkpoint.pt (after every epoch and on
 Ctrl-C), metrics.jsonl (one line per epoch), and at the end confusion.png,
-curves.png, summary.json. All files are written atomically.
+curves.png, summary.json. All files are written atomically. Everything that
+can be checked is checked before the data loads or a folder is made; the run
+folder is locked for the run's life (runfolder.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import io
 import itertools
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import atomic, checkpoint, cli, data, recipes
-from .batches import Batches, eval_batches, normalize, plan_epoch
+from .batches import Batches, batch_count, eval_batches, normalize, plan_epoch
+from .runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
 from .ema import WeightEMA
 from .evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .model import KERNELS, FashionCNN
@@ -59,7 +62,7 @@ def _choice(choices):
 
 
 SWEEP_TYPES = {
-    "lr": cli.positive_float, "batch_size": cli.positive_int, "epochs": cli.positive_int, "seed": int,
+    "lr": cli.positive_float, "batch_size": cli.batch_size, "epochs": cli.positive_int, "seed": cli.seed,
     "kernels": _choice(KERNELS), "recipe": _choice(tuple(recipes.RECIPES)),
     "optimizer": _choice(recipes.OPTIMIZERS), "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES), "label_smoothing": cli.fraction, "crop_pad": cli.nonneg_int,
@@ -83,14 +86,14 @@ def parse_sweep(items: list[str]) -> list[tuple[str, list]]:
         seen.add(key)
         try:
             parsed = [SWEEP_TYPES[key](v.strip()) for v in values.split(",")]
-        except argparse.ArgumentTypeError as e:
+        except (argparse.ArgumentTypeError, ValueError) as e:
             raise argparse.ArgumentTypeError(f"{key}: {e}") from None
         out.append((key, parsed))
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.OneLineErrorParser(
         prog=cli.prog("fmnist_ext.train"),
         description="Train the seed CNN on Fashion-MNIST (fused or stock conv blocks). "
         "Options left unset come from the --recipe.",
@@ -98,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="recipes:\n" + "\n".join(
             f"  {name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in recipes.RECIPES.items()
         ) + "\n\nUnder torchrun (RANK and WORLD_SIZE set) the loop runs with DistributedDataParallel "
-        "(gloo on CPU, nccl on CUDA); only rank 0 writes files.",
+        "(gloo on CPU, nccl on CUDA); only rank 0 writes files. A --resume needs the number of processes "
+        "the checkpoint was written with.\n\nBatches: when the last batch of an epoch (of each process) would "
+        "hold a single image, that image joins the previous batch (BatchNorm cannot train on one image; no "
+        "image is dropped).\n\nThe run folder is locked while a run uses it: a second run on it is refused. "
+        "Exit status: 0 done, 2 a usage error (one line), 1 a file could not be written (the previous "
+        "version is kept), 130 interrupted.",
     )
     p.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None, help="hyperparameter set (default: seed)")
     p.add_argument("--kernels", choices=KERNELS, default=None,
                    help="conv blocks: the fused operator or stock PyTorch layers (default: fused)")
-    p.add_argument("--seed", type=int, default=None, help="seed for weights, shuffling and augmentation (default: 0)")
+    p.add_argument("--seed", type=cli.seed, default=None,
+                   help="seed for weights, shuffling and augmentation, in [-2**63, 2**64) (default: 0)")
     p.add_argument("--device", choices=cli.DEVICES, default="auto", help="auto: CUDA when present (default: auto)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run folder (default: runs/RECIPE-KERNELS-sSEED; with --sweep, one subfolder per run)")
@@ -112,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=cli.positive_int, default=None, help="number of epochs (seed: 20)")
     g.add_argument("--lr", type=cli.positive_float, default=None, help="learning rate; peak rate with onecycle (seed: 0.01)")
-    g.add_argument("--batch-size", type=cli.positive_int, default=None, help="batch size (seed: 1000)")
+    g.add_argument("--batch-size", type=cli.batch_size, default=None,
+                   help="batch size, at least 2; a last batch of one image joins the one before (seed: 1000)")
     g.add_argument("--optimizer", choices=recipes.OPTIMIZERS, default=None, help="optimizer (seed: adam)")
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=None, help="weight decay (seed: 0)")
     g.add_argument("--schedule", choices=recipes.SCHEDULES, default=None,
@@ -225,7 +235,11 @@ class StopRequest:
 
 
 class Interrupted(Exception):
-    pass
+    """Stopped on request after saving `out`/checkpoint.pt."""
+
+    def __init__(self, where: str, out: Path):
+        super().__init__(where)
+        self.out = out
 
 
 # --------------------------------------------------------------------------- one run
@@ -269,7 +283,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
     test_x, test_y = ds.test.images.to(device), ds.test.labels.to(device)
     n_train = len(ds.train)
     per_rank = n_train // d.world_size if d.enabled else n_train
-    steps_per_epoch = math.ceil(per_rank / config["batch_size"])
+    steps_per_epoch = batch_count(per_rank, config["batch_size"])
     optimizer = recipes.make_optimizer(config["optimizer"], model.parameters(), config["lr"], config["weight_decay"])
     scheduler = recipes.make_scheduler(config["schedule"], optimizer, config["lr"], config["epochs"], steps_per_epoch)
     criterion = recipes.make_criterion(config["label_smoothing"])
@@ -281,18 +295,31 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
     epoch, step, history = 0, 0, []
     partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume["scheduler"] is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        checkpoint.set_rng_state(resume["rng"], gen)
+        try:
+            if resume["step"] >= steps_per_epoch:
+                raise ValueError(f"step {resume['step']} is past the {steps_per_epoch} batches of an epoch")
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if (scheduler is None) != (resume["scheduler"] is None):
+                raise ValueError("the learning-rate schedule state does not match the settings")
+            if scheduler is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(resume["ema"])
+            checkpoint.set_rng_state(resume["rng"], gen)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            # load() checked the structure; this is what only building the run can find
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise checkpoint.CheckpointError(f"{out / 'checkpoint.pt'}: cannot resume from it ({first})") from None
         epoch, step, history = resume["epoch"], resume["step"], list(resume["history"])
         partial = dict(resume["partial"])
         if main:
-            where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
-            print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
+            if epoch >= config["epochs"]:
+                print(f"{out / 'checkpoint.pt'}: the run is already finished ({epoch} epochs); "
+                      "recomputing its final results")
+            else:
+                where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
+                print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
     # The generator state at the start of the epoch in progress (restored above on resume).
     epoch_start_state = gen.get_state()
 
@@ -318,6 +345,8 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             "epoch": ep, "step": st,
             "rng": {**checkpoint.rng_state(gen), "data": epoch_start_state},
             "partial": part, "history": history, "config": config, "kernels": config["kernels"],
+            # the batches of an epoch depend on these: a resume needs the same
+            "world_size": d.world_size, "train_images": n_train,
         }
 
     def write_metrics() -> None:
@@ -361,7 +390,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                     if main:
                         checkpoint.save(out / "checkpoint.pt", state(epoch, step, part))
                     bar.close()
-                    raise Interrupted(f"epoch {epoch + 1}, after batch {step}")
+                    raise Interrupted(f"epoch {epoch + 1}, after batch {step}", out)
             bar.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -398,7 +427,7 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                       f"train acc {record['train_acc']:.4f}  test acc{' (EMA)' if ema is not None else ''} {test_acc:.4f}  "
                       f"{epoch_time:.1f} s  {record['images_per_s']:.0f} img/s", flush=True)
             if stop.check(d, device) and epoch < config["epochs"]:
-                raise Interrupted(f"after epoch {epoch}")
+                raise Interrupted(f"after epoch {epoch}", out)
     if tb is not None:
         tb.close()
     return finish(config, out, eval_model, ds, test_x, history, main, eval_weights)
@@ -447,27 +476,56 @@ def _explicit_overrides(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def run_sweep(parser, args, d, device, ds) -> int:
-    grid = parse_sweep(args.sweep)
+class UsageError(Exception):
+    """A mistake in the command line or the run folder: `python -m ... error: <argument>: <message>`, exit 2."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(f"argument {argument}: {message}")
+
+
+@dataclass
+class SweepRun:
+    name: str
+    values: tuple
+    config: dict
+    out: Path
+
+
+def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
+    """Every run of the sweep, checked before any of them trains: no setting
+    given twice, no two runs sharing a folder, every folder name usable."""
     keys = [k for k, _ in grid]
-    base_out = Path(args.out or f"runs/sweep-{args.recipe or 'seed'}")
-    results = []
+    both = [k for k in keys if getattr(args, k, None) is not None]
+    if both:
+        raise UsageError("--sweep", f"{', '.join(both)} also given as "
+                                    f"{', '.join('--' + k.replace('_', '-') for k in both)}; give each setting once")
+    runs: list[SweepRun] = []
     for values in itertools.product(*(v for _, v in grid)):
         ns = argparse.Namespace(**vars(args))
         for k, v in zip(keys, values):
             setattr(ns, k, v)
         config = resolve_config(ns)
         name = "_".join(f"{k}={v}" for k, v in zip(keys, values)).replace("/", "-")
-        out = base_out / name
-        if (out / "checkpoint.pt").exists():
-            cli.fail(parser, f"argument --out: {out}/checkpoint.pt exists; choose another --out")
+        if len(name.encode()) > 255:
+            raise UsageError("--sweep", f"run folder name {name[:60]}... is longer than 255 bytes; sweep fewer keys")
+        for other in runs:
+            if other.config == config or other.name == name:
+                what = f"run {name} comes twice" if other.name == name else f"runs {other.name} and {name} are the same"
+                raise UsageError("--sweep", f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010); "
+                                            "give each value once")
+        runs.append(SweepRun(name, values, config, base_out / name))
+    return runs
+
+
+def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, ds, progress: bool) -> int:
+    results = []
+    for r in runs:
         if d.main:
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"== run {len(results) + 1}: {name}")
-        s = train_run(config, out, ds, device, d, progress=not args.no_progress)
-        results.append({**dict(zip(keys, values)), "test_acc": s["test_acc"],
+            print(f"== run {len(results) + 1}/{len(runs)}: {r.name}")
+        s = train_run(r.config, r.out, ds, device, d, progress=progress)
+        results.append({**dict(zip(keys, r.values)), "test_acc": s["test_acc"],
                         "train_acc": s["final"]["train_acc"], "train_loss": s["final"]["train_loss"],
-                        "epoch_time_s": round(s["mean_epoch_time_s"], 2), "run": str(out)})
+                        "epoch_time_s": round(s["mean_epoch_time_s"], 2), "run": str(r.out)})
     results.sort(key=lambda r: r["test_acc"], reverse=True)
     if d.main:
         cols = list(results[0])
@@ -484,47 +542,124 @@ def run_sweep(parser, args, d, device, ds) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _dist_from_env() -> Dist:
+    """Rank and world size as torchrun sets them, known before the process group starts."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    try:
+        return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise UsageError("RANK/WORLD_SIZE", "the torchrun environment variables are not integers") from None
+
+
+def _check_args(args) -> list | None:
+    """Everything about the command line alone; returns the sweep grid (or None)."""
+    grid = None
     if args.sweep is not None:
         try:
-            parse_sweep(args.sweep)
+            grid = parse_sweep(args.sweep)
         except argparse.ArgumentTypeError as e:
-            cli.fail(parser, f"argument --sweep: {e}")
+            raise UsageError("--sweep", str(e)) from None
         if args.resume:
-            cli.fail(parser, "argument --resume: not allowed with --sweep")
+            raise UsageError("--resume", "not allowed with --sweep")
         if args.tensorboard:
-            cli.fail(parser, "argument --tensorboard: not supported with --sweep")
+            raise UsageError("--tensorboard", "not supported with --sweep")
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")
         except ImportError as e:
-            cli.fail(parser, f"argument --tensorboard: needs the tensorboard package ({e}); "
-                             "install it with: pip install tensorboard")
+            raise UsageError("--tensorboard", f"needs the tensorboard package ({e}); "
+                                              "install it with: pip install tensorboard") from None
+    return grid
+
+
+def _load_resume(args, out: Path, world_size: int) -> dict:
+    """The checkpoint to continue, checked against the command line and the process count."""
+    ckpt_path = out / "checkpoint.pt"
+    try:
+        resume = checkpoint.load(ckpt_path, map_location="cpu", resume=True)
+    except checkpoint.CheckpointError as e:
+        raise UsageError("--resume", str(e)) from None
+    saved = resume["config"]
+    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
+                 for k, v in _explicit_overrides(args).items() if saved.get(k) != v]
+    if conflicts:
+        raise UsageError("--resume", "the run's settings come from the checkpoint; these differ: " + ", ".join(conflicts))
+    if resume["world_size"] != world_size:
+        n = resume["world_size"]
+        how = "without torchrun" if n == 1 else f"under torchrun --nproc_per_node={n}"
+        raise UsageError("--resume", f"{ckpt_path} was written by {n} training process(es), this run has "
+                                     f"{world_size}; the batches of an epoch depend on it: resume {how}")
+    return resume
+
+
+def _check_data(ds, d: Dist, resume: dict | None, out: Path) -> None:
+    n = len(ds.train)
+    if n // d.world_size < 2:
+        raise UsageError("--data-dir", f"the training split has {n} image(s): at least 2 per process "
+                                       f"({d.world_size}) are needed (BatchNorm cannot train on one image)")
+    # checkpoints from before the field: unknown, not checked
+    if resume is not None and resume.get("train_images", n) != n:
+        raise UsageError("--resume", f"{out / 'checkpoint.pt'} was trained on {resume['train_images']} training "
+                                     f"images, these data have {n}; resume it with the same data")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.ExitStack() as folders:
+            return _main(parser, args, folders)
+    except UsageError as e:
+        cli.fail(parser, str(e))
+    except atomic.WriteError as e:  # a full disk, a folder made read-only during the run
+        cli.fail(parser, str(e), status=1)
+    except KeyboardInterrupt:  # before training started (checks, data loading): nothing was written
+        print("\ninterrupted before training started; nothing was trained or saved", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(parser, args, folders: contextlib.ExitStack) -> int:
+    """main's work; raises UsageError for anything the user can fix. `folders`
+    holds the run folder locks until the process is done."""
+    grid = _check_args(args)
+    config = resolve_config(args)
+    sweep = grid is not None
+    if sweep:
+        out = Path(args.out or f"runs/sweep-{args.recipe or 'seed'}")
+    else:
+        out = Path(args.out or f"runs/{config['recipe']}-{config['kernels']}-s{config['seed']}")
+    runs = plan_sweep(args, grid, out) if sweep else []
+    for path in [out, *(r.out for r in runs)]:
+        try:
+            check_path(path)
+        except RunFolderError as e:
+            raise UsageError("--out", str(e)) from None
+    d0 = _dist_from_env()
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise UsageError("--resume", f"{out / 'checkpoint.pt'}: no such checkpoint file")
+
+    if d0.main:  # only rank 0 writes, so only it owns the folders
+        try:
+            folders.enter_context(RunFolder(out, create=not args.resume))
+            for r in runs:
+                folders.enter_context(RunFolder(r.out))
+        except RunFolderError as e:
+            raise UsageError("--out", str(e)) from None
+        # nothing of the user's is overwritten (a sweep writes only sweep.csv beside its run folders)
+        for path in [] if args.resume else [r.out for r in runs] if sweep else [out]:
+            present = [name for name in RUN_FILES if (path / name).exists()]
+            if present:
+                hint = "add --resume to continue it or " if "checkpoint.pt" in present and not sweep else ""
+                raise UsageError("--out", f"{path} already holds a run ({', '.join(present)}); {hint}choose another --out")
+        if sweep and (out / "sweep.csv").exists():
+            raise UsageError("--out", f"{out / 'sweep.csv'} exists (an earlier sweep); choose another --out")
+    resume = _load_resume(args, out, d0.world_size) if args.resume else None
+    if resume is not None:
+        config = resume["config"]
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-    config = resolve_config(args)
-    out = Path(args.out or f"runs/{config['recipe']}-{config['kernels']}-s{config['seed']}")
-    resume = None
-    if args.sweep is None:
-        ckpt_path = out / "checkpoint.pt"
-        if args.resume:
-            try:
-                resume = checkpoint.load(ckpt_path, map_location="cpu")
-            except checkpoint.CheckpointError as e:
-                cli.fail(parser, f"argument --resume: {e}")
-            saved = resume["config"]
-            conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
-                         for k, v in _explicit_overrides(args).items() if saved.get(k) != v]
-            if conflicts:
-                cli.fail(parser, "argument --resume: the run's settings come from the checkpoint; "
-                                 "these differ: " + ", ".join(conflicts))
-            config = saved
-        elif ckpt_path.exists():
-            cli.fail(parser, f"argument --out: {ckpt_path} exists; add --resume to continue it or choose another --out")
 
     d, device = init_distributed(parser, args.device)
     from .selfcheck import precheck_training  # fused kernels usable here? else exit 2 (issue 8 §3)
@@ -538,26 +673,28 @@ def main(argv=None) -> int:
             ds = data.load(args.data_dir, verify=not args.no_verify, download=False, progress=False)
     except data.DataError as e:
         cli.fail(parser, str(e))
+    _check_data(ds, d, resume, out)
     if d.main:
         print(f"data: {ds.folder} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
               + (f" x {d.world_size} processes" if d.enabled else "") + f"; kernels {config['kernels']}", flush=True)
     try:
-        if args.sweep is not None:
-            return run_sweep(parser, args, d, device, ds)
-        if d.main:
-            out.mkdir(parents=True, exist_ok=True)
+        if sweep:
+            return run_sweep(runs, [k for k, _ in grid], out, d, device, ds, progress=not args.no_progress)
         train_run(config, out, ds, device, d, resume, progress=not args.no_progress, tensorboard=args.tensorboard)
         return 0
+    except checkpoint.CheckpointError as e:
+        raise UsageError("--resume", str(e)) from None
     except Interrupted as e:
         if d.main:
-            cmd = f"python -m fmnist_ext.train --out {out} --resume"
-            print(f"\nstopped {e}; checkpoint saved to {out / 'checkpoint.pt'}.\nresume with: {cmd}",
-                  file=sys.stderr, flush=True)
+            cmd = f"python -m fmnist_ext.train --out {e.out} --resume"
+            print(f"\nstopped {e}; checkpoint saved to {e.out / 'checkpoint.pt'}.\n"
+                  + (f"The sweep stops here and {out / 'sweep.csv'} is not written; finish this run with: {cmd}"
+                     if sweep else f"resume with: {cmd}"), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if d.main:
-            print(f"\naborted; the last checkpoint in {out} (if any) is intact; resume with --resume",
-                  file=sys.stderr, flush=True)
+            print(f"\naborted; the last checkpoint in {out} (if any) is intact"
+                  + ("" if sweep else "; resume with --resume"), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
         if d.enabled:

@@ -42,3 +42,18 @@ def real_data_dir() -> Path:
     if os.environ.get("CI"):
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+def exit_code(fn, argv) -> int:
+    """A CLI main's return value, or its SystemExit code."""
+    try:
+        return fn(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_env(monkeypatch):
+    """Import into a test module to run its CLIs as plain single processes."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)

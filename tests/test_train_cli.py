@@ -216,7 +216,8 @@ def test_ema_weights_are_evaluated_and_saved(syn, tmp_path):
     acc = (evaluate.predictions(model, ds.test.images) == ds.test.labels).double().mean().item()
     assert acc == pytest.approx(summary["test_acc"]) and acc == pytest.approx(lines[-1]["test_acc"])
     # a checkpoint written before --ema (no "ema" key, no config["ema"]) still loads, with its raw weights
-    old = {k: v for k, v in ckpt.items() if k != "ema"}
+    old = {k: v for k, v in ckpt.items() if k not in ("ema", "world_size")}
+    old["format"] = checkpoint.FORMAT_V1  # what checkpoints were then: no hash, no world size
     old["config"] = {k: v for k, v in ckpt["config"].items() if k != "ema"}
     torch.save(old, tmp_path / "old.pt")
     raw = checkpoint.model_from(checkpoint.load(tmp_path / "old.pt"))
@@ -380,6 +381,6 @@ def test_predict_and_evaluate_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nope")
     assert _exit_code(evaluate.main, [str(bad)]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "bad.pt: not an fmnist_ext checkpoint" in capsys.readouterr().err
     assert _exit_code(predict.main, [str(bad), "x.png"]) == 2
     assert "argument checkpoint" in capsys.readouterr().err

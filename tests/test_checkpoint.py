@@ -1,0 +1,232 @@
+"""Checkpoint integrity and structure: every reader (checkpoint.load, and
+through it evaluate, predict and train --resume) refuses a damaged or foreign
+file with one line naming it."""
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist_ext import checkpoint, evaluate, predict, train
+from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
+
+SYN = ["--no-verify", "--no-download", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real one-epoch run on synthetic data: (data folder, run folder)."""
+    root = tmp_path_factory.mktemp("ck")
+    syn = write_dataset(root / "syn", n_train=300, n_test=100)
+    out = root / "run"
+    assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(out), "--epochs", "1",
+                                  "--batch-size", "100"]) == 0
+    return syn, out
+
+
+def _copy(trained, tmp_path) -> tuple:
+    syn, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    return syn, run, run / "checkpoint.pt"
+
+
+def _flip(path, offset: int, bit: int = 0) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def _largest_member_data(path) -> int:
+    """Offset of the largest zip member's data (a tensor), from its local header
+    (whose extra field, torch's alignment padding, differs from the central directory's)."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = path.read_bytes()
+    h = info.header_offset
+    assert raw[h:h + 4] == b"PK\x03\x04"
+    name_len, extra_len = struct.unpack("<HH", raw[h + 26:h + 30])
+    return h + 30 + name_len + extra_len
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_saved_file_is_still_a_plain_torch_checkpoint(trained):
+    path = trained[1] / "checkpoint.pt"
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == checkpoint.FORMAT and raw["world_size"] == 1
+    with zipfile.ZipFile(path) as z:
+        assert z.comment.startswith(b"fmnist_ext sha256 ") and z.testzip() is None
+    assert checkpoint.load(path, resume=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", [0.0, 0.001, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, -70, -30, -1])
+def test_any_flipped_bit_is_refused(trained, tmp_path, where):
+    """Anywhere in the file: zip headers, the pickle, tensor data, the central directory, the hash itself."""
+    _, _, path = _copy(trained, tmp_path)
+    n = path.stat().st_size
+    offset = int(where * n) if where >= 0 else n + int(where)
+    for bit in (0, 5):
+        _flip(path, offset, bit)
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint\.pt: "):
+            checkpoint.load(path)
+        _flip(path, offset, bit)  # back
+    checkpoint.load(path)
+
+
+def test_flip_in_tensor_data_that_torch_load_accepts_is_refused(trained, tmp_path):
+    """The case from the issue: torch.load reads the flipped file without complaint."""
+    _, _, path = _copy(trained, tmp_path)
+    _flip(path, _largest_member_data(path) + 8, 6)  # fc1.weight or its Adam state
+    torch.load(path, weights_only=True)  # torch does not notice
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        checkpoint.load(path)
+
+
+def test_old_format_without_hash_still_loads_and_its_crcs_are_checked(trained, tmp_path):
+    ck = checkpoint.load(trained[1] / "checkpoint.pt")
+    old = {**ck, "format": checkpoint.FORMAT_V1}
+    del old["world_size"]  # written before the field: single-process
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    assert checkpoint.load(path, resume=True)["world_size"] == 1
+    _flip(path, _largest_member_data(path) + 8, 6)
+    with pytest.raises(checkpoint.CheckpointError, match="CRC"):
+        checkpoint.load(path)
+
+
+def test_current_format_without_its_hash_is_refused(trained, tmp_path):
+    ck = checkpoint.load(trained[1] / "checkpoint.pt")
+    path = tmp_path / "stripped.pt"
+    torch.save(ck, path)  # format /2 but no trailer: the hash was cut off or rewritten
+    with pytest.raises(checkpoint.CheckpointError, match="SHA-256 record"):
+        checkpoint.load(path)
+
+
+class Foreign:
+    pass
+
+
+def test_foreign_pickle_is_not_met_with_the_weights_only_hint(tmp_path):
+    path = tmp_path / "obj.pt"
+    torch.save({"x": Foreign()}, path)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(path)
+    msg = str(e.value)
+    assert "not an fmnist_ext checkpoint" in msg and "weights_only" not in msg and "\n" not in msg
+
+
+def _variant(trained, tmp_path, change) -> tuple:
+    syn, run, path = _copy(trained, tmp_path)
+    ck = checkpoint.load(path)
+    change(ck)
+    checkpoint.save(path, {k: v for k, v in ck.items() if k != "format"})
+    return syn, run, path
+
+
+def _other_architecture(ck):
+    ck["model"] = nn.Sequential(nn.Linear(784, 10)).state_dict()
+
+
+def _wrong_shape(ck):
+    ck["model"]["fc1.weight"] = torch.zeros(120, 100)
+
+
+def _missing_key(ck):
+    del ck["model"]["bn2.running_var"]
+
+
+def _ema_wrong(ck):
+    ck["ema"] = {"decay": 0.9, "updates": 1, "model": {"conv1.weight": torch.zeros(6, 1, 5, 5)}}
+
+
+def _not_a_dict(ck):
+    ck["model"] = [1, 2, 3]
+
+
+@pytest.mark.parametrize("change, words", [
+    (_other_architecture, ["another architecture", "missing conv1.weight", "unexpected 0.weight"]),
+    (_wrong_shape, ["fc1.weight has shape [120, 100], expected [120, 192]"]),
+    (_missing_key, ["missing bn2.running_var"]),
+    (_ema_wrong, ["EMA weights", "missing"]),
+    (_not_a_dict, ["not a state_dict"]),
+])
+def test_wrong_structure_is_named_by_every_reader(trained, tmp_path, capsys, change, words):
+    syn, run, path = _variant(trained, tmp_path, change)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(path)
+    assert str(e.value).startswith(str(path)) and all(w in str(e.value) for w in words), e.value
+    assert exit_code(evaluate.main, [str(path), "--data-dir", str(syn), "--no-verify", "--no-download"]) == 2
+    _one_line_error(capsys, str(path), *words)
+    assert exit_code(predict.main, [str(path), str(path)]) == 2
+    _one_line_error(capsys, str(path), *words)
+    assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(run), "--resume"]) == 2
+    _one_line_error(capsys, "--resume", str(path), *words)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("optimizer", None, ["optimizer"]),
+    ("config", {"lr": 0.01}, ["setting 'recipe' missing"]),
+    ("epoch", 7, ["epoch 7"]),
+    ("rng", {"torch": 1}, ["rng"]),
+    ("world_size", 0, ["world_size 0"]),
+])
+def test_training_state_checked_for_resume(trained, tmp_path, capsys, key, value, words):
+    def change(ck):
+        if value is None:
+            del ck[key]
+        else:
+            ck[key] = value
+
+    syn, run, path = _variant(trained, tmp_path, change)
+    checkpoint.load(path)  # the weights are fine for evaluate/predict
+    with pytest.raises(checkpoint.CheckpointError, match="resume|setting|epoch|rng|world_size"):
+        checkpoint.load(path, resume=True)
+    assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(run), "--resume"]) == 2
+    _one_line_error(capsys, "--resume", *words)
+
+
+def test_bit_flipped_checkpoint_refused_by_evaluate_predict_and_resume(trained, tmp_path, capsys):
+    syn, run, path = _copy(trained, tmp_path)
+    _flip(path, path.stat().st_size // 2, 3)
+    assert exit_code(evaluate.main, [str(path), "--data-dir", str(syn), "--no-verify", "--no-download"]) == 2
+    _one_line_error(capsys, str(path), "damaged")
+    assert exit_code(predict.main, [str(path), str(path)]) == 2
+    _one_line_error(capsys, "damaged")
+    assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(run), "--resume"]) == 2
+    _one_line_error(capsys, "--resume", "damaged")
+
+
+def test_folder_and_unreadable_paths(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError, match="not an fmnist_ext checkpoint"):
+        checkpoint.load(tmp_path / "text.pt")
+    buf = io.BytesIO()
+    torch.save({"format": "something else"}, buf)
+    (tmp_path / "other.pt").write_bytes(buf.getvalue())
+    with pytest.raises(checkpoint.CheckpointError, match="not an fmnist_ext checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+def test_huge_file_is_not_read(tmp_path, monkeypatch):
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(checkpoint.MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(checkpoint.Path, "read_bytes", lambda self: pytest.fail("read into memory"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"big.pt: not an fmnist_ext checkpoint \(256 MiB"):
+        checkpoint.load(big)
