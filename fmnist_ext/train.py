@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import atomic, checkpoint, cli, data, recipes
+from . import atomic, checkpoint, cli, clirun, data, recipes
 from .batches import Batches, batch_count, eval_batches, normalize, plan_epoch
 from .runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
 from .ema import WeightEMA
@@ -604,6 +604,7 @@ def _check_data(ds, d: Dist, resume: dict | None, out: Path) -> None:
                                      f"images, these data have {n}; resume it with the same data")
 
 
+@clirun.guarded("fmnist_ext.train")  # `train ... | head`: a closed stdout pipe exits 141 quietly
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -675,7 +676,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         cli.fail(parser, str(e))
     _check_data(ds, d, resume, out)
     if d.main:
-        print(f"data: {ds.folder} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
+        print(f"{ds.describe()} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
               + (f" x {d.world_size} processes" if d.enabled else "") + f"; kernels {config['kernels']}", flush=True)
     try:
         if sweep:
