@@ -12,6 +12,8 @@ skipped otherwise, with the reason. Without a GPU:
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +303,95 @@ def test_harness_sm_count_cache_is_thread_safe(harness):
     r = subprocess.run([str(exe), "--sm-count"], capture_output=True, text=True,
                        env=dict(os.environ, **driver.SANITIZER_ENV[sanitizer]), timeout=120)
     assert r.returncode == 0 and "sm-count ok" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------
+# Build decisions about versions (cmake/cuda_checks.cmake), fed fake versions.
+
+
+def _cmake():
+    found = Path(sys.executable).with_name("cmake")
+    return str(found) if found.is_file() else shutil.which("cmake")
+
+
+def _probe(mode, archs, cmake_ver="3.30.0", cxx_std=20, torch_cuda="13.0", nvcc=None,
+           nvcc_version="13.0", supported="75;80;86;89;90;100;120"):
+    cmake = _cmake()
+    if cmake is None:
+        pytest.fail("cmake not found (pip install cmake)")
+    args = [cmake, f"-DMODE={mode}", f"-DCMAKE_VER={cmake_ver}", f"-DCXX_STD={cxx_std}",
+            f"-DTORCH_CUDA={torch_cuda}", f"-DARCHS={archs}"]
+    args += [f"-DNVCC={nvcc}"] if nvcc else [f"-DNVCC_VERSION={nvcc_version}", f"-DSUPPORTED={supported}"]
+    r = subprocess.run(args + ["-P", str(ROOT / "cmake" / "cuda_checks_probe.cmake")],
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    why = re.search(r"^WHY=(.*)$", out, re.M)
+    kept = re.search(r"^ARCHS=(.*)$", out, re.M)
+    flat = " ".join(out.split())  # CMake wraps its error messages
+    return r.returncode, (why.group(1) if why else None), (kept.group(1) if kept else None), flat
+
+
+def test_cmake_arch_list_with_an_arch_nvcc_cannot_build():
+    rc, why, kept, out = _probe("AUTO", "70-real;80-real;90")
+    assert rc == 0 and why == "" and kept == "80-real;90", out
+    assert "dropping CUDA architecture(s) 7.0" in out
+    rc, why, kept, out = _probe("AUTO", "70-real;90a-real", supported="75")
+    assert rc == 0 and "cannot build any architecture" in why and "7.0 9.0a" in why, out
+    rc, _, _, out = _probe("ON", "70-real;80-real;90")
+    assert rc != 0 and "FMNIST_CUDA=ON" in out and "architecture(s) 7.0" in out, out
+
+
+def test_cmake_nvcc_major_must_match_torch_cuda():
+    rc, why, _, out = _probe("AUTO", "80-real", torch_cuda="12.8", nvcc_version="13.0")
+    assert rc == 0 and "nvcc 13.0 and torch's CUDA 12.8 differ in major version" in why, out
+    rc, _, _, out = _probe("ON", "80-real", torch_cuda="12.8", nvcc_version="13.0")
+    assert rc != 0 and "differ in major version" in out, out
+    rc, why, kept, out = _probe("AUTO", "80-real", torch_cuda="13.0", nvcc_version="13.1")
+    assert rc == 0 and why == "" and kept == "80-real", out
+
+
+def test_cmake_too_old_for_cuda_cxx20():
+    rc, why, _, out = _probe("AUTO", "80-real", cmake_ver="3.25.1", cxx_std=20)
+    assert rc == 0 and "CMake 3.25.1 cannot compile CUDA as C++20" in why, out
+    rc, _, _, out = _probe("ON", "80-real", cmake_ver="3.25.1", cxx_std=20)
+    assert rc != 0 and "CMake 3.25.1" in out, out
+    rc, why, _, out = _probe("AUTO", "80-real", cmake_ver="3.25.1", cxx_std=17)
+    assert rc == 0 and why == "", out  # torch < 2.13 builds C++17, which 3.25 can do
+
+
+def test_pyproject_never_picks_a_cmake_without_cuda_cxx20():
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    spec = SpecifierSet(conf["tool"]["scikit-build"]["cmake"]["version"])
+    assert "3.25.2" not in spec and "3.18.0" not in spec and "3.26.0" in spec
+    assert any(r.replace(" ", "").startswith("cmake>=3.26") for r in conf["build-system"]["requires"])
+
+
+def test_cmake_reads_the_real_nvcc():
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    rc, why, kept, out = _probe("AUTO", "80-real;90", nvcc=nvcc, torch_cuda="13.0")
+    assert rc == 0 and kept is not None, out
+    version = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                            text=True).stdout).group(1)
+    if version == "13":
+        assert why == "" and kept == "80-real;90", out
+        rc, why, kept, out = _probe("AUTO", "70-real;80-real", nvcc=nvcc, torch_cuda="13.0")
+        assert kept == "80-real" and "dropping CUDA architecture(s) 7.0" in out, out
+
+
+def _find_nvcc() -> str | None:
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if base and (Path(base) / "bin" / "nvcc").is_file():
+            return str(Path(base) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
 # --------------------------------------------------------------------------
