@@ -620,7 +620,7 @@ def test_cuda_graph_capture_and_replay_forward_backward(block):
         e_out, e_grads = step()
         torch.testing.assert_close(g_out, e_out, rtol=0, atol=0)
         for a, e in zip(g_grads, e_grads):
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)  # atomics: summation order
+            torch.testing.assert_close(a, e, rtol=0, atol=0)  # fixed-order reductions: bitwise
 
 
 @gpu
@@ -706,3 +706,39 @@ def test_module_on_cuda_and_current_stream():
     s.synchronize()
     torch.testing.assert_close(y, stock(x, block.weight, block.bias, 0, 2))
     assert block.weight.grad is not None and block.bias.grad is not None
+
+
+@gpu
+@pytest.mark.parametrize("block", [1, 2])
+def test_backward_is_bitwise_reproducible_under_deterministic_algorithms(block):
+    shape_x, shape_w = ((4096, 1, 28, 28), (6, 1, 5, 5)) if block == 1 else ((4096, 6, 12, 12), (12, 6, 5, 5))
+    x, w, b = make(shape_x, shape_w, True, torch.float32)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the op must not raise or alert
+    try:
+        out, idx = op(x, w, b, [0, 0], 2)
+        g = torch.randn_like(out)
+        first = bwd_op(g, x, w, idx, [0, 0], 2, [True, True, True])
+        for _ in range(3):
+            again = bwd_op(g, x, w, idx, [0, 0], 2, [True, True, True])
+            for a, e in zip(again, first):
+                assert torch.equal(a, e)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+@gpu
+@pytest.mark.parametrize("pool,bad", [(2, 255), (2, 5), (16, -1), (16, 2**31 - 1)])
+def test_out_of_window_index_passes_no_gradient(pool, bad):
+    xs = (3, 2, 20, 19) if pool == 16 else (3, 6, 12, 12)
+    x, w, b = make(xs, (4, xs[1], 3, 3), True, torch.float64)
+    out, idx = op(x, w, b, [0, 0], pool)
+    g = torch.randn_like(out)
+    bad_idx = idx.clone()
+    bad_idx.view(-1)[::3] = bad
+    clean = idx.clone()
+    clean.view(-1)[::3] = pool * pool
+    got = bwd_op(g, x, w, bad_idx, [0, 0], pool, [True, True, True])
+    want = bwd_op(g, x, w, clean, [0, 0], pool, [True, True, True])
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)

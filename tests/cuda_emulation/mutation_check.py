@@ -3,7 +3,8 @@
 Applies one mutation at a time to a temporary copy of csrc/ (deleting each
 single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
-blocks than planned, skipping a contiguity copy, ignoring output_mask), runs
+blocks than planned, skipping a contiguity copy, ignoring output_mask,
+summing grad_weight in block order as the atomics before the fix did), runs
 the harness tests of tests/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
 about a minute or two per mutation on 2 cores).
@@ -35,8 +36,9 @@ def sync_mutations():
     out = []
     for k, pos in enumerate(spots):
         line = text.count("\n", 0, pos) + 1
-        out.append((f"delete __syncthreads() #{k + 1} ({KERNELS}:{line})", KERNELS,
-                    lambda t, pos=pos: t[:pos] + t[pos + len("__syncthreads();"):], "tsan"))
+        out.append((f"delete __syncthreads() #{k + 1} ({KERNELS}:{line})",
+                    [(KERNELS, lambda t, pos=pos: t[:pos] + t[pos + len("__syncthreads();"):])],
+                    "tsan"))
     return out
 
 
@@ -48,41 +50,52 @@ def replace_once(old, new):
 
 
 MUTATIONS = sync_mutations() + [
-    ("grad_weight/grad_bias with empty instead of zeros", BODY,
-     replace_once("empty_sum ? be.template zeros<T>(sizes)", "empty_sum ? be.template empty<T>(sizes)"),
+    ("grad_weight/grad_bias with empty instead of zeros", [(BODY, replace_once(
+        "empty_sum ? be.template zeros<T>(sizes)", "empty_sum ? be.template empty<T>(sizes)"))],
      "asan"),
-    ("forward: 16 bytes less shared memory than planned", BODY,
-     replace_once("grid, plan.threads, plan.smem, a);\n      return", "grid, plan.threads, plan.smem - 16, a);\n      return"),
+    ("forward: 16 bytes less shared memory than planned", [(BODY, replace_once(
+        "grid, plan.threads, plan.smem, a);\n      return",
+        "grid, plan.threads, plan.smem - 16, a);\n      return"))], "asan"),
+    ("grad_weight: one block fewer than planned", [(BODY, replace_once(
+        "dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);",
+        "dim3(grid_x(be, plan.blocks > 1 ? plan.blocks - 1 : 1)), plan.threads, plan.smem, a);"))],
      "asan"),
-    ("grad_weight: one block fewer than planned", BODY,
-     replace_once("dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);",
-                  "dim3(grid_x(be, plan.blocks > 1 ? plan.blocks - 1 : 1)), plan.threads, plan.smem, a);"),
+    ("forward: input not made contiguous", [(BODY, replace_once(
+        "const Tensor x = be.contiguous(input);", "const Tensor x = input;"))], "asan"),
+    ("backward: output_mask[2] ignored (grad_bias always written)", [(BODY, replace_once(
+        "output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr", "be.template ptr<T>(grad_bias)"))],
      "asan"),
-    ("forward: input not made contiguous", BODY,
-     replace_once("const Tensor x = be.contiguous(input);", "const Tensor x = input;"), "asan"),
-    ("backward: output_mask[2] ignored (grad_bias always written)", BODY,
-     replace_once("output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr",
-                  "be.template ptr<T>(grad_bias)"), "asan"),
+    # The design before the fix: every block adds its sums into one zeroed
+    # row, in whatever order the blocks run (atomicAdd on the GPU).
+    ("grad_weight summed in block order (the old atomics)", [
+        (BODY, replace_once("Tensor partials = be.template empty<acc_t>({rows * ne});",
+                            "Tensor partials = be.template zeros<acc_t>({rows * ne});")),
+        (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
+        ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
+        ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
+    ], "asan"),
 ]
 
 
-def run_one(name, rel, mutate, sanitizer):
+def run_one(name, edits, sanitizer):
     with tempfile.TemporaryDirectory() as tmp:
         csrc = Path(tmp) / "csrc"
         shutil.copytree(ROOT / "csrc", csrc)
-        path = csrc / rel
-        path.write_text(mutate(path.read_text()))
+        for rel, mutate in edits:
+            path = csrc / rel
+            path.write_text(mutate(path.read_text()))
         env = dict(os.environ, FMNIST_HARNESS_CSRC=str(csrc), FMNIST_HARNESS_SANITIZERS=sanitizer)
         cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
                str(ROOT), "-p", "no:cacheprovider", "-x", "-q", "test_cuda.py", "-k", "harness"]
         t0 = time.time()
         r = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True)
         caught = r.returncode != 0
-        why = ""
-        for line in r.stdout.splitlines():
-            if line.startswith("E ") or "ThreadSanitizer" in line or "AddressSanitizer" in line:
-                why = line.strip()[:160]
-                break
+        # The most telling line: a sanitizer report, else the first assertion.
+        lines = r.stdout.splitlines()
+        why = next((ln.strip() for key in ("ThreadSanitizer: data race", "AddressSanitizer:",
+                                           "runtime error:", "E   AssertionError:", "E       AssertionError:")
+                    for ln in lines if key in ln), "")
+        why = why.lstrip("E ").strip()[:160]
         print(f"{'CAUGHT' if caught else 'MISSED'}  {time.time() - t0:5.0f}s  [{sanitizer}] {name}"
               + (f"\n        {why}" if why else ""), flush=True)
         return caught
