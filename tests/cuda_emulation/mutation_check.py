@@ -4,10 +4,11 @@ Applies one mutation at a time to a temporary copy of csrc/ (deleting each
 single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
 blocks than planned, skipping a contiguity copy, ignoring output_mask,
-summing grad_weight in block order as the atomics before the fix did), runs
+summing grad_weight in block order as the atomics before the fix did, the
+old winner-index rule, the old SM-count cache), runs
 the harness tests of tests/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-about a minute or two per mutation on 2 cores).
+1 to 2.5 minutes per mutation on a busy 2-core machine, ~25 minutes in all).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING]
 
@@ -74,6 +75,13 @@ MUTATIONS = sync_mutations() + [
         ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
         ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
     ], "asan"),
+    # The rule before the fix: only the marker pool*pool meant "no gradient".
+    ("winner index checked against the marker only (old rule)", [("cuda/kernels.cuh", replace_once(
+        "return j >= 0 && j < pool * pool;", "return j != pool * pool;"))], "asan"),
+    ("SM-count cache as a plain static array (old)", [("cuda/sm_count.h", lambda t: t.replace(
+        "static std::atomic<int> cache[kMaxCachedDevices];", "static int cache[kMaxCachedDevices];")
+        .replace("cache[device].load(std::memory_order_relaxed)", "cache[device]")
+        .replace("cache[device].store(n, std::memory_order_relaxed);", "cache[device] = n;"))], "tsan"),
 ]
 
 
@@ -94,7 +102,8 @@ def run_one(name, edits, sanitizer):
         lines = r.stdout.splitlines()
         why = next((ln.strip() for key in ("ThreadSanitizer: data race", "AddressSanitizer:",
                                            "runtime error:", "E   AssertionError:", "E       AssertionError:")
-                    for ln in lines if key in ln), "")
+                    for ln in lines if key in ln),
+                   next((ln for ln in lines if ln.startswith("E ") and ln[1:].strip()), ""))
         why = why.lstrip("E ").strip()[:160]
         print(f"{'CAUGHT' if caught else 'MISSED'}  {time.time() - t0:5.0f}s  [{sanitizer}] {name}"
               + (f"\n        {why}" if why else ""), flush=True)
