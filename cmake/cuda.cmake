@@ -11,6 +11,10 @@
 #     SASS for sm_80 and sm_90 plus compute_90 PTX that newer GPUs JIT-compile.
 #   nvcc is looked up as: CMAKE_CUDA_COMPILER, $CUDACXX, $CUDA_HOME/bin/nvcc,
 #     $CUDA_PATH/bin/nvcc, nvcc on PATH, /usr/local/cuda/bin/nvcc.
+#   An architecture the found nvcc cannot build (7.0 with nvcc 13) is dropped
+#     with a note in AUTO and is an error in ON; so is an nvcc whose major
+#     version differs from torch's CUDA, or a CMake too old to compile CUDA
+#     as C++20 (torch >= 2.13): AUTO builds without CUDA and says why.
 #   FMNIST_CUDA_PTXAS_VERBOSE=ON prints ptxas register/spill figures.
 #
 # Sets FMNIST_WITH_CUDA (ON/OFF) and FMNIST_CUDA_ARCHS_STR (for _build_info.py).
@@ -138,6 +142,23 @@ else()
   set(_arch_list "8.0;9.0+PTX")
 endif()
 _fmnist_cuda_archs("${_arch_list}" _cmake_archs FMNIST_CUDA_ARCHS_STR)
+
+# Versions: CMake able to pass C++20 to nvcc, nvcc of torch's CUDA major
+# version, architectures this nvcc can build (cmake/cuda_checks.cmake).
+include("${CMAKE_CURRENT_LIST_DIR}/cuda_checks.cmake")
+if(CMAKE_CUDA_COMPILER)
+  set(_nvcc "${CMAKE_CUDA_COMPILER}")
+endif()
+fmnist_nvcc_facts("${_nvcc}" _nvcc_version _nvcc_archs)
+fmnist_cuda_decide("${FMNIST_CUDA}" "${CMAKE_VERSION}" "${CMAKE_CXX_STANDARD}" "${_nvcc_version}"
+                   "${TORCH_CUDA_VERSION}" "${_nvcc_archs}" "${_cmake_archs}" _why _cmake_archs)
+if(NOT _why STREQUAL "")
+  message(STATUS "fmnist_ext: CUDA kernels NOT built (${_why}); CPU kernels only "
+                 "(FMNIST_CUDA=AUTO)")
+  set(FMNIST_CUDA_ARCHS_STR "")
+  return()
+endif()
+fmnist_cuda_archs_str("${_cmake_archs}" FMNIST_CUDA_ARCHS_STR)
 set(CMAKE_CUDA_ARCHITECTURES "${_cmake_archs}")
 
 if(NOT CMAKE_CUDA_COMPILER)
@@ -160,8 +181,8 @@ if(NOT CMAKE_CUDA_COMPILER)
 endif()
 enable_language(CUDA)
 
-# nvcc gets the C++ standard of the rest of the library (CMake < 3.26 does
-# not pass -std=c++20 to nvcc unless asked).
+# nvcc gets the C++ standard of the rest of the library (CMake >= 3.26 knows
+# nvcc's -std=c++20; older ones were turned away above).
 set(CMAKE_CUDA_STANDARD ${CMAKE_CXX_STANDARD})
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 set(CMAKE_CUDA_EXTENSIONS OFF)

@@ -7,7 +7,8 @@
 #
 # Builds and installs the project (--no-build-isolation --no-deps, CUDA
 # forced on, for the GPU's own architecture), prints `python -m
-# fmnist_ext.info`, runs tests/test_cuda.py and the CUDA-relevant tests of the
+# fmnist_ext.info` and `python -m fmnist_ext.info --check` (the fused op
+# against stock on this GPU), runs tests/test_cuda.py and the CUDA-relevant tests of the
 # rest of the suite, the benchmark on the GPU (python/benchmark.py: both seed
 # blocks, fused vs cuDNN stock vs torch.compile, batch 1/64/1000/10000,
 # forward and forward+backward), a 2-epoch training run, and, when
@@ -99,10 +100,15 @@ run_step gpu_visible 60 build.log "$PY" -c "import torch; assert torch.cuda.is_a
 run_step build 300 build.log env FMNIST_CUDA=ON \
   "$PY" -m pip install --no-build-isolation --no-deps -v -C build-dir=build/gpu-check "$ROOT"
 (cd "$WORK" && run_step info 60 build.log "$PY" -m fmnist_ext.info)
+# The fused op against the stock sequence on every device (cpu and this GPU):
+# forward and all gradients, float32 and float64; non-zero on any mismatch.
+(cd "$WORK" && run_step info_check 120 build.log "$PY" -m fmnist_ext.info --check)
 
 # ---- tests (from a scratch dir, so the installed package is imported) -------
+# (The CPU execution harness of the kernels runs in CI, not here: it needs no
+# GPU and its sanitizer builds take minutes.)
 (cd "$WORK" && run_step test_cuda 180 tests.log \
-  "$PY" -m pytest -rs -q -p no:cacheprovider "$ROOT/tests/test_cuda.py")
+  "$PY" -m pytest -rs -q -p no:cacheprovider "$ROOT/tests/test_cuda.py" -k "not harness")
 
 # ---- benchmark -----------------------------------------------------------------
 if [[ -f "$ROOT/python/benchmark.py" ]]; then

@@ -1,16 +1,11 @@
 // The per-thread and per-block work of the CUDA kernels of
 // conv_relu_maxpool2d (see conv_relu_maxpool2d_kernel.cu for the design).
 //
-// Everything here is __host__ __device__ and free of ATen: a CUDA kernel is a
-// thin wrapper that runs the phases of one block
-//     stage(tid, nthreads)  -> __syncthreads() ->  work(tid, nthreads)
-// and tests/cuda_emulation/emulate.cu runs the very same phases on the host,
-// block by block and thread by thread, against a naive reference. That is the
-// only check of the kernel logic a machine without a GPU can do: it covers the
-// index math, the tiling and the launch plans, not races or the hardware.
-//
-// A phase never reads what another thread of the same phase writes, so the
-// sequential host order and any GPU interleaving compute the same result.
+// Everything here is __host__ __device__ and free of ATen. The __global__
+// kernels (kernels_global.cuh) run these phases with __syncthreads() between
+// them; the same kernels are compiled by nvcc for the GPU and by a host C++
+// compiler for the execution harness in tests/cuda_emulation, which runs the
+// threads of a block concurrently with a real barrier.
 #pragma once
 
 #include <cmath>
@@ -44,19 +39,20 @@ FMNIST_CUDA_HD int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b
 FMNIST_CUDA_HD int imin(int a, int b) { return a < b ? a : b; }
 FMNIST_CUDA_HD int imax(int a, int b) { return a > b ? a : b; }
 
+// Threads per block never exceed this (launch plans in plan.h; also the
+// kernels' __launch_bounds__).
+constexpr int kMaxThreads = 256;
 // Channels computed per thread by the forward fast kernel (register block).
 constexpr int kCob = 4;
 // Input channels accumulated per thread by the grad_input kernel.
 constexpr int kCib = 4;
 
-// Global-memory atomic add on the GPU; a plain add in the host emulation.
-template <typename T>
-FMNIST_CUDA_HD void atomic_add(T* p, T v) {
-#if defined(__CUDA_ARCH__)
-  atomicAdd(p, v);
-#else
-  *p += v;
-#endif
+// A saved winner index outside the pool window (only reachable through a
+// direct call of the backward operator with made-up indices) contributes no
+// gradient, like the "no gradient" marker itself: it must never become an
+// offset into a buffer.
+FMNIST_CUDA_HD bool winner_in_window(int32_t j, int pool) {
+  return j >= 0 && j < pool * pool;
 }
 
 // Zero-padded staging of images [n0, n0 + imgs) into smem:
@@ -332,7 +328,7 @@ FMNIST_CUDA_HD size_t bwd_input_smem_bytes(const Geom& g, int imgs, int cinp) {
 
 // Packs the winner (conv row, conv col) of a cell; -1 = no gradient.
 FMNIST_CUDA_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
-  if (j == no_grad_index(pool)) return -1;
+  if (!winner_in_window(j, pool)) return -1;
   return static_cast<int32_t>((winner_row(oph, j, pool) << 16) | winner_col(opw, j, pool));
 }
 
@@ -437,7 +433,6 @@ FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e
   const int pw_lo = first_cell_reaching(xp, g.kw, g.pool);
   const int pw_hi = imin(g.pw - 1, last_cell_reaching(xp, g.pool));
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
-  const int32_t no_grad = no_grad_index(g.pool);
   acc_t acc = acc_t(0);
   for (int co = 0; co < g.cout; ++co) {
     const int64_t base = (n * g.cout + co) * cells;
@@ -446,7 +441,7 @@ FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e
       for (int opw = pw_lo; opw <= pw_hi; ++opw) {
         const int64_t k = base + static_cast<int64_t>(oph) * g.pw + opw;
         const int32_t j = static_cast<int32_t>(a.indices[k]);
-        if (j == no_grad) continue;
+        if (!winner_in_window(j, g.pool)) continue;
         const int64_t di = yp - winner_row(oph, j, g.pool);
         const int64_t dj = xp - winner_col(opw, j, g.pool);
         if (di < 0 || di >= g.kh || dj < 0 || dj >= g.kw) continue;
@@ -458,26 +453,33 @@ FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e
 }
 
 // ---------------------------------------------------------------------------
-// Backward, grad_weight and grad_bias: each block loops over chunks of
-// `imgs` images (chunk = bx, bx + gridDim, ...). Per chunk it stages the
-// padded images and the packed winners (offset of the winner's receptive
-// field in the staged chunk, -1: no gradient) with their gradients; then
-// thread (slice s, element e) sums, over the images img = s, s + S, ... of
-// the chunk and the cells of e's output channel, g * x[winner + offset(e)]
-// (element e < cout*taps: a weight, else a bias: g alone) into a private
-// smem partial. At the end the S slices are added up and the block does one
-// global atomicAdd per element. Elements are ordered by output channel, so
-// the lanes of a warp mostly test the same winner (a uniform branch).
-// smem: xs_[imgs][cin][hs][ws] | gs_[imgs][cout][cells] | part_[S][E] (acc_t)
+// Backward, grad_weight and grad_bias, in two bitwise-reproducible steps.
+// 1. Each block loops over chunks of `imgs` images (chunk = bx, bx + gridDim,
+//    ...). Per chunk it stages the padded images and the packed winners
+//    (offset of the winner's receptive field in the staged chunk, -1: no
+//    gradient) with their gradients; then thread (slice s, element e) sums,
+//    over the images img = s, s + S, ... of the chunk and the cells of e's
+//    output channel, g * x[winner + offset(e)] (element e < cout*taps: a
+//    weight, else a bias: g alone) into a private smem partial. At the end
+//    the S slices are added up in slice order and the block writes its row
+//    of partials[gridDim][E]. Elements are ordered by output channel, so the
+//    lanes of a warp mostly test the same winner (a uniform branch).
+// 2. reduce_partials: one thread per element adds the rows in row order and
+//    writes grad_weight / grad_bias (every requested element is written).
+// No atomics: the summation order depends only on the launch plan (batch,
+// shape, SM count), never on scheduling, so a run repeats bitwise on the same
+// GPU (what torch.use_deterministic_algorithms asks for).
+// smem: part_[S][E] (acc_t) | xs_[imgs][cin][hs][ws] | gs_[imgs][cout][cells]
 //       | win_[imgs][cout][cells] (int32)
-template <typename T, typename I>
+template <typename T, typename acc_t, typename I>
 struct BwdWeightArgs {
   Geom g;
-  const T* input;     // contiguous NCHW
+  const T* input;     // contiguous NCHW, or nullptr when grad_weight is not wanted
   const T* grad_out;  // contiguous
   const I* indices;   // contiguous
-  T* grad_weight;     // [cout][cin][kh][kw], zero-initialised, or nullptr
-  T* grad_bias;       // [cout], zero-initialised, or nullptr
+  T* grad_weight;     // [cout][cin][kh][kw], or nullptr: not wanted
+  T* grad_bias;       // [cout], or nullptr: not wanted
+  acc_t* partials;    // [rows][E]: rows = gridDim (fast path) or slices (direct)
   int imgs;           // images per chunk
   int slices;         // S
   int64_t chunks;     // ceil(n / imgs)
@@ -502,7 +504,7 @@ struct BwdWeightSmem {
   T* gs;
   acc_t* part;
   int32_t* win;
-  FMNIST_CUDA_HD BwdWeightSmem(const BwdWeightArgs<T, I>& a, unsigned char* smem) {
+  FMNIST_CUDA_HD BwdWeightSmem(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem) {
     const Geom& g = a.g;
     const int cells = g.ph * g.pw;
     // acc_t first: its alignment is the largest.
@@ -514,14 +516,14 @@ struct BwdWeightSmem {
 };
 
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_init(const BwdWeightArgs<T, I>& a, unsigned char* smem,
+FMNIST_CUDA_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
                                     int tid, int nthreads) {
   BwdWeightSmem<T, acc_t, I> s(a, smem);
   for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) s.part[e] = acc_t(0);
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, I>& a, int64_t chunk,
+FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk,
                                      unsigned char* smem, int tid, int nthreads) {
   const Geom& g = a.g;
   BwdWeightSmem<T, acc_t, I> s(a, smem);
@@ -538,7 +540,7 @@ FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, I>& a, int64_t chunk
     if (n < g.n) {
       const int64_t src = n0 * g.cout * cells + e;
       const int32_t j = static_cast<int32_t>(a.indices[src]);
-      if (j != no_grad_index(g.pool)) {
+      if (winner_in_window(j, g.pool)) {
         off = img * g.cin * plane +
               static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * g.ws +
               static_cast<int32_t>(winner_col(cell % g.pw, j, g.pool));
@@ -551,7 +553,7 @@ FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, I>& a, int64_t chunk
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, I>& a, unsigned char* smem,
+FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
                                           int tid, int nthreads) {
   const Geom& g = a.g;
   BwdWeightSmem<T, acc_t, I> s(a, smem);
@@ -586,27 +588,25 @@ FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, I>& a, unsigned
   }
 }
 
+// The block's row of partials: its slices added up in slice order.
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_flush(const BwdWeightArgs<T, I>& a, unsigned char* smem,
-                                     int tid, int nthreads) {
-  const Geom& g = a.g;
+FMNIST_CUDA_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_t bx,
+                                     unsigned char* smem, int tid, int nthreads) {
   BwdWeightSmem<T, acc_t, I> s(a, smem);
-  const int ne = bwd_weight_elems(g);
-  const int nw = ne - g.cout;
+  const int ne = bwd_weight_elems(a.g);
+  acc_t* row = a.partials + bx * ne;
   for (int e = tid; e < ne; e += nthreads) {
-    T* dst = e < nw ? a.grad_weight : a.grad_bias;
-    if (dst == nullptr) continue;
     acc_t sum = acc_t(0);
     for (int sl = 0; sl < a.slices; ++sl) sum += s.part[sl * ne + e];
-    atomic_add(dst + (e < nw ? e : e - nw), static_cast<T>(sum));
+    row[e] = sum;
   }
 }
 
 // grad_weight / grad_bias, direct path (any size): thread (slice, element)
-// sums over the images n = slice, slice + slices, ... reading global memory,
-// then one atomicAdd.
+// sums over the images n = slice, slice + slices, ... reading global memory
+// into partials[slice][element].
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, I>& a, int64_t se) {
+FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t se) {
   const Geom& g = a.g;
   const int ne = bwd_weight_elems(g);
   const int khw = g.kh * g.kw;
@@ -615,29 +615,41 @@ FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, I>& a, int64_t
   const int e = static_cast<int>(se % ne);
   const int64_t sl = se / ne;
   const bool is_w = e < nw;
-  T* dst = is_w ? a.grad_weight : a.grad_bias;
-  if (dst == nullptr) return;
+  if ((is_w ? a.grad_weight : a.grad_bias) == nullptr) return;
   const int co = is_w ? e / taps : e - nw;
   const int t = is_w ? e % taps : 0;
   const int ci = t / khw, i = (t % khw) / g.kw, j = t % g.kw;
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
-  const int32_t no_grad = no_grad_index(g.pool);
   acc_t acc = acc_t(0);
   for (int64_t n = sl; n < g.n; n += a.slices) {
     const int64_t base = (n * g.cout + co) * cells;
-    const T* xc = a.input + (n * g.cin + ci) * g.h * g.w;
     for (int64_t cell = 0; cell < cells; ++cell) {
       const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
-      if (jw == no_grad) continue;
+      if (!winner_in_window(jw, g.pool)) continue;
       const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
       if (!is_w) { acc += gv; continue; }
       const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;
       const int64_t x = winner_col(cell % g.pw, jw, g.pool) + j - g.pad_w;
       if (y < 0 || y >= g.h || x < 0 || x >= g.w) continue;
-      acc += gv * static_cast<acc_t>(xc[y * g.w + x]);
+      // Only formed for weight elements: input is nullptr when grad_weight
+      // is not wanted, and offsetting a null pointer is undefined.
+      acc += gv * static_cast<acc_t>(a.input[((n * g.cin + ci) * g.h + y) * g.w + x]);
     }
   }
-  atomic_add(dst + (is_w ? e : e - nw), static_cast<T>(acc));
+  a.partials[se] = acc;
+}
+
+// Step 2: element e of grad_weight (e < nw) or grad_bias = the rows of
+// partials added in row order.
+template <typename T, typename acc_t, typename I>
+FMNIST_CUDA_HD void reduce_partials_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows, int e) {
+  const int ne = bwd_weight_elems(a.g);
+  const int nw = ne - a.g.cout;
+  T* dst = e < nw ? a.grad_weight : a.grad_bias;
+  if (dst == nullptr) return;
+  acc_t sum = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r) sum += a.partials[r * ne + e];
+  dst[e < nw ? e : e - nw] = static_cast<T>(sum);
 }
 
 }  // namespace cuda

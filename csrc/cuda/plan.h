@@ -1,7 +1,7 @@
 // Launch plans of the CUDA kernels: which path (shared-memory fast path or
 // direct fallback), tile sizes, threads, shared memory and grid. Host-only
-// and free of ATen, so the host emulation (tests/cuda_emulation) checks the
-// very plans the op launches.
+// and free of ATen: op_body.h launches with these plans on the GPU and in the
+// execution harness (tests/cuda_emulation) alike.
 #pragma once
 
 #include <algorithm>
@@ -17,7 +17,6 @@ namespace cuda {
 // limit on every GPU since Kepler); the fast paths stay below it so that
 // several blocks fit on one SM.
 constexpr size_t kSmemBudget = 48 * 1024;
-constexpr int kMaxThreads = 256;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 

@@ -1,0 +1,161 @@
+// The host side of the CUDA operator, written once for the real op
+// (conv_relu_maxpool2d_kernel.cu, on ATen tensors and the CUDA stream) and the
+// execution harness (tests/cuda_emulation/harness.cpp, on host buffers and
+// threads): which outputs are allocated and which must be zeros, what
+// output_mask leaves out, which inputs are made contiguous, which kernel
+// variant runs with which launch plan (plan.h).
+//
+// B, the backend, provides:
+//   using Tensor;                                   default-constructible
+//   template <class E> Tensor empty(std::vector<int64_t> sizes);
+//   template <class E> Tensor zeros(std::vector<int64_t> sizes);
+//   Tensor contiguous(const Tensor&);               NCHW-contiguous view or copy
+//   template <class E> E* ptr(const Tensor&);
+//   int64_t numel(const Tensor&);
+//   int num_sms();
+//   void check(bool ok, const char* message);      raise when !ok
+//   void launch(kernel, dim3 grid, int threads, size_t smem_bytes, args...);
+#pragma once
+
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "kernels_global.cuh"
+#include "plan.h"
+
+namespace fmnist_ext {
+namespace cuda {
+
+template <typename B>
+unsigned grid_x(B& be, int64_t blocks) {
+  be.check(blocks >= 1 && blocks <= INT_MAX, "conv_relu_maxpool2d: CUDA grid size out of range");
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename T, typename acc_t, typename I, typename B>
+std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
+    B& be, const Geom& g, const typename B::Tensor& input, const typename B::Tensor& weight,
+    const typename B::Tensor* bias) {
+  using Tensor = typename B::Tensor;
+  // Every element of out and indices is written by the kernel.
+  Tensor out = be.template empty<T>({g.n, g.cout, g.ph, g.pw});
+  Tensor indices = be.template empty<I>({g.n, g.cout, g.ph, g.pw});
+  if (be.numel(out) == 0) return {out, indices};
+  // The kernels index contiguous NCHW memory: a channels_last or sliced
+  // tensor is copied once (a contiguous one is used as it is).
+  const Tensor x = be.contiguous(input);
+  const Tensor w = be.contiguous(weight);
+  const Tensor b = bias != nullptr ? be.contiguous(*bias) : Tensor();
+  const FwdPlan plan = plan_forward(g, sizeof(T), be.num_sms());
+  const FwdArgs<T, I> a{g,
+                        be.template ptr<T>(x),
+                        be.template ptr<T>(w),
+                        bias != nullptr ? be.template ptr<T>(b) : nullptr,
+                        be.template ptr<T>(out),
+                        be.template ptr<I>(indices),
+                        plan.imgs,
+                        plan.cgp};
+  if (!plan.fast) {
+    be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>, dim3(grid_x(be, plan.blocks)),
+              plan.threads, 0, a, be.numel(out));
+    return {out, indices};
+  }
+  be.check(plan.groups <= 65535,
+           "conv_relu_maxpool2d: too many output channels for the CUDA kernel grid");
+  const dim3 grid(grid_x(be, plan.blocks), static_cast<unsigned>(plan.groups));
+  if constexpr (std::is_same_v<I, uint8_t>) {  // pool 2 always has uint8 indices
+    if (g.pool == 2) {  // the window unrolled at compile time
+      be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem, a);
+      return {out, indices};
+    }
+  }
+  be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 0>, grid, plan.threads, plan.smem, a);
+  return {out, indices};
+}
+
+template <typename T, typename acc_t, typename I, typename B>
+std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_op(
+    B& be, const Geom& g, const typename B::Tensor& grad_output, const typename B::Tensor& input,
+    const typename B::Tensor& weight, const typename B::Tensor& indices,
+    std::array<bool, 3> output_mask) {
+  using Tensor = typename B::Tensor;
+  // The kernels write every element of each requested gradient, so those
+  // are allocated uninitialised; with no image or no output channel the sums
+  // are empty and nothing is launched: zeros. Unrequested gradients are
+  // empty tensors, as the schema's output_mask contract says.
+  const bool empty_sum = g.n == 0 || g.cout == 0;
+  auto grad = [&](bool wanted, std::vector<int64_t> sizes) {
+    if (!wanted) return be.template empty<T>({0});
+    return empty_sum ? be.template zeros<T>(sizes) : be.template empty<T>(sizes);
+  };
+  Tensor grad_input = grad(output_mask[0], {g.n, g.cin, g.h, g.w});
+  Tensor grad_weight = grad(output_mask[1], {g.cout, g.cin, g.kh, g.kw});
+  Tensor grad_bias = grad(output_mask[2], {g.cout});
+  if (empty_sum || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const Tensor go = be.contiguous(grad_output);
+  const Tensor idx = be.contiguous(indices);
+  const int sms = be.num_sms();
+
+  if (output_mask[0] && be.numel(grad_input) > 0) {
+    const Tensor w = be.contiguous(weight);
+    const BwdInputPlan plan = plan_backward_input(g, sizeof(T), sms);
+    const BwdInputArgs<T, I> a{g,
+                               be.template ptr<T>(w),
+                               be.template ptr<T>(go),
+                               be.template ptr<I>(idx),
+                               be.template ptr<T>(grad_input),
+                               plan.imgs,
+                               plan.cinp};
+    const dim3 grid(grid_x(be, plan.blocks));
+    if (!plan.fast) {
+      be.launch(&conv_relu_maxpool2d_backward_input_direct_kernel<T, acc_t, I>, grid, plan.threads,
+                0, a, be.numel(grad_input));
+    } else if (plan.cb == 1) {
+      be.launch(&conv_relu_maxpool2d_backward_input_kernel<T, acc_t, I, 1>, grid, plan.threads,
+                plan.smem, a);
+    } else {
+      be.launch(&conv_relu_maxpool2d_backward_input_kernel<T, acc_t, I, kCib>, grid, plan.threads,
+                plan.smem, a);
+    }
+  }
+
+  if (output_mask[1] || output_mask[2]) {
+    // The input is read (and copied if need be) only for grad_weight.
+    const Tensor x = output_mask[1] ? be.contiguous(input) : Tensor();
+    const BwdWeightPlan plan = plan_backward_weight(g, sizeof(T), sizeof(acc_t), sms);
+    const int ne = bwd_weight_elems(g);
+    // One row of partial sums per block (fast path) or per batch slice
+    // (direct path); every row is written in full before it is reduced.
+    const int64_t rows = plan.fast ? plan.blocks : plan.slices;
+    Tensor partials = be.template empty<acc_t>({rows * ne});
+    const BwdWeightArgs<T, acc_t, I> a{g,
+                                       output_mask[1] ? be.template ptr<T>(x) : nullptr,
+                                       be.template ptr<T>(go),
+                                       be.template ptr<I>(idx),
+                                       output_mask[1] ? be.template ptr<T>(grad_weight) : nullptr,
+                                       output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr,
+                                       be.template ptr<acc_t>(partials),
+                                       plan.imgs,
+                                       plan.slices,
+                                       plan.chunks};
+    if (plan.fast) {
+      be.launch(&conv_relu_maxpool2d_backward_weight_kernel<T, acc_t, I>,
+                dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);
+    } else {
+      be.launch(&conv_relu_maxpool2d_backward_weight_direct_kernel<T, acc_t, I>,
+                dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, int64_t(ne) * plan.slices);
+    }
+    be.launch(&conv_relu_maxpool2d_reduce_partials_kernel<T, acc_t, I>,
+              dim3(grid_x(be, ceil_div64(ne, kMaxThreads))), kMaxThreads, 0, a, rows);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace cuda
+}  // namespace fmnist_ext

@@ -1,0 +1,124 @@
+"""Evidence that the execution harness catches real kernel bugs.
+
+Applies one mutation at a time to a temporary copy of csrc/ (deleting each
+single __syncthreads() of the kernels, allocating grad_weight or grad_bias
+with empty instead of zeros, launching with less shared memory or fewer
+blocks than planned, skipping a contiguity copy, ignoring output_mask,
+summing grad_weight in block order as the atomics before the fix did, the
+old winner-index rule, the old SM-count cache), runs
+the harness tests of tests/test_cuda.py against the copy, and reports whether
+they failed, as they must. Not part of CI (each mutation rebuilds the harness:
+1 to 2.5 minutes per mutation on a busy 2-core machine, ~25 minutes in all).
+
+    cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING]
+
+Exit status 0 when every mutation was caught.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = "cuda/kernels_global.cuh"
+BODY = "cuda/op_body.h"
+
+
+def sync_mutations():
+    text = (ROOT / "csrc" / KERNELS).read_text()
+    spots = [m.start() for m in re.finditer(r"__syncthreads\(\);", text)]
+    out = []
+    for k, pos in enumerate(spots):
+        line = text.count("\n", 0, pos) + 1
+        out.append((f"delete __syncthreads() #{k + 1} ({KERNELS}:{line})",
+                    [(KERNELS, lambda t, pos=pos: t[:pos] + t[pos + len("__syncthreads();"):])],
+                    "tsan"))
+    return out
+
+
+def replace_once(old, new):
+    def f(t):
+        assert t.count(old) == 1, f"mutation target not unique: {old!r}"
+        return t.replace(old, new)
+    return f
+
+
+MUTATIONS = sync_mutations() + [
+    ("grad_weight/grad_bias with empty instead of zeros", [(BODY, replace_once(
+        "empty_sum ? be.template zeros<T>(sizes)", "empty_sum ? be.template empty<T>(sizes)"))],
+     "asan"),
+    ("forward: 16 bytes less shared memory than planned", [(BODY, replace_once(
+        "grid, plan.threads, plan.smem, a);\n      return",
+        "grid, plan.threads, plan.smem - 16, a);\n      return"))], "asan"),
+    ("grad_weight: one block fewer than planned", [(BODY, replace_once(
+        "dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);",
+        "dim3(grid_x(be, plan.blocks > 1 ? plan.blocks - 1 : 1)), plan.threads, plan.smem, a);"))],
+     "asan"),
+    ("forward: input not made contiguous", [(BODY, replace_once(
+        "const Tensor x = be.contiguous(input);", "const Tensor x = input;"))], "asan"),
+    ("backward: output_mask[2] ignored (grad_bias always written)", [(BODY, replace_once(
+        "output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr", "be.template ptr<T>(grad_bias)"))],
+     "asan"),
+    # The design before the fix: every block adds its sums into one zeroed
+    # row, in whatever order the blocks run (atomicAdd on the GPU).
+    ("grad_weight summed in block order (the old atomics)", [
+        (BODY, replace_once("Tensor partials = be.template empty<acc_t>({rows * ne});",
+                            "Tensor partials = be.template zeros<acc_t>({rows * ne});")),
+        (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
+        ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
+        ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
+    ], "asan"),
+    # The rule before the fix: only the marker pool*pool meant "no gradient".
+    ("winner index checked against the marker only (old rule)", [("cuda/kernels.cuh", replace_once(
+        "return j >= 0 && j < pool * pool;", "return j != pool * pool;"))], "asan"),
+    ("SM-count cache as a plain static array (old)", [("cuda/sm_count.h", lambda t: t.replace(
+        "static std::atomic<int> cache[kMaxCachedDevices];", "static int cache[kMaxCachedDevices];")
+        .replace("cache[device].load(std::memory_order_relaxed)", "cache[device]")
+        .replace("cache[device].store(n, std::memory_order_relaxed);", "cache[device] = n;"))], "tsan"),
+]
+
+
+def run_one(name, edits, sanitizer):
+    with tempfile.TemporaryDirectory() as tmp:
+        csrc = Path(tmp) / "csrc"
+        shutil.copytree(ROOT / "csrc", csrc)
+        for rel, mutate in edits:
+            path = csrc / rel
+            path.write_text(mutate(path.read_text()))
+        env = dict(os.environ, FMNIST_HARNESS_CSRC=str(csrc), FMNIST_HARNESS_SANITIZERS=sanitizer)
+        cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+               str(ROOT), "-p", "no:cacheprovider", "-x", "-q", "test_cuda.py", "-k", "harness"]
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True)
+        caught = r.returncode != 0
+        # The most telling line: a sanitizer report, else the first assertion.
+        lines = r.stdout.splitlines()
+        why = next((ln.strip() for key in ("ThreadSanitizer: data race", "AddressSanitizer:",
+                                           "runtime error:", "E   AssertionError:", "E       AssertionError:")
+                    for ln in lines if key in ln),
+                   next((ln for ln in lines if ln.startswith("E ") and ln[1:].strip()), ""))
+        why = why.lstrip("E ").strip()[:160]
+        print(f"{'CAUGHT' if caught else 'MISSED'}  {time.time() - t0:5.0f}s  [{sanitizer}] {name}"
+              + (f"\n        {why}" if why else ""), flush=True)
+        return caught
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="run the mutations whose name contains this")
+    args = ap.parse_args()
+    todo = [m for m in MUTATIONS if not args.only or args.only in m[0]]
+    missed = [m[0] for m in todo if not run_one(*m)]
+    print(f"{len(todo) - len(missed)}/{len(todo)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
