@@ -47,14 +47,6 @@ constexpr int kCob = 4;
 // Input channels accumulated per thread by the grad_input kernel.
 constexpr int kCib = 4;
 
-// A saved winner index outside the pool window (only reachable through a
-// direct call of the backward operator with made-up indices) contributes no
-// gradient, like the "no gradient" marker itself: it must never become an
-// offset into a buffer.
-FMNIST_CUDA_HD bool winner_in_window(int32_t j, int pool) {
-  return j >= 0 && j < pool * pool;
-}
-
 // Zero-padded staging of images [n0, n0 + imgs) into smem:
 //   xs[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
 // for r < hs, c < ws; input is contiguous NCHW. Images past the batch are 0.
@@ -328,7 +320,7 @@ FMNIST_CUDA_HD size_t bwd_input_smem_bytes(const Geom& g, int imgs, int cinp) {
 
 // Packs the winner (conv row, conv col) of a cell; -1 = no gradient.
 FMNIST_CUDA_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
-  if (!winner_in_window(j, pool)) return -1;
+  if (!winner_in_window(j, no_grad_index(pool))) return -1;
   return static_cast<int32_t>((winner_row(oph, j, pool) << 16) | winner_col(opw, j, pool));
 }
 
@@ -441,7 +433,7 @@ FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e
       for (int opw = pw_lo; opw <= pw_hi; ++opw) {
         const int64_t k = base + static_cast<int64_t>(oph) * g.pw + opw;
         const int32_t j = static_cast<int32_t>(a.indices[k]);
-        if (!winner_in_window(j, g.pool)) continue;
+        if (!winner_in_window(j, no_grad_index(g.pool))) continue;
         const int64_t di = yp - winner_row(oph, j, g.pool);
         const int64_t dj = xp - winner_col(opw, j, g.pool);
         if (di < 0 || di >= g.kh || dj < 0 || dj >= g.kw) continue;
@@ -540,7 +532,7 @@ FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_
     if (n < g.n) {
       const int64_t src = n0 * g.cout * cells + e;
       const int32_t j = static_cast<int32_t>(a.indices[src]);
-      if (winner_in_window(j, g.pool)) {
+      if (winner_in_window(j, no_grad_index(g.pool))) {
         off = img * g.cin * plane +
               static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * g.ws +
               static_cast<int32_t>(winner_col(cell % g.pw, j, g.pool));
@@ -625,7 +617,7 @@ FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, 
     const int64_t base = (n * g.cout + co) * cells;
     for (int64_t cell = 0; cell < cells; ++cell) {
       const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
-      if (!winner_in_window(jw, g.pool)) continue;
+      if (!winner_in_window(jw, no_grad_index(g.pool))) continue;
       const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
       if (!is_w) { acc += gv; continue; }
       const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;

@@ -76,8 +76,9 @@ MUTATIONS = sync_mutations() + [
         ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
     ], "asan"),
     # The rule before the fix: only the marker pool*pool meant "no gradient".
-    ("winner index checked against the marker only (old rule)", [("cuda/kernels.cuh", replace_once(
-        "return j >= 0 && j < pool * pool;", "return j != pool * pool;"))], "asan"),
+    ("winner index checked against the marker only (old rule)", [("index_math.h", replace_once(
+        "return static_cast<uint32_t>(j) < static_cast<uint32_t>(no_grad);", "return j != no_grad;"))],
+     "asan"),
     ("SM-count cache as a plain static array (old)", [("cuda/sm_count.h", lambda t: t.replace(
         "static std::atomic<int> cache[kMaxCachedDevices];", "static int cache[kMaxCachedDevices];")
         .replace("cache[device].load(std::memory_order_relaxed)", "cache[device]")
