@@ -46,7 +46,8 @@ def test_evaluate_checkpoint_of_another_shape_is_one_line(tmp_path, test_only, c
     checkpoint.save(bad, {"model": {"conv1.weight": torch.zeros(3)}, "kernels": "fused"})
     assert exit_code(evaluate.main, [str(bad), "--data-dir", str(test_only), *NO_NET]) == 2
     line = one_error_line(capsys)
-    assert "argument checkpoint" in line and str(bad) in line and "not a checkpoint of this model" in line
+    assert "argument checkpoint" in line and str(bad) in line and "not the FashionCNN's" in line
+    assert "conv1.weight has shape [3]" in line
 
 
 def test_evaluate_ctrl_c_while_loading_is_exit_130(ckpt, monkeypatch, capsys):

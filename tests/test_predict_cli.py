@@ -31,7 +31,8 @@ def test_predict_checkpoint_of_another_shape_is_one_line(tmp_path, capsys):
     checkpoint.save(bad, {"model": {"conv1.weight": torch.zeros(3)}, "kernels": "fused"})
     assert exit_code(predict.main, [str(bad), "x.png"]) == 2
     line = one_error_line(capsys)
-    assert f"argument checkpoint: {bad}: not a checkpoint of this model" in line
+    assert f"argument checkpoint: {bad}: " in line and "not the FashionCNN's" in line
+    assert "conv1.weight has shape [3]" in line
 
 
 def _pattern() -> torch.Tensor:
