@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, cli
 from .bench_model_worker import INFER_IMPLS, TRAIN_IMPLS
 
 ALLOCATORS = {
@@ -333,6 +333,7 @@ def parse_allocators(parser: argparse.ArgumentParser, text: str | None) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_bad_cpu_isa(parser)
     allocators = parse_allocators(parser, args.allocators)
     for name in ("rounds", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -1228,6 +1228,7 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
 def main(argv: list[str] | None = None, repo_dir: Path | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_bad_cpu_isa(parser)
     check_arguments(parser, args)
     report = run(args, repo_dir)
     md = render_markdown(report)

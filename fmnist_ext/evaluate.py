@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.refuse_bad_cpu_isa(parser)
     device = cli.resolve_device(parser, args.device)
     try:
         model = loadmodel.load_model(args.checkpoint, args.kernels, device)

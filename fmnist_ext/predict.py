@@ -117,6 +117,7 @@ def main(argv=None) -> int:
                    help="conv blocks to run (default: the ones the checkpoint was trained with)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     args = p.parse_args(argv)
+    cli.refuse_bad_cpu_isa(p)
     if args.top > 10:
         cli.fail(p, f"argument --top: at most 10 classes, got {args.top}")
     device = cli.resolve_device(p, args.device)

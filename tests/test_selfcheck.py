@@ -135,7 +135,11 @@ def _run(module, *args, **env):
 @requires_compiled_cpu
 @pytest.mark.parametrize("value,fragment", [("sse9", "must be one of default, avx2, avx512"), ("AVX2", "got 'AVX2'")])
 def test_bad_cpu_isa_variable_is_one_line_for_info_and_train(tmp_path, value, fragment):
-    for module, args in (("fmnist_ext.info", ()), ("fmnist_ext.train", ("--device", "cpu", "--out", str(tmp_path / "run")))):
+    ckpt = tmp_path / "none.pt"  # never read: the variable is refused first
+    commands = (("fmnist_ext.info", ()), ("fmnist_ext.train", ("--device", "cpu", "--out", str(tmp_path / "run"))),
+                ("fmnist_ext.evaluate", (str(ckpt),)), ("fmnist_ext.predict", (str(ckpt), "x.png")),
+                ("fmnist_ext.benchmark", ("--quick",)), ("fmnist_ext.bench_model", ("--quick",)))
+    for module, args in commands:
         out = _run(module, *args, FMNIST_CPU_ISA=value)
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr
