@@ -257,6 +257,12 @@ def model_from(ckpt: dict, kernels: str | None = None, device="cpu") -> FashionC
     return model.to(device).eval()
 
 
+def load_model(path: str | os.PathLike, kernels: str | None = None, device="cpu") -> FashionCNN:
+    """evaluate/predict: the checkpoint at `path`, read and checked by `load`
+    (a bad one raises CheckpointError naming it), as a FashionCNN on `device`."""
+    return model_from(load(path, map_location="cpu"), kernels, device)
+
+
 def rng_state(data_generator: torch.Generator) -> dict:
     return {
         "torch": torch.get_rng_state(),

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import cli, clirun, data, loadmodel
+from . import checkpoint, cli, clirun, data
 from .batches import eval_batches
 
 
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     cli.refuse_bad_cpu_isa(parser)
     device = cli.resolve_device(parser, args.device)
     try:
-        model = loadmodel.load_model(args.checkpoint, args.kernels, device)
-    except loadmodel.Error as e:
+        model = checkpoint.load_model(args.checkpoint, args.kernels, device)
+    except checkpoint.CheckpointError as e:
         cli.fail(parser, f"argument checkpoint: {e}")
     try:
         ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download, splits=("test",))

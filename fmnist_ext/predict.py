@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import cli, clirun, data, loadmodel
+from . import checkpoint, cli, clirun, data
 from .batches import normalize
 
 
@@ -122,9 +122,9 @@ def main(argv=None) -> int:
         cli.fail(p, f"argument --top: at most 10 classes, got {args.top}")
     device = cli.resolve_device(p, args.device)
     try:
-        model = loadmodel.load_model(args.checkpoint, args.kernels, device)
+        model = checkpoint.load_model(args.checkpoint, args.kernels, device)
         batch = torch.stack([load_image(f, args.invert) for f in args.images]).to(device)
-    except loadmodel.Error as e:
+    except checkpoint.CheckpointError as e:
         cli.fail(p, f"argument checkpoint: {e}")
     except ImageError as e:
         cli.fail(p, f"argument IMAGE: {e}")
