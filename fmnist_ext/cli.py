@@ -18,7 +18,7 @@ def fail(parser: argparse.ArgumentParser, message: str, status: int = 2) -> NoRe
 def refuse_bad_cpu_isa(parser: argparse.ArgumentParser) -> None:
     """FMNIST_CPU_ISA naming a kernel build the CPU kernels refuse: one line,
     exit 2, before any work (the kernels would raise at their first call)."""
-    from . import _library
+    from .op import _library
 
     why = _library.cpu_isa_request_error()
     if why is not None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _library, ops
+from .op import _library, functional as ops
 
 OP_NAME = f"{_library.OP_NAMESPACE}::fashion_cnn_inference"
 INPUT_SHAPE = (1, 28, 28)

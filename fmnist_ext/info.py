@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: argument --check: not allowed with --json\n")
 
     import fmnist_ext
-    from fmnist_ext import _library
+    from fmnist_ext.op import _library
 
     error = _library.cpu_isa_request_error()
     if error is not None:

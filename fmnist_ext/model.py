@@ -15,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import FusedConvReLUMaxPool2d
-from .ops import conv_output_size
+from .op import FusedConvReLUMaxPool2d
 
 KERNELS = ("fused", "stock")
 
+
+
+def conv_output_size(n: int, f: int, p: int = 0, s: int = 1) -> int:
+    """Convolution (or pooling) output size along one axis: floor((n - f + 2p) / s) + 1."""
+    return (n - f + 2 * p) // s + 1
 
 class StockConvReLUMaxPool2d(FusedConvReLUMaxPool2d):
     """The same block (same parameters, names and init) run by stock layers."""

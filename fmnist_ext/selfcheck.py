@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from .op import reference
 
 # (name, n, cin, h, w, cout, (kh, kw), (pad_h, pad_w), pool)
 FULL_CASES = (
@@ -125,7 +125,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _fused(x, wt, b, padding, pool):
-    from .ops import conv_relu_maxpool2d
+    from .op.functional import conv_relu_maxpool2d
 
     return conv_relu_maxpool2d(x, wt, b, padding, pool)
 
@@ -140,7 +140,7 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
     check that a wrong kernel is caught)."""
     device = torch.device(device)
     op = op or _fused
-    from .ops import uses_compiled_kernels
+    from .op.functional import uses_compiled_kernels
 
     report = DeviceReport(str(device), "compiled kernels" if uses_compiled_kernels(device) else "reference, not compiled")
     cases, dtypes = (QUICK_CASES, (torch.float32,)) if quick else (FULL_CASES, DTYPES)
@@ -197,7 +197,7 @@ def precheck_training(parser, kernels: str, device: torch.device, check_types: t
     tests run the battery on the CPU."""
     if kernels != "fused":
         return
-    from . import _library
+    from .op import _library
     from .cli import fail
 
     device = torch.device(device)

@@ -463,7 +463,7 @@ def finish(config, out: Path, model, ds, test_x, history, main: bool, eval_weigh
 
 
 def _kernels_status() -> dict:
-    from . import kernels_status
+    from .op import kernels_status
 
     s = kernels_status()
     return {k: s[k] for k in ("cpu", "cuda", "cpu_isa")}

@@ -63,7 +63,7 @@ cd "$(mktemp -d)"  # import the installed package, not the source tree
 "$PY" - <<'PYEOF'
 import torch
 import fmnist_ext
-from fmnist_ext import _library
+from fmnist_ext.op import _library
 _build_info = _library.build_info()
 assert _library.LOADED, _library.NOT_LOADED_REASON
 assert _build_info.WITH_CUDA, "the build did not compile the CUDA kernels"

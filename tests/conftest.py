@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fmnist_ext
-from fmnist_ext import _library
+from fmnist_ext.op import _library
 
 CPU_ISAS_ORDER = ("default", "avx2", "avx512")
 

@@ -2,7 +2,7 @@
 import torch
 
 import fmnist_ext
-from fmnist_ext import reference
+from fmnist_ext.op import reference
 
 
 def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_grad=True, device="cpu"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fmnist_ext
-from fmnist_ext import _library
+from fmnist_ext.op import _library
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA_KERNELS = "cuda" in _library.COMPILED_DEVICE_TYPES

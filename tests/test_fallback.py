@@ -18,8 +18,8 @@ PROBE = textwrap.dedent(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import torch, fmnist_ext
-        import fmnist_ext.ops  # a second import must not warn again
-        from fmnist_ext import reference
+        import fmnist_ext.op.functional  # a second import must not warn again
+        from fmnist_ext.op import reference
         torch.manual_seed(0)
         x = torch.randn(3, 6, 12, 12, requires_grad=True)
         block = fmnist_ext.FusedConvReLUMaxPool2d(6, 12, 5)
@@ -64,7 +64,7 @@ def _copy_package(tmp_path: Path) -> Path:
 
 def test_missing_library_is_reported(tmp_path):
     pkg = _copy_package(tmp_path)
-    (pkg / "_C.so").unlink(missing_ok=True)
+    (pkg / "op" / "_C.so").unlink(missing_ok=True)
     result = run_probe(pythonpath=tmp_path)
     assert result["ok"]
     assert len(result["warnings"]) == 1 and "is not installed" in result["warnings"][0]
@@ -73,7 +73,7 @@ def test_missing_library_is_reported(tmp_path):
 @requires_compiled_cpu
 def test_torch_version_mismatch_is_one_clear_sentence(tmp_path):
     pkg = _copy_package(tmp_path)
-    info = pkg / "_build_info.py"
+    info = pkg / "op" / "_build_info.py"
     info.write_text(info.read_text().replace(f'TORCH_VERSION = "{fmnist_ext.kernels_status()["built_against_torch"]}"', 'TORCH_VERSION = "1.0.0+other"'))
     result = run_probe(pythonpath=tmp_path)
     assert result["ok"]
@@ -86,7 +86,7 @@ def test_torch_version_mismatch_is_one_clear_sentence(tmp_path):
 @requires_compiled_cpu
 def test_broken_library_is_reported(tmp_path):
     pkg = _copy_package(tmp_path)
-    (pkg / "_C.so").write_bytes(b"not a shared library")
+    (pkg / "op" / "_C.so").write_bytes(b"not a shared library")
     result = run_probe(pythonpath=tmp_path)
     assert result["ok"]
     (message,) = result["warnings"]

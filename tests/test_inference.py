@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_ext import _library, inference
+from fmnist_ext import inference
+from fmnist_ext.op import _library
 from fmnist_ext.model import FashionCNN
 
 REQUIRE_COMPILED = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")

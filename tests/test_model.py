@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_ext import checkpoint, conv_output_size
+from fmnist_ext import checkpoint
+from fmnist_ext.model import conv_output_size
 from fmnist_ext.batches import Batches, augment, normalize, plan_epoch
 from fmnist_ext.model import FashionCNN, feature_size
 

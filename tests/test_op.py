@@ -164,10 +164,11 @@ def test_module_state_dict_and_init_match_conv2d():
 
 
 def test_conv_output_size_formula():
+    from fmnist_ext.model import conv_output_size, feature_size
+
     # O = floor((n - f + 2p) / s) + 1
-    assert fmnist_ext.conv_output_size(28, 5) == 24
-    assert fmnist_ext.conv_output_size(24, 2, 0, 2) == 12
-    assert fmnist_ext.conv_output_size(7, 3, 1, 2) == 4
-    from fmnist_ext.model import feature_size
+    assert conv_output_size(28, 5) == 24
+    assert conv_output_size(24, 2, 0, 2) == 12
+    assert conv_output_size(7, 3, 1, 2) == 4
 
     assert feature_size() == 192

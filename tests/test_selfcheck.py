@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import requires_compiled_cpu
 
-from fmnist_ext import info, reference, selfcheck
+from fmnist_ext import info, selfcheck
+from fmnist_ext.op import reference
 
 
 def wrong_output(x, w, b, padding, pool):

@@ -9,7 +9,7 @@ are left alone, as autocast leaves float64 alone for stock ops. The casts
 are ordinary autograd ops, so gradients flow back in the inputs' dtypes.
 
 Outside autocast a half-precision input is refused with a TypeError naming
-its dtype (ops.check_args): computing it silently in another precision would
+its dtype (_args.check_args): computing it silently in another precision would
 hide the user's mistake.
 """
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""The fused operator's Python side: argument checks, fake kernels, autograd.
+"""The op's argument checks and output shapes, in Python.
 
-The schema lives in C++ (csrc/conv_relu_maxpool2d.cpp) and the kernels are
-registered there per dispatch key. Here we add what torch.library wants from
-Python: fake (meta) kernels for the forward and the backward op, so
-torch.compile can trace them, and (in _autograd.py, _autocast.py) the Autograd
-kernels, whose backward is itself the registered op
-``_conv_relu_maxpool2d_backward``, and the Autocast kernels.
+They mirror csrc/checks.h condition for condition and message for message:
+the public function checks here before dispatching, so the reference path and
+the fake kernels raise the same errors as the compiled kernels.
 """
 from __future__ import annotations
 
@@ -13,18 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _library, reference
-
-if _library.LOADED:
-    from . import _autocast, _autograd
-
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 MAX_POOL_FOR_UINT8_INDEX = 15  # must match csrc/index_math.h
-
-
-def conv_output_size(n: int, f: int, p: int = 0, s: int = 1) -> int:
-    """Convolution output size along one axis: O = floor((n - f + 2p) / s) + 1."""
-    return (n - f + 2 * p) // s + 1
 
 
 def index_dtype(pool: int) -> torch.dtype:
@@ -101,66 +88,7 @@ def check_args(input, weight, bias, padding: tuple[int, int], pool) -> tuple[int
     hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     if hp < kh or wp < kw:
         raise ValueError(f"{op}: kernel size {kh}x{kw} is larger than the padded input {hp}x{wp}")
-    oh, ow = conv_output_size(h, kh, padding[0]), conv_output_size(w, kw, padding[1])
+    oh, ow = hp - kh + 1, wp - kw + 1  # stride 1
     if pool > oh or pool > ow:
         raise ValueError(f"{op}: pool window {pool} is larger than the convolution output {oh}x{ow}")
     return n, cout, oh // pool, ow // pool
-
-
-def uses_compiled_kernels(device: torch.device | str) -> bool:
-    """True when tensors on `device` run the compiled kernels (not the reference)."""
-    return torch.device(device).type in _library.COMPILED_DEVICE_TYPES
-
-
-def conv_relu_maxpool2d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    padding: int | tuple[int, int] = 0,
-    pool: int = 2,
-) -> torch.Tensor:
-    """Fused ``max_pool2d(relu(conv2d(input, weight, bias, padding)), pool, pool)``.
-
-    Stride 1, dilation 1, zero padding (an int or a pair (pad_h, pad_w)); the
-    pooling window `pool` has stride `pool` and floors like F.max_pool2d.
-    float32 and float64; under torch.autocast it computes in float32 and
-    returns the autocast dtype. Differentiable with respect to input, weight
-    and bias in every autodiff mode (double backward, forward mode).
-    Runs the compiled kernels where they exist for the input's device, and the
-    pure-PyTorch reference otherwise.
-    """
-    pad = normalize_padding(padding)
-    compiled = isinstance(input, torch.Tensor) and input.device.type in _library.COMPILED_DEVICE_TYPES
-    if compiled and _autocast.is_active(input.device.type) and _autocast.casts_to_float32(input, weight, bias):
-        # Under autocast the op computes in float32 and returns the autocast
-        # dtype (_autocast.py); check the arguments as the kernels will see them.
-        check_args(*map(_autocast.to_float32, (input, weight, bias)), pad, pool)
-    else:
-        check_args(input, weight, bias, pad, pool)
-    if compiled:
-        out, _ = torch.ops.fmnist_ext.conv_relu_maxpool2d(input, weight, bias, list(pad), pool)
-        return out
-    return reference.conv_relu_maxpool2d(input, weight, bias, pad, pool)
-
-
-if _library.LOADED:
-
-    @torch.library.register_fake(_library.FORWARD_OP)
-    def _conv_relu_maxpool2d_fake(input, weight, bias, padding, pool):
-        n, cout, ph, pw = check_args(input, weight, bias, tuple(padding), pool)
-        out = input.new_empty((n, cout, ph, pw))
-        indices = input.new_empty((n, cout, ph, pw), dtype=index_dtype(pool))
-        return out, indices
-
-    @torch.library.register_fake(_library.BACKWARD_OP)
-    def _conv_relu_maxpool2d_backward_fake(grad_output, input, weight, indices, padding, pool, output_mask):
-        check_args(input, weight, None, tuple(padding), pool)
-        grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
-        grad_weight = weight.new_empty(weight.shape if output_mask[1] else (0,))
-        grad_bias = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
-        return grad_input, grad_weight, grad_bias
-
-    # Backward, double backward and forward-mode AD of both ops (_autograd.py);
-    # mixed precision under torch.autocast (_autocast.py).
-    _autograd.register()
-    _autocast.register()

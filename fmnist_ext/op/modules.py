@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from .ops import conv_relu_maxpool2d, normalize_padding
+from ._args import normalize_padding
+from .functional import conv_relu_maxpool2d
 
 
 class FusedConvReLUMaxPool2d(nn.Module):

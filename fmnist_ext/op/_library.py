@@ -1,6 +1,6 @@
 """Loading the compiled kernels, or explaining why the reference runs instead.
 
-The compiled library ``fmnist_ext/_C.so`` registers the operators
+The compiled library ``fmnist_ext/op/_C.so`` registers the operators
 ``torch.ops.fmnist_ext.*`` with the PyTorch dispatcher. It is only loaded when
 it was built against the torch that is running (CMake records the version in
 ``_build_info.py``): loading a library built for another torch fails with an
@@ -33,15 +33,15 @@ PACKAGE_DIR = Path(__file__).parent
 def _library_dir() -> Path:
     """Where _C.so and _build_info.py are: this package, or, from a source
     checkout, the installed build of the same version."""
-    if (PACKAGE_DIR / "_C.so").exists() or not (PACKAGE_DIR.parent / "pyproject.toml").exists():
+    if (PACKAGE_DIR / "_C.so").exists() or not (PACKAGE_DIR.parent.parent / "pyproject.toml").exists():
         return PACKAGE_DIR
     try:
         dist = importlib.metadata.distribution("fmnist-ext")
     except importlib.metadata.PackageNotFoundError:
         return PACKAGE_DIR
-    from . import __version__
+    from .. import __version__
 
-    installed = Path(str(dist.locate_file("fmnist_ext/_C.so")))
+    installed = Path(str(dist.locate_file("fmnist_ext/op/_C.so")))
     if dist.version == __version__ and installed.exists():
         return installed.parent
     return PACKAGE_DIR
@@ -65,7 +65,7 @@ def build_info():
     path = LIBRARY_DIR / "_build_info.py"
     if not path.exists():
         return None
-    spec = importlib.util.spec_from_file_location("fmnist_ext._build_info", path)
+    spec = importlib.util.spec_from_file_location("fmnist_ext.op._build_info", path)
     info = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(info)
     return info
@@ -145,3 +145,17 @@ def cpu_isa() -> str | None:
     if error is not None:
         raise ValueError(error)
     return torch.ops.fmnist_ext._cpu_isa()
+
+
+def kernels_status() -> dict:
+    """What runs where: compiled kernels per device type, torch versions."""
+    return {
+        "compiled_library_loaded": LOADED,
+        "not_loaded_reason": NOT_LOADED_REASON,
+        "cpu": "compiled" if "cpu" in COMPILED_DEVICE_TYPES else "reference",
+        "cuda": "compiled" if "cuda" in COMPILED_DEVICE_TYPES else "reference",
+        "cpu_isa": cpu_isa(),
+        "built_against_torch": built_torch_version(),
+        "running_torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
