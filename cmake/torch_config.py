@@ -4,6 +4,7 @@ Run by CMakeLists.txt with the Python that builds the package. torch must be
 importable by that Python: build with `pip install --no-build-isolation .`
 so the extension is compiled against the very torch it will be loaded into.
 """
+
 import sys
 
 try:

@@ -10,9 +10,10 @@ app); the other modules here are the Fashion-MNIST application (data, model,
 training, evaluation, benchmark, CLIs). `python -m fmnist_ext.info` tells
 which kernels are active.
 """
+
 __version__ = "0.1.0"  # the one place; pyproject.toml reads it from here
 
-from .op import (  # noqa: E402  (op._library reads __version__)
+from .op import (
     FusedConvReLUMaxPool2d,
     ReferenceFallbackWarning,
     conv_relu_maxpool2d,

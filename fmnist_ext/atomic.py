@@ -9,14 +9,16 @@ the previous version is intact.
 Permissions are those of a plain open(): a new file gets 0666 & ~umask, a
 replaced file keeps its mode (mkstemp alone would give 0600).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 
 class WriteError(OSError):
@@ -83,8 +85,9 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except OSError as e:
         if isinstance(e, WriteError):
             raise
-        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; "
-                                  "the previous version of the file (if any) is unchanged") from e
+        raise WriteError(
+            e.errno, f"cannot write {path}: {e.strerror or e}; the previous version of the file (if any) is unchanged"
+        ) from e
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ No per-image Python: an epoch is one permutation (from a seeded CPU
 generator, so it is the same on every device and every DDP rank), batches are
 index slices of it, gathered, augmented and normalised on the device.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

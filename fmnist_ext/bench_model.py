@@ -29,6 +29,7 @@ Each process checks its implementation against the stock model in float32
 and float64 (loss and all gradients, or logits) before timing; a mismatch is
 reported as REFUSED and not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,20 +52,38 @@ ALLOCATORS = {
 }
 # Issue 10's targets (ratios against stock eager, same run).
 TARGETS = {
-    "train_step": 7.0,      # fused training step at batch 1000
-    "infer_1": 8.0,         # for_inference() at batch 1
-    "infer_1000": 12.0,     # for_inference() at batch 1000
-    "epoch_s": 0.5,         # seconds per 60-step epoch (the CLI's seed recipe; here synthetic data)
+    "train_step": 7.0,  # fused training step at batch 1000
+    "infer_1": 8.0,  # for_inference() at batch 1
+    "infer_1000": 12.0,  # for_inference() at batch 1000
+    "epoch_s": 0.5,  # seconds per 60-step epoch (the CLI's seed recipe; here synthetic data)
 }
 WORKER_TIMEOUT_S = 600
 
 
 def settings(quick: bool) -> dict:
     if quick:
-        return {"batch": 256, "epoch_steps": 3, "warmup_steps": 1, "timed_steps": 3, "epoch_reps": 1,
-                "infer_batches": [1, 64], "min_time_s": 0.05, "blocks": 3, "profile_steps": 2}
-    return {"batch": 1000, "epoch_steps": 60, "warmup_steps": 3, "timed_steps": 10, "epoch_reps": 1,
-            "infer_batches": [1, 1000], "min_time_s": 0.5, "blocks": 5, "profile_steps": 5}
+        return {
+            "batch": 256,
+            "epoch_steps": 3,
+            "warmup_steps": 1,
+            "timed_steps": 3,
+            "epoch_reps": 1,
+            "infer_batches": [1, 64],
+            "min_time_s": 0.05,
+            "blocks": 3,
+            "profile_steps": 2,
+        }
+    return {
+        "batch": 1000,
+        "epoch_steps": 60,
+        "warmup_steps": 3,
+        "timed_steps": 10,
+        "epoch_reps": 1,
+        "infer_batches": [1, 1000],
+        "min_time_s": 0.5,
+        "blocks": 5,
+        "profile_steps": 5,
+    }
 
 
 def _child_env(allocator: str) -> dict:
@@ -121,15 +140,25 @@ def _train_summary(runs: list[dict]) -> dict:
     if not all(r["check"]["ok"] for r in good):
         bad = next(r for r in good if not r["check"]["ok"])
         return {**out, "status": "refused", "reason": bad["check"]["reason"], "check": bad["check"]}
-    return {**out, "status": "ok", "check": good[0]["check"], "first_call_s": good[0]["first_call_s"],
-            "adam": good[0]["adam"], "step": _best(good, "step"), "epoch": _best(good, "epoch"),
-            "fused_compiled": good[0]["fused_compiled"]}
+    return {
+        **out,
+        "status": "ok",
+        "check": good[0]["check"],
+        "first_call_s": good[0]["first_call_s"],
+        "adam": good[0]["adam"],
+        "step": _best(good, "step"),
+        "epoch": _best(good, "epoch"),
+        "fused_compiled": good[0]["fused_compiled"],
+    }
 
 
 def _infer_summary(runs: list[dict], batches: list[int]) -> dict:
     good = [r for r in runs if "error" not in r]
-    out: dict = {"status": "failed" if not good else "ok", "errors": [r["error"] for r in runs if "error" in r],
-                 "batches": {}}
+    out: dict = {
+        "status": "failed" if not good else "ok",
+        "errors": [r["error"] for r in runs if "error" in r],
+        "batches": {},
+    }
     for b in batches:
         rows = [r["batches"][str(b)] for r in good]
         if not rows:
@@ -138,13 +167,23 @@ def _infer_summary(runs: list[dict], batches: list[int]) -> dict:
         if bad:
             out["batches"][str(b)] = {"status": "refused", "reason": bad[0]["check"]["reason"]}
             continue
-        out["batches"][str(b)] = {"status": "ok", "check": rows[0]["check"],
-                                  "first_call_s": rows[0]["first_call_s"], "forward": _best(rows, "forward")}
+        out["batches"][str(b)] = {
+            "status": "ok",
+            "check": rows[0]["check"],
+            "first_call_s": rows[0]["first_call_s"],
+            "forward": _best(rows, "forward"),
+        }
     return out
 
 
-def run_section(quick: bool = False, allocators: list[str] | None = None, rounds: int | None = None,
-                threads: int | None = None, compile_: bool = True, log=None) -> dict:
+def run_section(
+    quick: bool = False,
+    allocators: list[str] | None = None,
+    rounds: int | None = None,
+    threads: int | None = None,
+    compile_: bool = True,
+    log=None,
+) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     allocators = allocators or (["default"] if quick else ["default", "tuned"])
@@ -154,12 +193,21 @@ def run_section(quick: bool = False, allocators: list[str] | None = None, rounds
     with_compile = compile_ and not quick
     train_impls = [i for i in TRAIN_IMPLS if with_compile or i != "compile"]
     infer_impls = [i for i in INFER_IMPLS if with_compile or i != "compile"]
-    section: dict = {"config": {**cfg, "rounds": rounds, "threads": threads, "allocators": allocators,
-                                "allocator_env": {a: ALLOCATORS[a] for a in allocators},
-                                "train_impls": train_impls, "infer_impls": infer_impls, "quick": quick,
-                                "compile_timed_in": allocators[0] if "compile" in train_impls else None,
-                                "targets": TARGETS},
-                     "allocators": {}}
+    section: dict = {
+        "config": {
+            **cfg,
+            "rounds": rounds,
+            "threads": threads,
+            "allocators": allocators,
+            "allocator_env": {a: ALLOCATORS[a] for a in allocators},
+            "train_impls": train_impls,
+            "infer_impls": infer_impls,
+            "quick": quick,
+            "compile_timed_in": allocators[0] if "compile" in train_impls else None,
+            "targets": TARGETS,
+        },
+        "allocators": {},
+    }
     for ai, alloc in enumerate(allocators):
         train_runs: dict[str, list[dict]] = {i: [] for i in train_impls}
         infer_runs: dict[str, list[dict]] = {i: [] for i in infer_impls}
@@ -167,8 +215,12 @@ def run_section(quick: bool = False, allocators: list[str] | None = None, rounds
             for impl in _rotated(train_impls, r):
                 if impl == "compile" and (ai > 0 or r > 0):
                     continue
-                spec = {"task": "train", "impl": impl, "threads": threads,
-                        **{k: cfg[k] for k in ("batch", "epoch_steps", "warmup_steps", "timed_steps", "epoch_reps")}}
+                spec = {
+                    "task": "train",
+                    "impl": impl,
+                    "threads": threads,
+                    **{k: cfg[k] for k in ("batch", "epoch_steps", "warmup_steps", "timed_steps", "epoch_reps")},
+                }
                 t0 = time.perf_counter()
                 res = run_worker(spec, alloc)
                 train_runs[impl].append(res)
@@ -176,15 +228,24 @@ def run_section(quick: bool = False, allocators: list[str] | None = None, rounds
             for impl in _rotated(infer_impls, r):
                 if impl == "compile" and (ai > 0 or r > 0):
                     continue
-                spec = {"task": "infer", "impl": impl, "threads": threads, "batches": cfg["infer_batches"],
-                        "min_time_s": cfg["min_time_s"], "blocks": cfg["blocks"]}
+                spec = {
+                    "task": "infer",
+                    "impl": impl,
+                    "threads": threads,
+                    "batches": cfg["infer_batches"],
+                    "min_time_s": cfg["min_time_s"],
+                    "blocks": cfg["blocks"],
+                }
                 t0 = time.perf_counter()
                 res = run_worker(spec, alloc)
                 infer_runs[impl].append(res)
-                log(f"  [{alloc} r{r}] infer {impl}: ({time.perf_counter() - t0:.0f} s)"
-                    + (f" {res['error']}" if "error" in res else ""))
-        prof = run_worker({"task": "profile", "threads": threads, "batch": cfg["batch"],
-                           "profile_steps": cfg["profile_steps"]}, alloc)
+                log(
+                    f"  [{alloc} r{r}] infer {impl}: ({time.perf_counter() - t0:.0f} s)"
+                    + (f" {res['error']}" if "error" in res else "")
+                )
+        prof = run_worker(
+            {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]}, alloc
+        )
         section["allocators"][alloc] = _summarise(train_runs, infer_runs, prof, cfg["infer_batches"])
     section["duration_s"] = time.perf_counter() - t_start
     return section
@@ -240,40 +301,63 @@ def _targets(a: dict) -> list[tuple[str, str, str]]:
     rows = []
     f = a["train"].get("fused", {})
     v = f.get("step_vs_stock")
-    rows.append(("training step >= 7x stock", _x(v), "-" if v is None else ("yes" if v >= TARGETS["train_step"] else "**no**")))
+    rows.append(
+        ("training step >= 7x stock", _x(v), "-" if v is None else ("yes" if v >= TARGETS["train_step"] else "**no**"))
+    )
     e = (f.get("epoch") or {}).get("median_s")
-    rows.append(("epoch (60 steps, synthetic data) <= 0.5 s", "-" if e is None else f"{e:.2f} s",
-                 "-" if e is None else ("yes" if e <= TARGETS["epoch_s"] else "**no**")))
+    rows.append(
+        (
+            "epoch (60 steps, synthetic data) <= 0.5 s",
+            "-" if e is None else f"{e:.2f} s",
+            "-" if e is None else ("yes" if e <= TARGETS["epoch_s"] else "**no**"),
+        )
+    )
     for b, key in (("1", "infer_1"), ("1000", "infer_1000")):
         v = a["infer"].get("inference", {}).get("batches", {}).get(b, {}).get("vs_stock")
-        rows.append((f"for_inference() at batch {b} >= {TARGETS[key]:g}x stock", _x(v),
-                     "-" if v is None else ("yes" if v >= TARGETS[key] else "**no**")))
+        rows.append(
+            (
+                f"for_inference() at batch {b} >= {TARGETS[key]:g}x stock",
+                _x(v),
+                "-" if v is None else ("yes" if v >= TARGETS[key] else "**no**"),
+            )
+        )
     return rows
 
 
 def render(section: dict) -> str:
     cfg = section["config"]
-    lines = ["## Whole model (FashionCNN, separate process per implementation)", "",
-             f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
-             f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
-             f"normalised per step; epoch = {cfg['epoch_steps']} steps. `vs stock` = stock eager time / this time, "
-             "same allocator setting. `first call`: the first step or forward (for torch.compile: a cold compile). "
-             "torch.compile: "
-             + (f"one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else "not timed."),
-             ""]
+    lines = [
+        "## Whole model (FashionCNN, separate process per implementation)",
+        "",
+        f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
+        f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
+        f"normalised per step; epoch = {cfg['epoch_steps']} steps. `vs stock` = stock eager time / this time, "
+        "same allocator setting. `first call`: the first step or forward (for torch.compile: a cold compile). "
+        "torch.compile: "
+        + (f"one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else "not timed."),
+        "",
+    ]
     for alloc, a in section["allocators"].items():
         env = " ".join(f"{k}={v}" for k, v in cfg["allocator_env"][alloc].items()) or "glibc defaults"
-        lines += [f"### Allocator: {alloc} ({env})", "",
-                  "| training | step (median) | vs stock | epoch | vs stock | first call |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### Allocator: {alloc} ({env})",
+            "",
+            "| training | step (median) | vs stock | epoch | vs stock | first call |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for impl, t in a["train"].items():
             if t["status"] != "ok":
                 lines.append(f"| {impl} | {t['status'].upper()}: {t.get('reason') or '; '.join(t['errors'])} | | | | |")
                 continue
-            lines.append(f"| {impl} | {_ms(t['step']['median_s'])} | {_x(t.get('step_vs_stock'))} | "
-                         f"{t['epoch']['median_s']:.2f} s | {_x(t.get('epoch_vs_stock'))} | {t['first_call_s']:.2f} s |")
-        lines += ["", "| eval forward (no_grad) | " + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"]) + " |",
-                  "|---|" + "---:|---:|" * len(cfg["infer_batches"])]
+            lines.append(
+                f"| {impl} | {_ms(t['step']['median_s'])} | {_x(t.get('step_vs_stock'))} | "
+                f"{t['epoch']['median_s']:.2f} s | {_x(t.get('epoch_vs_stock'))} | {t['first_call_s']:.2f} s |"
+            )
+        lines += [
+            "",
+            "| eval forward (no_grad) | " + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"]) + " |",
+            "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
+        ]
         for impl, t in a["infer"].items():
             cells = []
             for b in cfg["infer_batches"]:
@@ -294,9 +378,14 @@ def render(section: dict) -> str:
         else:
             per = prof["self_cpu_s_per_step"]
             total = sum(per.values())
-            lines += ["", f"Fused training step by phase and layer (torch.profiler self CPU time per step, "
-                          f"{prof['steps']} steps; profiled wall time {_ms(prof['wall_per_step_s'])}/step):", "",
-                      "| phase \\| layer | ms/step | share |", "|---|---:|---:|"]
+            lines += [
+                "",
+                f"Fused training step by phase and layer (torch.profiler self CPU time per step, "
+                f"{prof['steps']} steps; profiled wall time {_ms(prof['wall_per_step_s'])}/step):",
+                "",
+                "| phase \\| layer | ms/step | share |",
+                "|---|---:|---:|",
+            ]
             for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
                 if v / total >= 0.005:
                     lines.append(f"| {k.replace('|', '/')} | {v * 1e3:.2f} | {100 * v / total:.0f}% |")
@@ -306,12 +395,15 @@ def render(section: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fmnist_ext.bench_model",
-                                description="Whole-model benchmark of FashionCNN: training step and epoch, eval "
-                                "inference at batch 1 and 1000, one process per implementation.")
+    p = argparse.ArgumentParser(
+        prog="python -m fmnist_ext.bench_model",
+        description="Whole-model benchmark of FashionCNN: training step and epoch, eval "
+        "inference at batch 1 and 1000, one process per implementation.",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: batch 256, 3-step epoch, batch 1/64, no compile")
-    p.add_argument("--allocators", default=None,
-                   help="comma-separated from default,tuned (default: both; --quick: default)")
+    p.add_argument(
+        "--allocators", default=None, help="comma-separated from default,tuned (default: both; --quick: default)"
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds per implementation (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="do not time torch.compile")

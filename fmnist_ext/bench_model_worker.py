@@ -28,6 +28,7 @@ float32 and float64 on the very first batch (loss and every gradient, or the
 logits), with fmnist_ext.benchmark.compare_results; a mismatch is reported as
 refused and nothing is timed.
 """
+
 from __future__ import annotations
 
 import json
@@ -228,13 +229,25 @@ PHASES = ("data", "zero_grad", "forward", "loss", "backward", "optimizer")
 # (backward) -> layer; first match wins. Every operator's self CPU time is
 # charged to the layer of its top-level ancestor, so nothing is counted twice.
 LAYERS = (
-    ("conv_relu_maxpool2d", "conv blocks"), ("ConvReluMaxpool2D", "conv blocks"),
-    ("batch_norm", "BatchNorm"), ("BatchNorm", "BatchNorm"),
-    ("linear", "Linear"), ("addmm", "Linear"), ("Addmm", "Linear"), ("TBackward", "Linear"),
-    ("relu", "ReLU"), ("Relu", "ReLU"), ("threshold", "ReLU"),
-    ("cross_entropy", "cross-entropy"), ("log_softmax", "cross-entropy"), ("LogSoftmax", "cross-entropy"),
-    ("nll_loss", "cross-entropy"), ("NllLoss", "cross-entropy"),
-    ("AccumulateGrad", "gradient accumulation"), ("flatten", "flatten/view"), ("View", "flatten/view"),
+    ("conv_relu_maxpool2d", "conv blocks"),
+    ("ConvReluMaxpool2D", "conv blocks"),
+    ("batch_norm", "BatchNorm"),
+    ("BatchNorm", "BatchNorm"),
+    ("linear", "Linear"),
+    ("addmm", "Linear"),
+    ("Addmm", "Linear"),
+    ("TBackward", "Linear"),
+    ("relu", "ReLU"),
+    ("Relu", "ReLU"),
+    ("threshold", "ReLU"),
+    ("cross_entropy", "cross-entropy"),
+    ("log_softmax", "cross-entropy"),
+    ("LogSoftmax", "cross-entropy"),
+    ("nll_loss", "cross-entropy"),
+    ("NllLoss", "cross-entropy"),
+    ("AccumulateGrad", "gradient accumulation"),
+    ("flatten", "flatten/view"),
+    ("View", "flatten/view"),
     ("aten::add_", "BatchNorm"),  # num_batches_tracked += 1
 )
 _NODE = "autograd::engine::evaluate_function: "
@@ -259,7 +272,7 @@ def _charge(ev) -> str:
         p = p.cpu_parent
     if p is None:
         return "outside the step phases | " + _layer(top.name)
-    phase = p.name[len("phase:"):]
+    phase = p.name[len("phase:") :]
     if phase in ("zero_grad", "optimizer", "data"):
         return f"{phase} | all"
     return f"{phase} | {_layer(top.name)}"
@@ -298,7 +311,9 @@ def profile_task(spec: dict) -> dict:
     for ev in prof.events():
         if ev.name.startswith("phase:"):
             # time inside a phase but in no operator: Python, autograd, dispatch
-            per[f"{ev.name[len('phase:'):]} | not in an operator (Python, autograd engine)"] += ev.self_cpu_time_total / 1e6 / steps
+            per[f"{ev.name[len('phase:') :]} | not in an operator (Python, autograd engine)"] += (
+                ev.self_cpu_time_total / 1e6 / steps
+            )
             continue
         per[_charge(ev)] += ev.self_cpu_time_total / 1e6 / steps
     return {"steps": steps, "wall_per_step_s": wall, "self_cpu_s_per_step": dict(sorted(per.items()))}

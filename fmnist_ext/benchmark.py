@@ -54,6 +54,7 @@ indices are not counted):
   backward     read grad_output, input, weight; write grad_weight, grad_bias
                (+ write grad_input for fwd+bwd+dx)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -343,7 +344,7 @@ def check_implementation(
         expected = pass_runner(stock_block, inp, pass_name)()
     try:
         got = pass_runner(fn, inp, pass_name)()
-    except Exception as exc:  # noqa: BLE001 - any failure refuses the impl
+    except Exception as exc:
         return CheckResult(False, f"raised {type(exc).__name__}: {_first_line(exc)}")
     _sync(inp.x.device)
     return compare_results(got, expected, RESULT_NAMES[pass_name], rtol, atol_scale, exact)
@@ -394,7 +395,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     per_round = min_run_time / rounds
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
         for name in order:
             m = _timer(runs[name], f"{label} {name}", threads).blocked_autorange(min_run_time=per_round)
             times[name].extend(m.times)
@@ -490,7 +491,7 @@ def _prepare_compile(device: torch.device, state: CompileState) -> dict:
 
         if user_dir is not None and os.path.abspath(user_dir) == os.path.abspath(default_cache_dir()):
             user_dir = None
-    except Exception:  # noqa: BLE001 - private API; keep whatever is set
+    except Exception:
         pass
     if user_dir is None:
         d = tempfile.mkdtemp(prefix="fmnist-bench-inductor-")
@@ -510,7 +511,7 @@ def _prepare_compile(device: torch.device, state: CompileState) -> dict:
         torch.compile(lambda v: torch.relu(v * 2.0) + 1.0, dynamic=False)(t)
         _sync(device)
         info["init_s"] = time.perf_counter() - t0
-    except Exception as exc:  # noqa: BLE001 - record why and skip compile
+    except Exception as exc:
         state.failed_reason = f"{type(exc).__name__}: {_first_line(exc)}"
         info["failed"] = state.failed_reason
     return info
@@ -590,7 +591,7 @@ def bench_row(
                 continue
             try:
                 fn, rec["compile_s"] = _compile_runner(inp, pass_name, compile_state)
-            except Exception as exc:  # noqa: BLE001 - record why and skip
+            except Exception as exc:
                 compile_state.failed_reason = f"{type(exc).__name__}: {_first_line(exc)}"
                 rec.update(status="skipped", reason=f"torch.compile failed: {compile_state.failed_reason}")
                 continue
@@ -690,7 +691,11 @@ def bench_model(device: torch.device, threads: int, quick: bool, min_run_time: f
     step_fns = {n: make_step(n) for n in models}
     names = ["stock", "fused"] if check.ok else ["stock"]
     result["impls"]["stock"] = {"status": "ok", "reason": None, "check": None}
-    result["impls"]["fused"] = {"status": "ok" if check.ok else "refused", "reason": check.reason, "check": check.to_json()}
+    result["impls"]["fused"] = {
+        "status": "ok" if check.ok else "refused",
+        "reason": check.reason,
+        "check": check.to_json(),
+    }
     result["fused_backend"] = "compiled" if _fused_compiled(device) else "reference fallback"
 
     step_t = time_interleaved({n: step_fns[n] for n in names}, min_run_time, threads, label="train step")
@@ -745,9 +750,7 @@ def _loadavg() -> list[float] | None:
 
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -854,7 +857,10 @@ def render_markdown(report: dict) -> str:
         f"{' | QUICK run' if cfg['quick'] else ''}"
     )
     if not m["fused_uses_compiled_kernels"]:
-        lines += ["", f"**Warning: the fused op runs the pure-PyTorch reference ({ks.get('not_loaded_reason') or 'no compiled kernel for this device'}).**"]
+        lines += [
+            "",
+            f"**Warning: the fused op runs the pure-PyTorch reference ({ks.get('not_loaded_reason') or 'no compiled kernel for this device'}).**",
+        ]
     p = report["peaks"]
     lines += [
         "",
@@ -888,8 +894,13 @@ def render_markdown(report: dict) -> str:
     if comp:
         ci = report["config"].get("compile_info") or {}
         init = f" One-time start-up before the first row: {ci['init_s']:.1f} s." if ci.get("init_s") is not None else ""
-        lines += ["", "## torch.compile: compile time (first call of the row, seconds)", "",
-                  f"Cold compiles (fresh inductor cache dir, graph caches off).{init}", ""]
+        lines += [
+            "",
+            "## torch.compile: compile time (first call of the row, seconds)",
+            "",
+            f"Cold compiles (fresh inductor cache dir, graph caches off).{init}",
+            "",
+        ]
         lines.append("| block | batch | pass | compile s |")
         lines.append("|---:|---:|---|---:|")
         for r in comp:
@@ -960,16 +971,30 @@ def render_png(report: dict, path: Path) -> None:
                     if r is None:
                         continue
                     if r["status"] != "ok" or not r.get("speedup_vs_stock"):
-                        ax.text(x, 1.0, "REFUSED" if r["status"] == "refused" else "n/a", rotation=90,
-                                ha="center", va="bottom", fontsize=7, color="red")
+                        ax.text(
+                            x,
+                            1.0,
+                            "REFUSED" if r["status"] == "refused" else "n/a",
+                            rotation=90,
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            color="red",
+                        )
                         continue
                     xs.append(x)
                     ys.append(r["speedup_vs_stock"])
                 shown += ys
                 bars = ax.bar(xs, ys, width, label=ps, color=colors[ps])
                 for rect, v in zip(bars, ys):
-                    ax.text(rect.get_x() + rect.get_width() / 2, v, fmt_x(v),
-                            ha="center", va="bottom" if v >= 1 else "top", fontsize=7)
+                    ax.text(
+                        rect.get_x() + rect.get_width() / 2,
+                        v,
+                        fmt_x(v),
+                        ha="center",
+                        va="bottom" if v >= 1 else "top",
+                        fontsize=7,
+                    )
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
             ax.set_yscale("log")
             lo = min([0.5, *shown]) / 1.6
@@ -986,8 +1011,9 @@ def render_png(report: dict, path: Path) -> None:
             ax.set_ylabel("speedup over stock (x, log)")
             ax.set_title(f"{impl}: {BLOCKS[bi].describe()}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[ps]) for ps in passes]
-    fig.legend(handles, [f"{ps}: {PASS_DOC[ps]}" for ps in passes], loc="lower center", ncol=1, fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles, [f"{ps}: {PASS_DOC[ps]}" for ps in passes], loc="lower center", ncol=1, fontsize=8, frameon=False
+    )
     m = report["machine"]
     fig.suptitle(
         f"fmnist_ext speedup over stock eager - {report['config']['device']}, {report['config']['threads']} threads, "
@@ -1071,8 +1097,9 @@ def write_outputs(args: argparse.Namespace, report: dict, md: str) -> list[str]:
         try:
             writers[name](path)
         except (OSError, ValueError) as e:
-            errors.append(f"fmnist-benchmark: error: argument --{name}: cannot write {path}: "
-                          f"{getattr(e, 'strerror', None) or e}")
+            errors.append(
+                f"fmnist-benchmark: error: argument --{name}: cannot write {path}: {getattr(e, 'strerror', None) or e}"
+            )
     return errors
 
 
@@ -1083,22 +1110,43 @@ def build_parser() -> argparse.ArgumentParser:
         "pure-PyTorch fallback, per conv block and batch size, plus the whole model's training step and epoch.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads for CPU (default: torch's default)")
-    p.add_argument("--batch-sizes", type=_int_list, default=None,
-                   help="comma-separated (default 1,64,256,1000,4096 on CPU; plus 10000 on CUDA)")
+    p.add_argument(
+        "--threads", type=cli.positive_int, default=None, help="torch threads for CPU (default: torch's default)"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=None,
+        help="comma-separated (default 1,64,256,1000,4096 on CPU; plus 10000 on CUDA)",
+    )
     p.add_argument("--blocks", type=_block_list, default=None, help="conv blocks to time: 1, 2 (default both)")
-    p.add_argument("--impls", type=_impl_list, default=None,
-                   help=f"comma-separated from {','.join(IMPLS)} (default all; stock is always timed)")
+    p.add_argument(
+        "--impls",
+        type=_impl_list,
+        default=None,
+        help=f"comma-separated from {','.join(IMPLS)} (default all; stock is always timed)",
+    )
     p.add_argument("--no-model", action="store_true", help="skip the whole-model training step / epoch")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: batch 1,64, no compile, short timings, tiny model section (explicit flags win)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: batch 1,64, no compile, short timings, tiny model section (explicit flags win)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
-    p.add_argument("--png", type=Path, default=None,
-                   help="write the speedup chart here (format from the extension: png, svg, pdf, ...)")
+    p.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        help="write the speedup chart here (format from the extension: png, svg, pdf, ...)",
+    )
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--min-run-time", type=cli.positive_float, default=None,
-                   help="seconds of measurement per implementation and row, split over the interleaving rounds "
-                   "(default 1.0; 0.05 with --quick)")
+    p.add_argument(
+        "--min-run-time",
+        type=cli.positive_float,
+        default=None,
+        help="seconds of measurement per implementation and row, split over the interleaving rounds "
+        "(default 1.0; 0.05 with --quick)",
+    )
     return p
 
 
@@ -1107,11 +1155,12 @@ def _bench_rows(blocks, batch_sizes, impl_fns, device, threads, min_run_time, pe
         for batch in batch_sizes:
             for ps in PASSES:
                 t0 = time.perf_counter()
-                recs = bench_row(BLOCKS[bi], batch, ps, impl_fns, device, threads, min_run_time, peaks,
-                                 compile_state)
+                recs = bench_row(BLOCKS[bi], batch, ps, impl_fns, device, threads, min_run_time, peaks, compile_state)
                 rows.extend(recs)
                 summary = ", ".join(
-                    f"{r['impl']} {_fmt_ms(r.get('median_s'))} ms" if r["status"] == "ok" else f"{r['impl']} {r['status'].upper()}"
+                    f"{r['impl']} {_fmt_ms(r.get('median_s'))} ms"
+                    if r["status"] == "ok"
+                    else f"{r['impl']} {r['status'].upper()}"
                     for r in recs
                 )
                 log(f"  block {bi} B={batch} {ps}: {summary} ({time.perf_counter() - t0:.1f} s)")
@@ -1173,8 +1222,10 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         "be reused); one-time start-up is measured once as compile_info.init_s",
     }
     machine = machine_description(device, threads, repo_dir)
-    log(f"fmnist-benchmark: {device.type}, {threads} threads, batch sizes {batch_sizes}, impls {impls}"
-        f"{', quick' if quick else ''}")
+    log(
+        f"fmnist-benchmark: {device.type}, {threads} threads, batch sizes {batch_sizes}, impls {impls}"
+        f"{', quick' if quick else ''}"
+    )
     log("measuring machine ceilings (sgemm, copy) ...")
     peaks = measure_peaks(device, threads, quick)
 
@@ -1186,8 +1237,14 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
     compile_info = None
     if "compile" in impls:
         compile_info = _prepare_compile(device, compile_state)
-        log("torch.compile: start-up " + (f"{compile_info['init_s']:.1f} s" if "init_s" in compile_info
-                                          else f"failed ({compile_info.get('failed')})"))
+        log(
+            "torch.compile: start-up "
+            + (
+                f"{compile_info['init_s']:.1f} s"
+                if "init_s" in compile_info
+                else f"failed ({compile_info.get('failed')})"
+            )
+        )
     rows: list[dict] = []
     try:
         _bench_rows(blocks, batch_sizes, impl_fns, device, threads, min_run_time, peaks, compile_state, rows, log)
@@ -1201,7 +1258,7 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         log("whole model: training step and epoch ...")
         try:
             model = bench_model(device, threads, quick, min_run_time)
-        except Exception as exc:  # noqa: BLE001 - keep the per-block figures
+        except Exception as exc:
             traceback.print_exc()
             model = {"skipped": f"{type(exc).__name__}: {_first_line(exc)}"}
     whole_model = None

@@ -22,6 +22,7 @@ every member is checked instead.
 with a file, its integrity or its structure raises CheckpointError with a
 one-line message that starts with the file's path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,6 +57,7 @@ class CheckpointError(Exception):
 
 # --------------------------------------------------------------------------- writing
 
+
 def to_bytes(state: dict) -> bytes:
     """The checkpoint file's bytes: torch.save's zip with the SHA-256 trailer as its zip comment."""
     buf = io.BytesIO()
@@ -75,6 +77,7 @@ def save(path: str | os.PathLike, state: dict) -> None:
 
 # --------------------------------------------------------------------------- reading
 
+
 def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -> dict:
     """Read, verify and check a checkpoint; raise CheckpointError naming `path` otherwise.
 
@@ -90,8 +93,11 @@ def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -
         raise CheckpointError(f"{path}: {e}") from None
     problems = _problems(ckpt, resume)
     if problems:
-        raise CheckpointError(f"{path}: not a usable fmnist_ext checkpoint: " + "; ".join(problems[:4])
-                              + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
+        raise CheckpointError(
+            f"{path}: not a usable fmnist_ext checkpoint: "
+            + "; ".join(problems[:4])
+            + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        )
     # Checkpoints written before the field existed came from single-process runs.
     ckpt.setdefault("world_size", 1)
     return ckpt
@@ -103,8 +109,9 @@ def _read(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
-            raise CheckpointError(f"{path}: not an fmnist_ext checkpoint ({size / 2**20:.0f} MiB; "
-                                  f"checkpoints are about 1 MiB)")
+            raise CheckpointError(
+                f"{path}: not an fmnist_ext checkpoint ({size / 2**20:.0f} MiB; checkpoints are about 1 MiB)"
+            )
         return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
@@ -117,8 +124,10 @@ def _verified_load(raw: bytes, map_location) -> dict:
     if hashed:
         body, recorded = raw[:-_TRAILER_LEN], raw[-64:].decode("ascii")
         if hashlib.sha256(body).hexdigest() != recorded:
-            raise CheckpointError("damaged: its contents do not match the SHA-256 recorded when it was written "
-                                  "(changed or corrupted since)")
+            raise CheckpointError(
+                "damaged: its contents do not match the SHA-256 recorded when it was written "
+                "(changed or corrupted since)"
+            )
     elif not raw.startswith(_ZIP_SIG):
         raise CheckpointError("not an fmnist_ext checkpoint (not a PyTorch zip archive)")
     else:
@@ -127,7 +136,9 @@ def _verified_load(raw: bytes, map_location) -> dict:
         ckpt = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's message would suggest weights_only=False, i.e. running the file's code: never for a checkpoint
-        raise CheckpointError("not an fmnist_ext checkpoint (it holds Python objects a checkpoint never contains)") from None
+        raise CheckpointError(
+            "not an fmnist_ext checkpoint (it holds Python objects a checkpoint never contains)"
+        ) from None
     except Exception as e:  # a damaged archive fails in many ways inside torch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"not a readable checkpoint ({first})") from None
@@ -142,7 +153,7 @@ def _has_trailer(raw: bytes) -> bool:
     tail = raw[-_TRAILER_LEN:]
     if len(raw) < _TRAILER_LEN + 22 or not tail.startswith(_TAG):
         return False
-    digits = tail[len(_TAG):]
+    digits = tail[len(_TAG) :]
     return all(c in b"0123456789abcdef" for c in digits)
 
 
@@ -159,6 +170,7 @@ def _check_zip_crcs(raw: bytes) -> None:
 
 # --------------------------------------------------------------------------- structure
 
+
 @functools.lru_cache(maxsize=1)
 def _model_layout() -> dict:
     return {k: (tuple(v.shape), v.dtype) for k, v in FashionCNN("stock").state_dict().items()}
@@ -173,10 +185,12 @@ def state_dict_problems(sd, what: str = "model") -> list[str]:
     missing = [k for k in layout if k not in sd]
     extra = [k for k in sd if k not in layout]
     if missing or extra:
-        problems.append(f"{what} weights are not the FashionCNN's (another architecture?): "
-                        + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
-                        + ("; " if missing and extra else "")
-                        + (f"unexpected {', '.join(map(str, extra[:3]))}{' ...' if len(extra) > 3 else ''}" if extra else ""))
+        problems.append(
+            f"{what} weights are not the FashionCNN's (another architecture?): "
+            + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {', '.join(map(str, extra[:3]))}{' ...' if len(extra) > 3 else ''}" if extra else "")
+        )
     for k, (shape, dtype) in layout.items():
         v = sd.get(k)
         if k not in sd:
@@ -234,11 +248,16 @@ def _training_state_problems(ck: dict) -> list[str]:
     if not isinstance(ck["history"], list) or (_is_int(epoch) and len(ck["history"]) != epoch):
         problems.append(f"history does not hold one record per completed epoch ({epoch!r})")
     rng = ck["rng"]
-    if not isinstance(rng, dict) or not all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8
-                                            for k in ("torch", "data")) or not isinstance(rng.get("cuda"), list):
+    if (
+        not isinstance(rng, dict)
+        or not all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8 for k in ("torch", "data"))
+        or not isinstance(rng.get("cuda"), list)
+    ):
         problems.append("rng is not a set of generator states")
     part = ck["partial"]
-    if not isinstance(part, dict) or not all(isinstance(part.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "time")):
+    if not isinstance(part, dict) or not all(
+        isinstance(part.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "time")
+    ):
         problems.append("partial (the epoch in progress) is not a set of running sums")
     ws = ck.get("world_size", 1)
     if not _is_int(ws) or ws < 1:
@@ -247,6 +266,7 @@ def _training_state_problems(ck: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- using one
+
 
 def model_from(ckpt: dict, kernels: str | None = None, device="cpu") -> FashionCNN:
     """The checkpoint's FashionCNN (its EMA weights when it has them), in eval mode, with `kernels` (default: the

@@ -1,4 +1,5 @@
 """Small helpers shared by the command-line tools: argument types, device choice, errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -78,13 +79,20 @@ def nonneg_float(text: str) -> float:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder with the four Fashion-MNIST IDX files (gzipped or not; torchvision's "
-                        "ROOT/FashionMNIST/raw works too). Default: $FMNIST_DATA, the user cache, "
-                        "/usr/share/datasets/fashion-mnist, then a download into the user cache")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="folder with the four Fashion-MNIST IDX files (gzipped or not; torchvision's "
+        "ROOT/FashionMNIST/raw works too). Default: $FMNIST_DATA, the user cache, "
+        "/usr/share/datasets/fashion-mnist, then a download into the user cache",
+    )
     g.add_argument("--no-download", action="store_true", help="never download; fail if the files are not found")
-    g.add_argument("--no-verify", action="store_true",
-                   help="skip the MD5 check against the official files (for other IDX data of the same format)")
+    g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the MD5 check against the official files (for other IDX data of the same format)",
+    )
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str, local_rank: int = 0) -> torch.device:
@@ -92,8 +100,11 @@ def resolve_device(parser: argparse.ArgumentParser, name: str, local_rank: int =
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            fail(parser, "argument --device: cuda requested but no CUDA device is available "
-                         f"(torch {torch.__version__}); use --device cpu")
+            fail(
+                parser,
+                "argument --device: cuda requested but no CUDA device is available "
+                f"(torch {torch.__version__}); use --device cpu",
+            )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -10,6 +10,7 @@ flushes stdout at exit. The standard recipe: catch it, point stdout at
 what a shell reports for a tool killed by the signal), quietly. Ctrl-C is one
 line and exit 130 (128 + SIGINT). train.py can use `guarded` the same way.
 """
+
 from __future__ import annotations
 
 import functools

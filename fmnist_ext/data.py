@@ -15,6 +15,7 @@ tried after ``DIR``. Only the files of the splits asked for are needed (the
 test split: the two t10k files). Verification is on the decompressed bytes (MD5 and
 size), because repacked copies have other gz checksums but the same content.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,8 +34,16 @@ import torch
 from . import atomic
 
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # Training-set statistics of the pixel values scaled to [0, 1].
 MEAN = 0.2860
@@ -61,14 +70,42 @@ class IdxFile:
 FILES = {
     f.key: f
     for f in (
-        IdxFile("train-images", "train-images-idx3-ubyte", "images",
-                "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a", 47_040_016, 60_000),
-        IdxFile("train-labels", "train-labels-idx1-ubyte", "labels",
-                "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9", 60_008, 60_000),
-        IdxFile("t10k-images", "t10k-images-idx3-ubyte", "images",
-                "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a", 7_840_016, 10_000),
-        IdxFile("t10k-labels", "t10k-labels-idx1-ubyte", "labels",
-                "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965", 10_008, 10_000),
+        IdxFile(
+            "train-images",
+            "train-images-idx3-ubyte",
+            "images",
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            47_040_016,
+            60_000,
+        ),
+        IdxFile(
+            "train-labels",
+            "train-labels-idx1-ubyte",
+            "labels",
+            "25c81989df183df01b3e8a0aad5dffbe",
+            "9018921c3c673c538a1fc5bad174d6f9",
+            60_008,
+            60_000,
+        ),
+        IdxFile(
+            "t10k-images",
+            "t10k-images-idx3-ubyte",
+            "images",
+            "bef4ecab320f06d8554ea6380940ec79",
+            "8181f5470baa50b63fa0f6fddb340f0a",
+            7_840_016,
+            10_000,
+        ),
+        IdxFile(
+            "t10k-labels",
+            "t10k-labels-idx1-ubyte",
+            "labels",
+            "bb300cfdad3c16e7a12a480ee83cd310",
+            "15d484375f8d13e6eb1aabb0c3f46965",
+            10_008,
+            10_000,
+        ),
     )
 }
 SPLITS = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
@@ -81,6 +118,7 @@ class DataError(Exception):
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The file's content, decompressed when it is gzipped (detected by its magic).
@@ -173,10 +211,15 @@ def read_idx(path: str | os.PathLike, kind: str, verify: IdxFile | None = None) 
     expected = verify.size if verify is not None else expected_size(head, kind)
     data = head if expected is None else read_bytes(path, limit=expected)
     if expected is not None and len(data) > expected:
-        what = f"the official {verify.name} has {verify.size}" if verify is not None else \
-            f"the header announces {expected}"
-        raise DataError(f"{path}: unexpected bytes: more than {expected} bytes decompressed, {what} "
-                        "(stopped reading there: corrupt, or not Fashion-MNIST?)")
+        what = (
+            f"the official {verify.name} has {verify.size}"
+            if verify is not None
+            else f"the header announces {expected}"
+        )
+        raise DataError(
+            f"{path}: unexpected bytes: more than {expected} bytes decompressed, {what} "
+            "(stopped reading there: corrupt, or not Fashion-MNIST?)"
+        )
     if verify is not None:
         if len(data) != verify.size:
             raise DataError(
@@ -190,6 +233,7 @@ def read_idx(path: str | os.PathLike, kind: str, verify: IdxFile | None = None) 
 
 
 # --------------------------------------------------------------------------- finding
+
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -295,8 +339,9 @@ def locate_source(
     if download:
         base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_MIRROR
         try:
-            return Located(download_all(cache_dir(), base, progress=progress, keys=keys), cache_dir(),
-                           f"download from {base}")
+            return Located(
+                download_all(cache_dir(), base, progress=progress, keys=keys), cache_dir(), f"download from {base}"
+            )
         except DataError as e:
             tried.append(f"  download from {base}: {e}")
     else:
@@ -322,6 +367,7 @@ def locate(
 
 
 # --------------------------------------------------------------------------- downloading
+
 
 def download_file(url: str, dest: Path, md5: str | None = None, progress: bool = True, timeout: float = 30.0) -> Path:
     """Download `url` to `dest` through a temp file in the same folder; check the
@@ -364,8 +410,9 @@ def download_file(url: str, dest: Path, md5: str | None = None, progress: bool =
     return dest
 
 
-def download_all(dest_dir: Path, base_url: str, md5s: dict[str, str] | None = None, progress: bool = True,
-                 keys=None) -> dict[str, Path]:
+def download_all(
+    dest_dir: Path, base_url: str, md5s: dict[str, str] | None = None, progress: bool = True, keys=None
+) -> dict[str, Path]:
     """Download the gz files (of `keys`, default all four) that `dest_dir` lacks from `base_url`."""
     md5s = md5s if md5s is not None else {k: f.gz_md5 for k, f in FILES.items()}
     base = base_url if base_url.endswith("/") else base_url + "/"
@@ -378,6 +425,7 @@ def download_all(dest_dir: Path, base_url: str, md5s: dict[str, str] | None = No
 
 
 # --------------------------------------------------------------------------- loading
+
 
 @dataclass
 class Split:
@@ -407,9 +455,7 @@ def load_split(paths: dict[str, Path], split: str, verify: bool = True) -> Split
     images = read_idx(paths[ki], "images", FILES[ki] if verify else None)
     labels = read_idx(paths[kl], "labels", FILES[kl] if verify else None)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{paths[ki]} has {images.shape[0]} images but {paths[kl]} has {labels.shape[0]} labels"
-        )
+        raise DataError(f"{paths[ki]} has {images.shape[0]} images but {paths[kl]} has {labels.shape[0]} labels")
     if images.shape[0] == 0:
         raise DataError(f"{paths[ki]}: no images")
     return Split(images, labels.long())

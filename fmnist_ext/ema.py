@@ -11,6 +11,7 @@ the early average from being dominated by the random initial weights. Integer
 buffers (BatchNorm's num_batches_tracked) are copied. The shadow model is what
 gets evaluated when EMA is on; training never reads it.
 """
+
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@
 prints test accuracy, per-class accuracy and the confusion matrix. Only the
 two test files (t10k-*) are needed; the data folder used is printed on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file written by fmnist_ext.train (e.g. RUN/checkpoint.pt)")
     cli.add_data_args(p)
     p.add_argument("--device", default="auto", choices=cli.DEVICES, help="auto: CUDA when present (default: auto)")
-    p.add_argument("--kernels", choices=("fused", "stock"), default=None,
-                   help="conv blocks to run (default: the ones the checkpoint was trained with)")
+    p.add_argument(
+        "--kernels",
+        choices=("fused", "stock"),
+        default=None,
+        help="conv blocks to run (default: the ones the checkpoint was trained with)",
+    )
     p.add_argument("--batch-size", type=cli.positive_int, default=2000, help="evaluation batch size (default: 2000)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead")
     return p
@@ -94,12 +99,16 @@ def main(argv=None) -> int:
     cm = confusion_matrix(predictions(infer, images, args.batch_size), labels)
     if args.json:
         acc = cm.diag().sum().item() / cm.sum().item()
-        print(json.dumps({
-            "test_accuracy": acc,
-            "per_class_accuracy": dict(zip(data.CLASSES, per_class_accuracy(cm).tolist())),
-            "confusion_matrix": cm.tolist(),
-            "data_folder": str(ds.folder),
-        }))
+        print(
+            json.dumps(
+                {
+                    "test_accuracy": acc,
+                    "per_class_accuracy": dict(zip(data.CLASSES, per_class_accuracy(cm).tolist())),
+                    "confusion_matrix": cm.tolist(),
+                    "data_folder": str(ds.folder),
+                }
+            )
+        )
     else:
         print(format_report(cm))
     return 0

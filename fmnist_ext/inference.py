@@ -24,36 +24,44 @@ while grad mode is on, and holds its weights as buffers), no training mode
 (`train()` raises), and a snapshot (later training of the source model does
 not change it; call for_inference() again).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op import _library, functional as ops
+from .op import _library
+from .op import functional as ops
 
 OP_NAME = f"{_library.OP_NAMESPACE}::fashion_cnn_inference"
 INPUT_SHAPE = (1, 28, 28)
 _PARAM_NAMES = (
-    "conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias",
-    "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "out_weight", "out_bias",
+    "conv1_weight",
+    "conv1_bias",
+    "conv2_weight",
+    "conv2_bias",
+    "fc1_weight",
+    "fc1_bias",
+    "fc2_weight",
+    "fc2_bias",
+    "out_weight",
+    "out_bias",
 )
 
 
 def has_compiled_op(device: torch.device) -> bool:
     """True when the whole-model C++ op runs for tensors on `device`."""
-    return (
-        _library.LOADED
-        and device.type == "cpu"
-        and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
-    )
+    return _library.LOADED and device.type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, c) in float64 with bn(x) == a * x + c per channel, in eval mode."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"for_inference: {bn} has no running statistics (track_running_stats=False), "
-                         "so its eval-mode output depends on the batch and cannot be folded")
+        raise ValueError(
+            f"for_inference: {bn} has no running statistics (track_running_stats=False), "
+            "so its eval-mode output depends on the batch and cannot be folded"
+        )
     var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
     a = torch.rsqrt(var + bn.eps)
@@ -111,7 +119,7 @@ class FashionCNNInference(nn.Module):
         self._refresh()
 
     @classmethod
-    def from_model(cls, model) -> "FashionCNNInference":
+    def from_model(cls, model) -> FashionCNNInference:
         with torch.no_grad():
             return cls(fold(model))
 
@@ -128,10 +136,12 @@ class FashionCNNInference(nn.Module):
         self._refresh()
         return out
 
-    def train(self, mode: bool = True) -> "FashionCNNInference":
+    def train(self, mode: bool = True) -> FashionCNNInference:
         if mode:
-            raise RuntimeError("FashionCNNInference is an inference form (BatchNorm folded, no gradients); "
-                               "train the FashionCNN it was made from and call for_inference() again")
+            raise RuntimeError(
+                "FashionCNNInference is an inference form (BatchNorm folded, no gradients); "
+                "train the FashionCNN it was made from and call for_inference() again"
+            )
         return super().train(False)
 
     @property
@@ -145,14 +155,18 @@ class FashionCNNInference(nn.Module):
         if input.dim() != 4 or tuple(input.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"FashionCNNInference: expected input of shape [N, 1, 28, 28], got {list(input.shape)}")
         if input.dtype != self._dtype:
-            raise TypeError(f"FashionCNNInference: expected input of dtype {self._dtype} (the model's), "
-                            f"got {input.dtype}")
+            raise TypeError(
+                f"FashionCNNInference: expected input of dtype {self._dtype} (the model's), got {input.dtype}"
+            )
         if input.device != self._device:
-            raise ValueError(f"FashionCNNInference: expected input on {self._device} (the model's device), "
-                             f"got {input.device}")
+            raise ValueError(
+                f"FashionCNNInference: expected input on {self._device} (the model's device), got {input.device}"
+            )
         if input.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("FashionCNNInference: computes no gradients, but input requires grad; "
-                               "use torch.no_grad() or the FashionCNN itself")
+            raise RuntimeError(
+                "FashionCNNInference: computes no gradients, but input requires grad; "
+                "use torch.no_grad() or the FashionCNN itself"
+            )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check(input)

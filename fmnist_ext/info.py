@@ -3,6 +3,7 @@
 `--check` also runs the fused operator against the stock sequence on every
 visible device (fmnist_ext/selfcheck.py) and exits 1 on any mismatch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="also run a short battery of the fused operator against the stock conv2d -> relu -> "
         "max_pool2d sequence (output and all gradients, float32 and float64) on cpu and every "
         "visible CUDA device; print a verdict per device; exit 1 on any mismatch",
@@ -65,8 +67,10 @@ def run_check(devices: list[str] | None = None) -> int:
         print(f"  {report.summary()}", flush=True)
     bad = [r.device for r in reports if not r.ok]
     if bad:
-        print(f"check FAILED on {', '.join(bad)}: the fused kernels disagree with stock there; "
-              f"use --kernels stock for training on {'it' if len(bad) == 1 else 'them'}")
+        print(
+            f"check FAILED on {', '.join(bad)}: the fused kernels disagree with stock there; "
+            f"use --kernels stock for training on {'it' if len(bad) == 1 else 'them'}"
+        )
         return 1
     print("check passed")
     return 0

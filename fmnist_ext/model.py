@@ -9,6 +9,7 @@
 `kernels="stock"` through F.conv2d / F.relu / F.max_pool2d. Both have the same
 parameters under the same state_dict keys, so a checkpoint loads into either.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,10 +21,10 @@ from .op import FusedConvReLUMaxPool2d
 KERNELS = ("fused", "stock")
 
 
-
 def conv_output_size(n: int, f: int, p: int = 0, s: int = 1) -> int:
     """Convolution (or pooling) output size along one axis: floor((n - f + 2p) / s) + 1."""
     return (n - f + 2 * p) // s + 1
+
 
 class StockConvReLUMaxPool2d(FusedConvReLUMaxPool2d):
     """The same block (same parameters, names and init) run by stock layers."""

@@ -4,6 +4,7 @@ check_writable: the target is not a folder, its folder exists (or can be made)
 and a file can be created there; check_figure_format: matplotlib can write the
 file's extension. Both raise OutputError with one line naming the argument.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,6 +52,8 @@ def check_figure_format(path: str | os.PathLike, arg: str) -> str:
         raise OutputError(f"argument {arg}: writing {path} needs matplotlib (pip install matplotlib)") from None
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
-        raise OutputError(f"argument {arg}: cannot write {path}: unknown image format {fmt!r} "
-                          f"(extensions: {', '.join(sorted(supported))})")
+        raise OutputError(
+            f"argument {arg}: cannot write {path}: unknown image format {fmt!r} "
+            f"(extensions: {', '.join(sorted(supported))})"
+        )
     return fmt

@@ -9,6 +9,7 @@ resized to 28x28 if needed, and (by default, when its border is brighter than it
 since Fashion-MNIST shows light garments on a black background. Prints the
 top-3 classes with probabilities.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,12 @@ def load_image(path: str, invert: str = "auto") -> torch.Tensor:
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: too many pixels (over Pillow's decompression-bomb limit of "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise ImageError(
+            f"{path}: too many pixels (over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
-    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types for damaged files
+    except Exception as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if invert == "yes" or (invert == "auto" and _light_background(t)):
         t = 255 - t
@@ -76,8 +78,10 @@ def _to_gray28(im) -> torch.Tensor:
         top = _WIDE_MODES[im.mode]
         a = np.asarray(im).astype(np.float64)
         if a.size and (a.min() < 0 or a.max() > top):
-            raise ImageError(f"pixel values {a.min():g}..{a.max():g} outside the 16-bit range 0..{top} "
-                             "(32-bit integer images are not supported)")
+            raise ImageError(
+                f"pixel values {a.min():g}..{a.max():g} outside the 16-bit range 0..{top} "
+                "(32-bit integer images are not supported)"
+            )
         im = Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), mode="L")
     else:
         im = im.convert("L")
@@ -108,13 +112,21 @@ def main(argv=None) -> int:
     )
     p.add_argument("checkpoint", help="checkpoint file written by fmnist_ext.train")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                   help="invert to light-on-dark like Fashion-MNIST: auto = when the border is brighter "
-                        "than the centre (default: auto)")
+    p.add_argument(
+        "--invert",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="invert to light-on-dark like Fashion-MNIST: auto = when the border is brighter "
+        "than the centre (default: auto)",
+    )
     p.add_argument("--top", type=cli.positive_int, default=3, help="how many classes to show (default: 3, at most 10)")
     p.add_argument("--device", choices=cli.DEVICES, default="cpu", help="default: cpu")
-    p.add_argument("--kernels", choices=("fused", "stock"), default=None,
-                   help="conv blocks to run (default: the ones the checkpoint was trained with)")
+    p.add_argument(
+        "--kernels",
+        choices=("fused", "stock"),
+        default=None,
+        help="conv blocks to run (default: the ones the checkpoint was trained with)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     args = p.parse_args(argv)
     cli.refuse_bad_cpu_isa(p)

@@ -11,6 +11,7 @@ same folder can say who has it. On exit the lock file is removed, and so is
 every folder this RunFolder created if nothing else was put in it (a run
 refused before it wrote anything leaves no empty folder behind).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,10 @@ def check_path(path: Path) -> None:
     if not ancestor.is_dir():
         raise RunFolderError(f"{ancestor} is a file, so {path} cannot be created under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise RunFolderError(f"{ancestor} is not writable (permission denied), so {path} cannot be "
-                             f"{'used' if ancestor == path else 'created'}")
+        raise RunFolderError(
+            f"{ancestor} is not writable (permission denied), so {path} cannot be "
+            f"{'used' if ancestor == path else 'created'}"
+        )
 
 
 class RunFolder:
@@ -98,8 +101,9 @@ class RunFolder:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise RunFolderError(f"{self.path} is in use by another run ({holder}); wait for it to end "
-                                     "or choose another --out") from None
+                raise RunFolderError(
+                    f"{self.path} is in use by another run ({holder}); wait for it to end or choose another --out"
+                ) from None
             # The previous owner removes the file on exit: if it did so between our open and our lock,
             # we hold the lock of a file no one else will see; take the new one instead.
             try:

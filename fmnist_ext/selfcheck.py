@@ -20,6 +20,7 @@ winner in float32 than in float64 and move a whole gradient, which at batch
 1000 (864,000 windows) happens every few runs. Exact data keep the check
 deterministic on any device while a wrong kernel still shows up at full size.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -77,14 +78,15 @@ class DeviceReport:
         if self.failure is not None:
             return f"{self.device} ({self.kernels}): FAILED ({self.failure})"
         worst = ", ".join(
-            f"{str(dt).replace('torch.', '')} {err:.1e} ({case} {name})"
-            for dt, (err, case, name) in self.worst.items()
+            f"{str(dt).replace('torch.', '')} {err:.1e} ({case} {name})" for dt, (err, case, name) in self.worst.items()
         )
         verdict = "OK" if self.ok else "MISMATCH"
         line = f"{self.device} ({self.kernels}): {verdict}, {self.cases} cases; largest relative errors: {worst}"
         for m in self.mismatches[:5]:
-            line += (f"\n    {m.case} {str(m.dtype).replace('torch.', '')} {m.tensor}: "
-                     f"relative error {m.error:.2e} > {TOLERANCE[m.dtype]:.0e}")
+            line += (
+                f"\n    {m.case} {str(m.dtype).replace('torch.', '')} {m.tensor}: "
+                f"relative error {m.error:.2e} > {TOLERANCE[m.dtype]:.0e}"
+            )
         return line
 
 
@@ -142,7 +144,9 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
     op = op or _fused
     from .op.functional import uses_compiled_kernels
 
-    report = DeviceReport(str(device), "compiled kernels" if uses_compiled_kernels(device) else "reference, not compiled")
+    report = DeviceReport(
+        str(device), "compiled kernels" if uses_compiled_kernels(device) else "reference, not compiled"
+    )
     cases, dtypes = (QUICK_CASES, (torch.float32,)) if quick else (FULL_CASES, DTYPES)
     for i, case in enumerate(cases):
         name, pool, padding = case[0], case[-1], case[-2]
@@ -152,7 +156,7 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
             args = [t.to(dtype) for t in (x, wt, b, g)]
             try:
                 got = _forward_and_grads(op, *args, padding, pool)
-            except Exception as exc:  # noqa: BLE001  (any failure is a verdict)
+            except Exception as exc:
                 report.failure = f"{name} {dtype}: {type(exc).__name__}: {exc}"
                 return report
             report.cases += 1
@@ -180,8 +184,10 @@ def training_refusal(kernels: str, device: torch.device, op: Callable | None = N
         what = f"they fail: {report.failure}"
     else:
         worst = max(report.mismatches, key=lambda m: m.error)
-        what = (f"{len(report.mismatches)} mismatches, worst {worst.case} {str(worst.dtype).replace('torch.', '')} "
-                f"{worst.tensor}: relative error {worst.error:.1e}")
+        what = (
+            f"{len(report.mismatches)} mismatches, worst {worst.case} {str(worst.dtype).replace('torch.', '')} "
+            f"{worst.tensor}: relative error {worst.error:.1e}"
+        )
     return (
         f"the fused kernels disagree with the stock sequence on {device} ({what}); "
         f"train with --kernels stock, and run `python -m fmnist_ext.info --check` for the full report"
@@ -197,8 +203,8 @@ def precheck_training(parser, kernels: str, device: torch.device, check_types: t
     tests run the battery on the CPU."""
     if kernels != "fused":
         return
-    from .op import _library
     from .cli import fail
+    from .op import _library
 
     device = torch.device(device)
     message = _library.cpu_isa_request_error() if device.type == "cpu" else None

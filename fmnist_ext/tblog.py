@@ -4,6 +4,7 @@ accuracy, weight and gradient histograms, an image grid, the graph.
 tensorboard is an optional dependency: `pip install tensorboard`
 (or `pip install fmnist-ext[tensorboard]`).
 """
+
 from __future__ import annotations
 
 import warnings

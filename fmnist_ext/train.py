@@ -12,6 +12,7 @@ curves.png, summary.json. All files are written atomically. Everything that
 can be checked is checked before the data loads or a folder is made; the run
 folder is locked for the run's life (runfolder.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,16 @@ import torch.nn.functional as F
 
 from . import atomic, checkpoint, cli, clirun, data, recipes
 from .batches import Batches, batch_count, eval_batches, normalize, plan_epoch
-from .runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
 from .ema import WeightEMA
 from .evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .model import KERNELS, FashionCNN
+from .runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
 
 EXIT_INTERRUPTED = 130
 
 
 # --------------------------------------------------------------------------- arguments
+
 
 def _bool(text: str) -> bool:
     t = text.lower()
@@ -62,11 +64,20 @@ def _choice(choices):
 
 
 SWEEP_TYPES = {
-    "lr": cli.positive_float, "batch_size": cli.batch_size, "epochs": cli.positive_int, "seed": cli.seed,
-    "kernels": _choice(KERNELS), "recipe": _choice(tuple(recipes.RECIPES)),
-    "optimizer": _choice(recipes.OPTIMIZERS), "weight_decay": cli.nonneg_float,
-    "schedule": _choice(recipes.SCHEDULES), "label_smoothing": cli.fraction, "crop_pad": cli.nonneg_int,
-    "flip": _bool, "shuffle": _bool, "ema": cli.fraction,
+    "lr": cli.positive_float,
+    "batch_size": cli.batch_size,
+    "epochs": cli.positive_int,
+    "seed": cli.seed,
+    "kernels": _choice(KERNELS),
+    "recipe": _choice(tuple(recipes.RECIPES)),
+    "optimizer": _choice(recipes.OPTIMIZERS),
+    "weight_decay": cli.nonneg_float,
+    "schedule": _choice(recipes.SCHEDULES),
+    "label_smoothing": cli.fraction,
+    "crop_pad": cli.nonneg_int,
+    "flip": _bool,
+    "shuffle": _bool,
+    "ema": cli.fraction,
     "clean_epochs": cli.nonneg_int,
 }
 
@@ -98,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the seed CNN on Fashion-MNIST (fused or stock conv blocks). "
         "Options left unset come from the --recipe.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipes:\n" + "\n".join(
-            f"  {name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in recipes.RECIPES.items()
-        ) + "\n\nUnder torchrun (RANK and WORLD_SIZE set) the loop runs with DistributedDataParallel "
+        epilog="recipes:\n"
+        + "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in recipes.RECIPES.items())
+        + "\n\nUnder torchrun (RANK and WORLD_SIZE set) the loop runs with DistributedDataParallel "
         "(gloo on CPU, nccl on CUDA); only rank 0 writes files. A --resume needs the number of processes "
         "the checkpoint was written with.\n\nBatches: when the last batch of an epoch (of each process) would "
         "hold a single image, that image joins the previous batch (BatchNorm cannot train on one image; no "
@@ -109,49 +120,103 @@ def build_parser() -> argparse.ArgumentParser:
         "version is kept), 130 interrupted.",
     )
     p.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None, help="hyperparameter set (default: seed)")
-    p.add_argument("--kernels", choices=KERNELS, default=None,
-                   help="conv blocks: the fused operator or stock PyTorch layers (default: fused)")
-    p.add_argument("--seed", type=cli.seed, default=None,
-                   help="seed for weights, shuffling and augmentation, in [-2**63, 2**64) (default: 0)")
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default=None,
+        help="conv blocks: the fused operator or stock PyTorch layers (default: fused)",
+    )
+    p.add_argument(
+        "--seed",
+        type=cli.seed,
+        default=None,
+        help="seed for weights, shuffling and augmentation, in [-2**63, 2**64) (default: 0)",
+    )
     p.add_argument("--device", choices=cli.DEVICES, default="auto", help="auto: CUDA when present (default: auto)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="run folder (default: runs/RECIPE-KERNELS-sSEED; with --sweep, one subfolder per run)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt with the settings saved there")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run folder (default: runs/RECIPE-KERNELS-sSEED; with --sweep, one subfolder per run)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.pt with the settings saved there"
+    )
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=cli.positive_int, default=None, help="number of epochs (seed: 20)")
-    g.add_argument("--lr", type=cli.positive_float, default=None, help="learning rate; peak rate with onecycle (seed: 0.01)")
-    g.add_argument("--batch-size", type=cli.batch_size, default=None,
-                   help="batch size, at least 2; a last batch of one image joins the one before (seed: 1000)")
+    g.add_argument(
+        "--lr", type=cli.positive_float, default=None, help="learning rate; peak rate with onecycle (seed: 0.01)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=cli.batch_size,
+        default=None,
+        help="batch size, at least 2; a last batch of one image joins the one before (seed: 1000)",
+    )
     g.add_argument("--optimizer", choices=recipes.OPTIMIZERS, default=None, help="optimizer (seed: adam)")
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=None, help="weight decay (seed: 0)")
-    g.add_argument("--schedule", choices=recipes.SCHEDULES, default=None,
-                   help="learning-rate schedule, stepped per batch (seed: none)")
+    g.add_argument(
+        "--schedule",
+        choices=recipes.SCHEDULES,
+        default=None,
+        help="learning-rate schedule, stepped per batch (seed: none)",
+    )
     g.add_argument("--label-smoothing", type=cli.fraction, default=None, help="label smoothing in [0, 1) (seed: 0)")
-    g.add_argument("--crop-pad", type=cli.nonneg_int, default=None,
-                   help="random-crop augmentation with this zero padding, 0 = off (seed: 0)")
+    g.add_argument(
+        "--crop-pad",
+        type=cli.nonneg_int,
+        default=None,
+        help="random-crop augmentation with this zero padding, 0 = off (seed: 0)",
+    )
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (seed)")
-    cli.flag_pair(g, "shuffle", "shuffle each epoch from the seeded generator (seed recipe: on)",
-                  "keep the file order every epoch")
-    g.add_argument("--clean-epochs", type=cli.nonneg_int, default=None, metavar="N",
-                   help="train the last N epochs on the plain images: no crops, no flips (seed: 0)")
-    g.add_argument("--ema", type=cli.fraction, default=None, metavar="DECAY",
-                   help="evaluate and save an exponential moving average of the weights and BatchNorm "
-                   "statistics, updated every batch with this decay (warm-up min(DECAY, (1+t)/(10+t))); "
-                   "0 = off, evaluate the raw weights (seed: 0)")
-    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
-                   help="train the cartesian product of these settings (keys: " + ", ".join(SWEEP_TYPES) +
-                   "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv")
-    p.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True) (warn only) and no cuDNN benchmarking")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log to OUT/tensorboard (needs the optional tensorboard package)")
+    cli.flag_pair(
+        g,
+        "shuffle",
+        "shuffle each epoch from the seeded generator (seed recipe: on)",
+        "keep the file order every epoch",
+    )
+    g.add_argument(
+        "--clean-epochs",
+        type=cli.nonneg_int,
+        default=None,
+        metavar="N",
+        help="train the last N epochs on the plain images: no crops, no flips (seed: 0)",
+    )
+    g.add_argument(
+        "--ema",
+        type=cli.fraction,
+        default=None,
+        metavar="DECAY",
+        help="evaluate and save an exponential moving average of the weights and BatchNorm "
+        "statistics, updated every batch with this decay (warm-up min(DECAY, (1+t)/(10+t))); "
+        "0 = off, evaluate the raw weights (seed: 0)",
+    )
+    p.add_argument(
+        "--sweep",
+        nargs="+",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="train the cartesian product of these settings (keys: "
+        + ", ".join(SWEEP_TYPES)
+        + "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms(True) (warn only) and no cuDNN benchmarking",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to OUT/tensorboard (needs the optional tensorboard package)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     cli.add_data_args(p)
     return p
 
 
 # --------------------------------------------------------------------------- distributed
+
 
 @dataclass
 class Dist:
@@ -199,6 +264,7 @@ def barrier(d: Dist) -> None:
 
 # --------------------------------------------------------------------------- Ctrl-C
 
+
 class StopRequest:
     """First Ctrl-C: finish the batch, save a checkpoint, exit. Second: abort now."""
 
@@ -212,8 +278,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if not self.quiet:
-            print("\nInterrupted: finishing this batch and saving a checkpoint "
-                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+            print(
+                "\nInterrupted: finishing this batch and saving a checkpoint (Ctrl-C again to abort without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __enter__(self):
         import threading
@@ -244,6 +313,7 @@ class Interrupted(Exception):
 
 # --------------------------------------------------------------------------- one run
 
+
 def resolve_config(args) -> dict:
     recipe = args.recipe or "seed"
     config = {"recipe": recipe, "seed": 0 if args.seed is None else args.seed, "kernels": args.kernels or "fused"}
@@ -270,8 +340,16 @@ def evaluate_split(model, images, labels, batch_size: int = 2000) -> tuple[float
     return loss_sum.item() / n, correct.item() / n, int(correct.item())
 
 
-def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.device, d: Dist,
-              resume: dict | None = None, progress: bool = True, tensorboard: bool = False) -> dict:
+def train_run(
+    config: dict,
+    out: Path,
+    ds: data.FashionMNIST,
+    device: torch.device,
+    d: Dist,
+    resume: dict | None = None,
+    progress: bool = True,
+    tensorboard: bool = False,
+) -> dict:
     """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C."""
     from tqdm import tqdm
 
@@ -315,8 +393,10 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
         partial = dict(resume["partial"])
         if main:
             if epoch >= config["epochs"]:
-                print(f"{out / 'checkpoint.pt'}: the run is already finished ({epoch} epochs); "
-                      "recomputing its final results")
+                print(
+                    f"{out / 'checkpoint.pt'}: the run is already finished ({epoch} epochs); "
+                    "recomputing its final results"
+                )
             else:
                 where = f"epoch {epoch + 1}, batch {step + 1}" if step else f"epoch {epoch + 1}"
                 print(f"resuming {out / 'checkpoint.pt'} at {where} of {config['epochs']}")
@@ -342,11 +422,16 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
-            "epoch": ep, "step": st,
+            "epoch": ep,
+            "step": st,
             "rng": {**checkpoint.rng_state(gen), "data": epoch_start_state},
-            "partial": part, "history": history, "config": config, "kernels": config["kernels"],
+            "partial": part,
+            "history": history,
+            "config": config,
+            "kernels": config["kernels"],
             # the batches of an epoch depend on these: a resume needs the same
-            "world_size": d.world_size, "train_images": n_train,
+            "world_size": d.world_size,
+            "train_images": n_train,
         }
 
     def write_metrics() -> None:
@@ -358,15 +443,23 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             # the last clean_epochs epochs see the plain images (key absent in checkpoints from before it)
             augment = epoch < config["epochs"] - config.get("clean_epochs", 0)
             crop_pad = config["crop_pad"] if augment else 0
-            plan = plan_epoch(n_train, gen, config["shuffle"], crop_pad, config["flip"] and augment,
-                              d.rank, d.world_size)
+            plan = plan_epoch(
+                n_train, gen, config["shuffle"], crop_pad, config["flip"] and augment, d.rank, d.world_size
+            )
             batches = Batches(train_x, train_y, plan, config["batch_size"], crop_pad, start=step)
             loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
             correct = torch.tensor(partial["correct"], dtype=torch.long, device=device)
             seen, elapsed = partial["seen"], partial["time"]
             net.train()
-            bar = tqdm(batches, total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{config['epochs']}",
-                       disable=not (progress and main), leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                batches,
+                total=steps_per_epoch,
+                initial=step,
+                desc=f"epoch {epoch + 1}/{config['epochs']}",
+                disable=not (progress and main),
+                leave=False,
+                dynamic_ncols=True,
+            )
             t0 = time.perf_counter()
             for x, y in bar:
                 optimizer.zero_grad(set_to_none=True)
@@ -395,7 +488,12 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - t0
-            stats = all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]), d)
+            stats = all_reduce_sum(
+                torch.stack(
+                    [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]
+                ),
+                d,
+            )
             total_seen = int(stats[2].item())
             times = all_reduce_sum(torch.tensor([elapsed], dtype=torch.float64, device=device), d)
             epoch_time = times.item() / d.world_size
@@ -423,9 +521,12 @@ def train_run(config: dict, out: Path, ds: data.FashionMNIST, device: torch.devi
                 write_metrics()
                 if tb is not None:
                     tb.epoch(epoch, record, model)
-                print(f"epoch {epoch:>3}/{config['epochs']}  train loss {record['train_loss']:.4f}  "
-                      f"train acc {record['train_acc']:.4f}  test acc{' (EMA)' if ema is not None else ''} {test_acc:.4f}  "
-                      f"{epoch_time:.1f} s  {record['images_per_s']:.0f} img/s", flush=True)
+                print(
+                    f"epoch {epoch:>3}/{config['epochs']}  train loss {record['train_loss']:.4f}  "
+                    f"train acc {record['train_acc']:.4f}  test acc{' (EMA)' if ema is not None else ''} {test_acc:.4f}  "
+                    f"{epoch_time:.1f} s  {record['images_per_s']:.0f} img/s",
+                    flush=True,
+                )
             if stop.check(d, device) and epoch < config["epochs"]:
                 raise Interrupted(f"after epoch {epoch}", out)
     if tb is not None:
@@ -452,10 +553,15 @@ def finish(config, out: Path, model, ds, test_x, history, main: bool, eval_weigh
     if main:
         from . import viz
 
-        print(f"test accuracy {acc:.4f} ({'EMA' if eval_weights == 'ema' else 'raw'} weights); confusion matrix (rows: true, columns: predicted):")
+        print(
+            f"test accuracy {acc:.4f} ({'EMA' if eval_weights == 'ema' else 'raw'} weights); confusion matrix (rows: true, columns: predicted):"
+        )
         print(format_confusion(cm))
-        viz.save_confusion(cm, out / "confusion.png",
-                           title=f"Test set, {config['recipe']} recipe, {config['kernels']} kernels: accuracy {acc:.4f}")
+        viz.save_confusion(
+            cm,
+            out / "confusion.png",
+            title=f"Test set, {config['recipe']} recipe, {config['kernels']} kernels: accuracy {acc:.4f}",
+        )
         viz.save_curves(history, out / "curves.png")
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out}/{{checkpoint.pt,metrics.jsonl,confusion.png,curves.png,summary.json}}")
@@ -470,6 +576,7 @@ def _kernels_status() -> dict:
 
 
 # --------------------------------------------------------------------------- main
+
 
 def _explicit_overrides(args) -> dict:
     keys = ("recipe", "seed", "kernels", *recipes.TRAINING_KEYS)
@@ -497,8 +604,11 @@ def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
     keys = [k for k, _ in grid]
     both = [k for k in keys if getattr(args, k, None) is not None]
     if both:
-        raise UsageError("--sweep", f"{', '.join(both)} also given as "
-                                    f"{', '.join('--' + k.replace('_', '-') for k in both)}; give each setting once")
+        raise UsageError(
+            "--sweep",
+            f"{', '.join(both)} also given as "
+            f"{', '.join('--' + k.replace('_', '-') for k in both)}; give each setting once",
+        )
     runs: list[SweepRun] = []
     for values in itertools.product(*(v for _, v in grid)):
         ns = argparse.Namespace(**vars(args))
@@ -511,8 +621,10 @@ def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
         for other in runs:
             if other.config == config or other.name == name:
                 what = f"run {name} comes twice" if other.name == name else f"runs {other.name} and {name} are the same"
-                raise UsageError("--sweep", f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010); "
-                                            "give each value once")
+                raise UsageError(
+                    "--sweep",
+                    f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010); give each value once",
+                )
         runs.append(SweepRun(name, values, config, base_out / name))
     return runs
 
@@ -523,16 +635,29 @@ def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, 
         if d.main:
             print(f"== run {len(results) + 1}/{len(runs)}: {r.name}")
         s = train_run(r.config, r.out, ds, device, d, progress=progress)
-        results.append({**dict(zip(keys, r.values)), "test_acc": s["test_acc"],
-                        "train_acc": s["final"]["train_acc"], "train_loss": s["final"]["train_loss"],
-                        "epoch_time_s": round(s["mean_epoch_time_s"], 2), "run": str(r.out)})
+        results.append(
+            {
+                **dict(zip(keys, r.values)),
+                "test_acc": s["test_acc"],
+                "train_acc": s["final"]["train_acc"],
+                "train_loss": s["final"]["train_loss"],
+                "epoch_time_s": round(s["mean_epoch_time_s"], 2),
+                "run": str(r.out),
+            }
+        )
     results.sort(key=lambda r: r["test_acc"], reverse=True)
     if d.main:
         cols = list(results[0])
         print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
         for r in results:
-            print("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c.endswith(("acc", "loss"))
-                                    else str(r[c]) for c in cols) + " |")
+            print(
+                "| "
+                + " | ".join(
+                    f"{r[c]:.4f}" if isinstance(r[c], float) and c.endswith(("acc", "loss")) else str(r[c])
+                    for c in cols
+                )
+                + " |"
+            )
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
@@ -568,8 +693,9 @@ def _check_args(args) -> list | None:
         try:
             importlib.import_module("torch.utils.tensorboard")
         except ImportError as e:
-            raise UsageError("--tensorboard", f"needs the tensorboard package ({e}); "
-                                              "install it with: pip install tensorboard") from None
+            raise UsageError(
+                "--tensorboard", f"needs the tensorboard package ({e}); install it with: pip install tensorboard"
+            ) from None
     return grid
 
 
@@ -581,27 +707,41 @@ def _load_resume(args, out: Path, world_size: int) -> dict:
     except checkpoint.CheckpointError as e:
         raise UsageError("--resume", str(e)) from None
     saved = resume["config"]
-    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
-                 for k, v in _explicit_overrides(args).items() if saved.get(k) != v]
+    conflicts = [
+        f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})"
+        for k, v in _explicit_overrides(args).items()
+        if saved.get(k) != v
+    ]
     if conflicts:
-        raise UsageError("--resume", "the run's settings come from the checkpoint; these differ: " + ", ".join(conflicts))
+        raise UsageError(
+            "--resume", "the run's settings come from the checkpoint; these differ: " + ", ".join(conflicts)
+        )
     if resume["world_size"] != world_size:
         n = resume["world_size"]
         how = "without torchrun" if n == 1 else f"under torchrun --nproc_per_node={n}"
-        raise UsageError("--resume", f"{ckpt_path} was written by {n} training process(es), this run has "
-                                     f"{world_size}; the batches of an epoch depend on it: resume {how}")
+        raise UsageError(
+            "--resume",
+            f"{ckpt_path} was written by {n} training process(es), this run has "
+            f"{world_size}; the batches of an epoch depend on it: resume {how}",
+        )
     return resume
 
 
 def _check_data(ds, d: Dist, resume: dict | None, out: Path) -> None:
     n = len(ds.train)
     if n // d.world_size < 2:
-        raise UsageError("--data-dir", f"the training split has {n} image(s): at least 2 per process "
-                                       f"({d.world_size}) are needed (BatchNorm cannot train on one image)")
+        raise UsageError(
+            "--data-dir",
+            f"the training split has {n} image(s): at least 2 per process "
+            f"({d.world_size}) are needed (BatchNorm cannot train on one image)",
+        )
     # checkpoints from before the field: unknown, not checked
     if resume is not None and resume.get("train_images", n) != n:
-        raise UsageError("--resume", f"{out / 'checkpoint.pt'} was trained on {resume['train_images']} training "
-                                     f"images, these data have {n}; resume it with the same data")
+        raise UsageError(
+            "--resume",
+            f"{out / 'checkpoint.pt'} was trained on {resume['train_images']} training "
+            f"images, these data have {n}; resume it with the same data",
+        )
 
 
 @clirun.guarded("fmnist_ext.train")  # `train ... | head`: a closed stdout pipe exits 141 quietly
@@ -652,7 +792,9 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
             present = [name for name in RUN_FILES if (path / name).exists()]
             if present:
                 hint = "add --resume to continue it or " if "checkpoint.pt" in present and not sweep else ""
-                raise UsageError("--out", f"{path} already holds a run ({', '.join(present)}); {hint}choose another --out")
+                raise UsageError(
+                    "--out", f"{path} already holds a run ({', '.join(present)}); {hint}choose another --out"
+                )
         if sweep and (out / "sweep.csv").exists():
             raise UsageError("--out", f"{out / 'sweep.csv'} exists (an earlier sweep); choose another --out")
     resume = _load_resume(args, out, d0.world_size) if args.resume else None
@@ -664,11 +806,13 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
 
     d, device = init_distributed(parser, args.device)
     from .selfcheck import precheck_training  # fused kernels usable here? else exit 2 (issue 8 §3)
+
     precheck_training(parser, config["kernels"], device)
     try:
         if d.main:
-            ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download,
-                           progress=not args.no_progress)
+            ds = data.load(
+                args.data_dir, verify=not args.no_verify, download=not args.no_download, progress=not args.no_progress
+            )
         barrier(d)  # rank 0 downloads (if needed) before the others look
         if not d.main:
             ds = data.load(args.data_dir, verify=not args.no_verify, download=False, progress=False)
@@ -676,8 +820,12 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         cli.fail(parser, str(e))
     _check_data(ds, d, resume, out)
     if d.main:
-        print(f"{ds.describe()} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
-              + (f" x {d.world_size} processes" if d.enabled else "") + f"; kernels {config['kernels']}", flush=True)
+        print(
+            f"{ds.describe()} ({len(ds.train)} train, {len(ds.test)} test); device {device}"
+            + (f" x {d.world_size} processes" if d.enabled else "")
+            + f"; kernels {config['kernels']}",
+            flush=True,
+        )
     try:
         if sweep:
             return run_sweep(runs, [k for k, _ in grid], out, d, device, ds, progress=not args.no_progress)
@@ -688,14 +836,25 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     except Interrupted as e:
         if d.main:
             cmd = f"python -m fmnist_ext.train --out {e.out} --resume"
-            print(f"\nstopped {e}; checkpoint saved to {e.out / 'checkpoint.pt'}.\n"
-                  + (f"The sweep stops here and {out / 'sweep.csv'} is not written; finish this run with: {cmd}"
-                     if sweep else f"resume with: {cmd}"), file=sys.stderr, flush=True)
+            print(
+                f"\nstopped {e}; checkpoint saved to {e.out / 'checkpoint.pt'}.\n"
+                + (
+                    f"The sweep stops here and {out / 'sweep.csv'} is not written; finish this run with: {cmd}"
+                    if sweep
+                    else f"resume with: {cmd}"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if d.main:
-            print(f"\naborted; the last checkpoint in {out} (if any) is intact"
-                  + ("" if sweep else "; resume with --resume"), file=sys.stderr, flush=True)
+            print(
+                f"\naborted; the last checkpoint in {out} (if any) is intact"
+                + ("" if sweep else "; resume with --resume"),
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_INTERRUPTED
     finally:
         if d.enabled:

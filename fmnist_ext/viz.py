@@ -6,6 +6,7 @@
 All files are written atomically, in the format of their extension (checked,
 with the folder, before any work). matplotlib runs with the Agg backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,9 @@ def _plt():
     return plt
 
 
-def sprite_array(images: torch.Tensor, labels: torch.Tensor, rows_per_class: int = 3, columns: int = 10) -> torch.Tensor:
+def sprite_array(
+    images: torch.Tensor, labels: torch.Tensor, rows_per_class: int = 3, columns: int = 10
+) -> torch.Tensor:
     """uint8 (10*rows*28, columns*28): each class on `rows_per_class` rows, the
     first images of that class in dataset order."""
     n = rows_per_class * columns
@@ -70,8 +73,9 @@ def save_confusion(cm: torch.Tensor, path, title: str = "Confusion matrix (test 
     thresh = m.max() / 2 if m.size else 0
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if m[i, j] > thresh else "black")
+            ax.text(
+                j, i, str(m[i, j]), ha="center", va="center", fontsize=7, color="white" if m[i, j] > thresh else "black"
+            )
     fig.tight_layout()
     atomic.save_figure(fig, path)
     plt.close(fig)
@@ -133,15 +137,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = argparse.ArgumentParser(prog=cli.prog("fmnist_ext.viz"), description="Fashion-MNIST pictures.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sprite", help="the training-set sprite: each class on three rows")
-    s.add_argument("--out", default="sprite.png",
-                   help="image to write; the format follows the extension (png, pdf, svg, ...; default: sprite.png)")
+    s.add_argument(
+        "--out",
+        default="sprite.png",
+        help="image to write; the format follows the extension (png, pdf, svg, ...; default: sprite.png)",
+    )
     s.add_argument("--rows", type=cli.positive_int, default=3, help="rows per class (default: 3)")
     s.add_argument("--columns", type=cli.positive_int, default=10, help="images per row (default: 10)")
     cli.add_data_args(s)
     c = sub.add_parser("curves", help="training curves of a run folder (from its metrics.jsonl)")
     c.add_argument("run_dir", help="run folder written by fmnist_ext.train")
-    c.add_argument("--out", default=None,
-                   help="image to write; the format follows the extension (default: RUN_DIR/curves.png)")
+    c.add_argument(
+        "--out", default=None, help="image to write; the format follows the extension (default: RUN_DIR/curves.png)"
+    )
     return p, {"sprite": s, "curves": c}
 
 

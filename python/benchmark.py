@@ -9,14 +9,17 @@ The implementation is fmnist_ext.benchmark (so the installed console command
 the package first (pip install --no-build-isolation .): this script imports
 the installed fmnist_ext, with its compiled kernels.
 """
+
 import sys
 from pathlib import Path
 
 try:
     from fmnist_ext.benchmark import main
 except ImportError as exc:  # pragma: no cover - message for a missing install
-    sys.exit(f"python/benchmark.py: cannot import fmnist_ext ({exc}); install it with "
-             "`pip install --no-build-isolation .` from the repository root")
+    sys.exit(
+        f"python/benchmark.py: cannot import fmnist_ext ({exc}); install it with "
+        "`pip install --no-build-isolation .` from the repository root"
+    )
 
 if __name__ == "__main__":
     # The repository this script lives in, for the commit recorded in the JSON.

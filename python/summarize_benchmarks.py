@@ -6,6 +6,7 @@ Each JSON comes from one run of python/benchmark.py; the columns are those
 runs (e.g. the default glibc allocator and MALLOC_MMAP_THRESHOLD_ set), and
 every ratio in a column was measured side by side within that run.
 """
+
 from __future__ import annotations
 
 import argparse

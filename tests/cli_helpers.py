@@ -1,4 +1,5 @@
 """Helpers for the command-line error tests: exit codes, the one-line error, a checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
+from fmnist_app_helpers import write_dataset
 
 from fmnist_ext import checkpoint, data
 from fmnist_ext.model import FashionCNN
-from fmnist_app_helpers import write_dataset
 
 NO_NET = ["--no-verify", "--no-download"]
 

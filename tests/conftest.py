@@ -4,12 +4,12 @@ FMNIST_REQUIRE_COMPILED=1 (set by scripts/test.sh, so by CI) turns a silent
 fallback to the pure-PyTorch reference into a failed test session: the suite
 must test the compiled kernels, not the reference against itself.
 """
+
 import os
 
 import pytest
 import torch
 
-import fmnist_ext
 from fmnist_ext.op import _library
 
 CPU_ISAS_ORDER = ("default", "avx2", "avx512")

@@ -1,4 +1,5 @@
 """Helpers for the application tests: synthetic IDX data sets, the real data."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,7 @@ def real_data_dir() -> Path:
     for d in [os.environ.get(data.DATA_ENV), *map(str, data.SYSTEM_DIRS), str(data.cache_dir())]:
         if d and not data.files_in(Path(d))[1]:
             return Path(d)
-    msg = ("real Fashion-MNIST not found (install Debian's dataset-fashion-mnist "
-           f"or set {data.DATA_ENV})")
+    msg = f"real Fashion-MNIST not found (install Debian's dataset-fashion-mnist or set {data.DATA_ENV})"
     if os.environ.get("CI"):
         pytest.fail(msg)
     pytest.skip(msg)

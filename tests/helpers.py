@@ -1,4 +1,5 @@
 """Helpers shared by the operator tests."""
+
 import torch
 
 import fmnist_ext
@@ -28,9 +29,11 @@ def forward_and_grads(fn, x, w, b, padding, pool, grad_out=None):
     if grad_out is None:
         grad_out = torch.randn_like(y)
     inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(y, inputs, grad_out, allow_unused=True) if inputs and y.numel() else [
-        torch.zeros_like(t) for t in inputs
-    ]
+    grads = (
+        torch.autograd.grad(y, inputs, grad_out, allow_unused=True)
+        if inputs and y.numel()
+        else [torch.zeros_like(t) for t in inputs]
+    )
     return y, grads, grad_out
 
 

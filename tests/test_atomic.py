@@ -1,4 +1,5 @@
 """atomic.py: permissions like open(), a full disk keeps the previous file."""
+
 from __future__ import annotations
 
 import errno

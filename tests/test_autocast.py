@@ -9,6 +9,7 @@ flaky, since a window whose two largest values round to a tie in bfloat16
 sends its whole gradient to another pixel. Gradients are judged against the
 float32 truth: the fused op's must be at least about as accurate as stock's.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F

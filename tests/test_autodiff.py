@@ -5,6 +5,7 @@ zeros (torch.func.jacfwd) and double backward exact zeros, silently; these
 tests compare every mode with stock in float64 (the winners are the same, so
 the results agree to rounding).
 """
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -30,6 +31,7 @@ def _case(n, cin, h, w, cout, k, padding, pool, bias):
     def make(fn):
         def f(x, wt, b=None):
             return fn(x, wt, b, pair(padding), pool)
+
         return f
 
     return args, make(lambda *a: fmnist_ext.conv_relu_maxpool2d(*a)), make(stock)
@@ -134,8 +136,9 @@ def test_func_grad_and_vmap_match_stock():
     xs = torch.randn(3, *x.shape, dtype=x.dtype)
     ws = torch.randn(3, *wt.shape, dtype=wt.dtype)
     for in_dims, batch in (((0, None, None), (xs, wt, b)), ((None, 0, None), (x, ws, b))):
-        torch.testing.assert_close(torch.vmap(fused, in_dims=in_dims)(*batch),
-                                   torch.vmap(ref, in_dims=in_dims)(*batch), **TOL)
+        torch.testing.assert_close(
+            torch.vmap(fused, in_dims=in_dims)(*batch), torch.vmap(ref, in_dims=in_dims)(*batch), **TOL
+        )
 
 
 @requires_compiled_cpu

@@ -7,6 +7,7 @@ read their offset table with the bad index and wrote grad_input far out of
 bounds (a segfault), so the calls run in a child process: a crash is a failed
 test, not a dead test session. The child checks every CPU ISA build.
 """
+
 import json
 import os
 import subprocess
@@ -50,8 +51,9 @@ CHILD = textwrap.dedent(
 def test_out_of_window_indices_pass_no_gradient_on_every_isa():
     isas = supported_cpu_isas()
     env = {k: v for k, v in os.environ.items() if k != "FMNIST_CPU_ISA"}
-    out = subprocess.run([sys.executable, "-c", CHILD, ",".join(isas)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, ",".join(isas)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, f"child died with {out.returncode}: {out.stderr[-2000:]}"
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) == len(isas) * 10
@@ -59,4 +61,4 @@ def test_out_of_window_indices_pass_no_gradient_on_every_isa():
         assert r["same"], r
     # The int32 case really stored the negative / huge values it claims to test.
     stored = {r["stored"] for r in results if r["pool"] == 16}
-    assert {-1, -2**31, 2**31 - 1} <= stored
+    assert {-1, -(2**31), 2**31 - 1} <= stored

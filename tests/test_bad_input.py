@@ -1,9 +1,10 @@
 """Every bad input gets a Python exception naming the argument, never a crash."""
+
 import pytest
 import torch
+from conftest import requires_compiled_cpu
 
 import fmnist_ext
-from conftest import requires_compiled_cpu
 
 
 def ok():
@@ -15,15 +16,35 @@ CASES = [
     ("input-not-4d", lambda x, w, b: (x[0], w, b, 0, 2), ValueError, "input to be a 4-D"),
     ("weight-not-4d", lambda x, w, b: (x, w[0], b, 0, 2), ValueError, "weight to be a 4-D"),
     ("integer-input", lambda x, w, b: (x.long(), w, b, 0, 2), TypeError, "input to be float32 or float64"),
-    ("complex-input", lambda x, w, b: (x.cfloat(), w.cfloat(), b.cfloat(), 0, 2), TypeError, "input to be float32 or float64, got torch.complex64"),
-    ("bfloat16-input", lambda x, w, b: (x.bfloat16(), w.bfloat16(), b.bfloat16(), 0, 2), TypeError, "input to be float32 or float64, got torch.bfloat16"),
+    (
+        "complex-input",
+        lambda x, w, b: (x.cfloat(), w.cfloat(), b.cfloat(), 0, 2),
+        TypeError,
+        "input to be float32 or float64, got torch.complex64",
+    ),
+    (
+        "bfloat16-input",
+        lambda x, w, b: (x.bfloat16(), w.bfloat16(), b.bfloat16(), 0, 2),
+        TypeError,
+        "input to be float32 or float64, got torch.bfloat16",
+    ),
     ("integer-weight", lambda x, w, b: (x, w.int(), b, 0, 2), TypeError, "weight to have the dtype of input"),
     ("mixed-dtypes", lambda x, w, b: (x, w.double(), b, 0, 2), TypeError, "weight to have the dtype of input"),
     ("mixed-bias-dtype", lambda x, w, b: (x, w, b.double(), 0, 2), TypeError, "bias to have the dtype"),
     ("channel-mismatch", lambda x, w, b: (x, torch.randn(6, 2, 5, 5), b, 0, 2), ValueError, "in-channels"),
-    ("bias-wrong-length", lambda x, w, b: (x, w, torch.randn(5), 0, 2), ValueError, "bias to be a 1-D tensor of length C_out = 6"),
+    (
+        "bias-wrong-length",
+        lambda x, w, b: (x, w, torch.randn(5), 0, 2),
+        ValueError,
+        "bias to be a 1-D tensor of length C_out = 6",
+    ),
     ("bias-not-1d", lambda x, w, b: (x, w, torch.randn(6, 1), 0, 2), ValueError, "bias to be a 1-D"),
-    ("kernel-larger-than-padded-input", lambda x, w, b: (x, torch.randn(6, 1, 31, 5), b, 1, 2), ValueError, "larger than the padded input"),
+    (
+        "kernel-larger-than-padded-input",
+        lambda x, w, b: (x, torch.randn(6, 1, 31, 5), b, 1, 2),
+        ValueError,
+        "larger than the padded input",
+    ),
     ("pool-larger-than-conv-output", lambda x, w, b: (x, w, b, 0, 25), ValueError, "pool window 25 is larger"),
     ("negative-padding", lambda x, w, b: (x, w, b, -1, 2), ValueError, "padding must be non-negative"),
     ("negative-padding-pair", lambda x, w, b: (x, w, b, (0, -2), 2), ValueError, "padding must be non-negative"),

@@ -5,15 +5,24 @@ asserted: the machine is noisy); the gate must refuse a wrong model; the
 parent's bookkeeping (rounds, best of rounds, ratios, compile once, targets)
 is checked on canned worker results; one real subprocess checks the plumbing.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fmnist_ext import bench_model, bench_model_worker as worker
+from fmnist_ext import bench_model
+from fmnist_ext import bench_model_worker as worker
 
-TINY_TRAIN = {"task": "train", "threads": 1, "batch": 32, "epoch_steps": 2, "warmup_steps": 1,
-              "timed_steps": 2, "epoch_reps": 1}
+TINY_TRAIN = {
+    "task": "train",
+    "threads": 1,
+    "batch": 32,
+    "epoch_steps": 2,
+    "warmup_steps": 1,
+    "timed_steps": 2,
+    "epoch_reps": 1,
+}
 TINY_INFER = {"task": "infer", "threads": 1, "batches": [1, 5], "min_time_s": 0.01, "blocks": 2}
 
 
@@ -67,8 +76,15 @@ def test_the_gate_refuses_a_wrong_training_step(monkeypatch):
 def test_profile_task_charges_time_to_layers():
     res = worker.profile_task({"task": "profile", "threads": 1, "batch": 32, "profile_steps": 1})
     per = res["self_cpu_s_per_step"]
-    for key in ("forward | conv blocks", "backward | conv blocks", "forward | BatchNorm",
-                "backward | BatchNorm", "forward | Linear", "optimizer | all", "loss | cross-entropy"):
+    for key in (
+        "forward | conv blocks",
+        "backward | conv blocks",
+        "forward | BatchNorm",
+        "backward | BatchNorm",
+        "forward | Linear",
+        "optimizer | all",
+        "loss | cross-entropy",
+    ):
         assert per.get(key, 0) > 0, (key, sorted(per))
 
 
@@ -77,25 +93,47 @@ def test_profile_task_charges_time_to_layers():
 
 def _fake_worker(calls):
     step = {"fused": 0.010, "stock": 0.070, "compile": 0.100, "fused-adam-foreach": 0.009, "fused-adam-fused": 0.008}
-    fwd = {"stock": {1: 250e-6, 64: 2e-3}, "fused": {1: 100e-6, 64: 1e-3}, "inference": {1: 25e-6, 64: 0.5e-3},
-           "compile": {1: 200e-6, 64: 1.5e-3}}
+    fwd = {
+        "stock": {1: 250e-6, 64: 2e-3},
+        "fused": {1: 100e-6, 64: 1e-3},
+        "inference": {1: 25e-6, 64: 0.5e-3},
+        "compile": {1: 200e-6, 64: 1.5e-3},
+    }
     ok = {"ok": True, "reason": None, "max_rel_err": {}}
 
     def run(spec, allocator):
         calls.append((allocator, spec["task"], spec.get("impl")))
-        slow = 1.0 + 0.5 * (sum(1 for c in calls if c[1:] == (spec["task"], spec.get("impl")) and c[0] == allocator) % 2)
+        slow = 1.0 + 0.5 * (
+            sum(1 for c in calls if c[1:] == (spec["task"], spec.get("impl")) and c[0] == allocator) % 2
+        )
         if spec["task"] == "train":
             if spec["impl"] == "fused-adam-foreach":
                 return {"error": "exit code 1: boom"}
             s = step[spec["impl"]] * slow
-            return {"check": ok, "first_call_s": 0.5, "adam": "default", "fused_compiled": True,
-                    "step": {"median_s": s, "min_s": s, "n": 3}, "epoch": {"median_s": 60 * s, "min_s": 60 * s, "n": 1}}
+            return {
+                "check": ok,
+                "first_call_s": 0.5,
+                "adam": "default",
+                "fused_compiled": True,
+                "step": {"median_s": s, "min_s": s, "n": 3},
+                "epoch": {"median_s": 60 * s, "min_s": 60 * s, "n": 1},
+            }
         if spec["task"] == "infer":
-            return {"batches": {str(b): {"check": ok, "first_call_s": 0.1,
-                                          "forward": {"median_s": fwd[spec["impl"]][b] * slow, "min_s": 0, "n": 2}}
-                                for b in spec["batches"]}}
-        return {"steps": 1, "wall_per_step_s": 0.02, "self_cpu_s_per_step": {"forward | conv blocks": 0.004,
-                                                                            "optimizer | all": 0.001}}
+            return {
+                "batches": {
+                    str(b): {
+                        "check": ok,
+                        "first_call_s": 0.1,
+                        "forward": {"median_s": fwd[spec["impl"]][b] * slow, "min_s": 0, "n": 2},
+                    }
+                    for b in spec["batches"]
+                }
+            }
+        return {
+            "steps": 1,
+            "wall_per_step_s": 0.02,
+            "self_cpu_s_per_step": {"forward | conv blocks": 0.004, "optimizer | all": 0.001},
+        }
 
     return run
 
@@ -105,8 +143,7 @@ def test_run_section_bookkeeping(monkeypatch):
     monkeypatch.setattr(bench_model, "run_worker", _fake_worker(calls))
     tiny = {**bench_model.settings(True), "infer_batches": [1, 64]}
     monkeypatch.setattr(bench_model, "settings", lambda quick: tiny)
-    sec = bench_model.run_section(quick=False, allocators=["default", "tuned"], rounds=2, threads=2,
-                                  log=lambda m: None)
+    sec = bench_model.run_section(quick=False, allocators=["default", "tuned"], rounds=2, threads=2, log=lambda m: None)
     # compile: one process, in the first allocator only; everything else once per round and allocator
     assert calls.count(("default", "train", "compile")) == 1 and calls.count(("tuned", "train", "compile")) == 0
     assert calls.count(("tuned", "train", "fused")) == 2 and calls.count(("default", "infer", "inference")) == 2
@@ -135,8 +172,14 @@ def test_a_real_worker_process():
     assert bad["error"].startswith("exit code 1")
 
 
-@pytest.mark.parametrize("argv, msg", [(["--allocators", "jemalloc"], "--allocators"),
-                                       (["--rounds", "0"], "--rounds"), (["--threads", "0"], "--threads")])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--allocators", "jemalloc"], "--allocators"),
+        (["--rounds", "0"], "--rounds"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
 def test_cli_rejects_bad_arguments(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         bench_model.main(argv)
@@ -146,8 +189,9 @@ def test_cli_rejects_bad_arguments(argv, msg, capsys):
 def test_benchmark_report_renders_the_section(monkeypatch):
     from fmnist_ext import benchmark as bench
 
-    args = bench.build_parser().parse_args(["--quick", "--no-model", "--blocks", "1", "--batch-sizes", "1",
-                                            "--impls", "fused", "--threads", "1"])
+    args = bench.build_parser().parse_args(
+        ["--quick", "--no-model", "--blocks", "1", "--batch-sizes", "1", "--impls", "fused", "--threads", "1"]
+    )
     report = bench.run(args, log=lambda m: None)
     assert report["whole_model"] is None  # --quick/--no-model: not run
     calls = []

@@ -5,6 +5,7 @@ documented structure, and that the correctness gate refuses an implementation
 that does not match stock (no timing of these is asserted: the figures come
 from a tiny, noisy run).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,23 @@ def restore_threads():
 def test_quick_run_writes_markdown_json_png(tmp_path):
     out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1",
-         "--json", str(out_json), "--png", str(out_png), "--markdown", str(out_md)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+            "--png",
+            str(out_png),
+            "--markdown",
+            str(out_md),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -62,8 +77,9 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
 
     rows = report["rows"]
     keys = {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows}
-    expected = {(b, n, p, i) for b in (1, 2) for n in (1, 64) for p in bench.PASSES
-                for i in ("fused", "stock", "reference")}
+    expected = {
+        (b, n, p, i) for b in (1, 2) for n in (1, 64) for p in bench.PASSES for i in ("fused", "stock", "reference")
+    }
     assert keys == expected
     for r in rows:
         assert r["status"] == "ok", r
@@ -77,8 +93,11 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
         if r["impl"] == "stock":
             assert r["speedup_vs_stock"] == 1.0
         else:
-            stock = next(s for s in rows if s["impl"] == "stock" and
-                         (s["block"], s["batch"], s["pass"]) == (r["block"], r["batch"], r["pass"]))
+            stock = next(
+                s
+                for s in rows
+                if s["impl"] == "stock" and (s["block"], s["batch"], s["pass"]) == (r["block"], r["batch"], r["pass"])
+            )
             assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
 
     model = report["model"]
@@ -185,14 +204,32 @@ def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     state = bench.CompileState()
-    recs = bench.bench_row(bench.BLOCKS[2], 2, "fwd", {"stock": bench.stock_block, "compile": None},
-                           torch.device("cpu"), 1, 0.01, None, state)
+    recs = bench.bench_row(
+        bench.BLOCKS[2],
+        2,
+        "fwd",
+        {"stock": bench.stock_block, "compile": None},
+        torch.device("cpu"),
+        1,
+        0.01,
+        None,
+        state,
+    )
     comp = next(r for r in recs if r["impl"] == "compile")
     assert comp["status"] == "skipped" and "RuntimeError: no compiler here" in comp["reason"]
     assert "median_s" not in comp
     # later rows are skipped with the same reason, without trying again
-    recs = bench.bench_row(bench.BLOCKS[2], 2, "fwd+bwd", {"stock": bench.stock_block, "compile": None},
-                           torch.device("cpu"), 1, 0.01, None, state)
+    recs = bench.bench_row(
+        bench.BLOCKS[2],
+        2,
+        "fwd+bwd",
+        {"stock": bench.stock_block, "compile": None},
+        torch.device("cpu"),
+        1,
+        0.01,
+        None,
+        state,
+    )
     assert next(r for r in recs if r["impl"] == "compile")["status"] == "skipped"
 
 
@@ -240,10 +277,19 @@ def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
 # --- arguments and outputs checked before any timing ------------------------------
 
 
-@pytest.mark.parametrize("argv", [
-    ["--min-run-time", "nan"], ["--min-run-time", "-1"], ["--min-run-time", "0"], ["--min-run-time", "inf"],
-    ["--threads", "0"], ["--threads", "-2"], ["--threads", "x"], ["--blocks", "3"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--min-run-time", "nan"],
+        ["--min-run-time", "-1"],
+        ["--min-run-time", "0"],
+        ["--min-run-time", "inf"],
+        ["--threads", "0"],
+        ["--threads", "-2"],
+        ["--threads", "x"],
+        ["--blocks", "3"],
+    ],
+)
 def test_cli_rejects_bad_numbers_before_timing(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.build_parser().parse_args(argv)
@@ -259,12 +305,15 @@ def no_timing(monkeypatch):
     monkeypatch.setattr(bench, "run", timed)
 
 
-@pytest.mark.parametrize("args, words", [
-    (lambda t: ["--json", str(t)], "is a folder"),
-    (lambda t: ["--markdown", str(t / "file" / "b.md")], "is not a folder"),
-    (lambda t: ["--png", str(t / "b.weird")], "unknown image format 'weird'"),
-    (lambda t: ["--json", str(t / "b.out"), "--markdown", str(t / "b.out")], "is also the --json file"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (lambda t: ["--json", str(t)], "is a folder"),
+        (lambda t: ["--markdown", str(t / "file" / "b.md")], "is not a folder"),
+        (lambda t: ["--png", str(t / "b.weird")], "unknown image format 'weird'"),
+        (lambda t: ["--json", str(t / "b.out"), "--markdown", str(t / "b.out")], "is also the --json file"),
+    ],
+)
 def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, args, words):
     (tmp_path / "file").write_text("x")
     argv = args(tmp_path)
@@ -282,22 +331,31 @@ def _exit_code(fn, argv) -> int:
 
 def test_script_rejects_nan_quickly():
     # The reported hang: --min-run-time nan made blocked_autorange loop forever.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--min-run-time", "nan"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--min-run-time", "nan"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--min-run-time" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_outputs_written_atomically(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    report = {"schema": bench.SCHEMA, "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu",
-                                                 "threads": 1, "quick": True},
-              "machine": {"torch": torch.__version__}, "rows": [], "model": None}
+    report = {
+        "schema": bench.SCHEMA,
+        "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu", "threads": 1, "quick": True},
+        "machine": {"torch": torch.__version__},
+        "rows": [],
+        "model": None,
+    }
     png = tmp_path / "b.png"
     png.write_bytes(b"old chart")
 
     def failing_savefig(self, fname, *a, **k):
-        with (open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname) as f:
+        with open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname as f:
             f.write(b"half a chart")
         raise OSError(28, "No space left on device")
 

@@ -1,6 +1,7 @@
 """Checkpoint integrity and structure: every reader (checkpoint.load, and
 through it evaluate, predict and train --resume) refuses a damaged or foreign
 file with one line naming it."""
+
 from __future__ import annotations
 
 import io
@@ -10,10 +11,10 @@ import zipfile
 
 import pytest
 import torch
+from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 from torch import nn
 
 from fmnist_ext import checkpoint, evaluate, predict, train
-from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 
 SYN = ["--no-verify", "--no-download", "--no-progress"]
 
@@ -24,8 +25,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
     syn = write_dataset(root / "syn", n_train=300, n_test=100)
     out = root / "run"
-    assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(out), "--epochs", "1",
-                                  "--batch-size", "100"]) == 0
+    assert (
+        exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(out), "--epochs", "1", "--batch-size", "100"])
+        == 0
+    )
     return syn, out
 
 
@@ -49,8 +52,8 @@ def _largest_member_data(path) -> int:
         info = max(z.infolist(), key=lambda i: i.file_size)
     raw = path.read_bytes()
     h = info.header_offset
-    assert raw[h:h + 4] == b"PK\x03\x04"
-    name_len, extra_len = struct.unpack("<HH", raw[h + 26:h + 30])
+    assert raw[h : h + 4] == b"PK\x03\x04"
+    name_len, extra_len = struct.unpack("<HH", raw[h + 26 : h + 30])
     return h + 30 + name_len + extra_len
 
 
@@ -155,13 +158,16 @@ def _not_a_dict(ck):
     ck["model"] = [1, 2, 3]
 
 
-@pytest.mark.parametrize("change, words", [
-    (_other_architecture, ["another architecture", "missing conv1.weight", "unexpected 0.weight"]),
-    (_wrong_shape, ["fc1.weight has shape [120, 100], expected [120, 192]"]),
-    (_missing_key, ["missing bn2.running_var"]),
-    (_ema_wrong, ["EMA weights", "missing"]),
-    (_not_a_dict, ["not a state_dict"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (_other_architecture, ["another architecture", "missing conv1.weight", "unexpected 0.weight"]),
+        (_wrong_shape, ["fc1.weight has shape [120, 100], expected [120, 192]"]),
+        (_missing_key, ["missing bn2.running_var"]),
+        (_ema_wrong, ["EMA weights", "missing"]),
+        (_not_a_dict, ["not a state_dict"]),
+    ],
+)
 def test_wrong_structure_is_named_by_every_reader(trained, tmp_path, capsys, change, words):
     syn, run, path = _variant(trained, tmp_path, change)
     with pytest.raises(checkpoint.CheckpointError) as e:
@@ -175,13 +181,16 @@ def test_wrong_structure_is_named_by_every_reader(trained, tmp_path, capsys, cha
     _one_line_error(capsys, "--resume", str(path), *words)
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("optimizer", None, ["optimizer"]),
-    ("config", {"lr": 0.01}, ["setting 'recipe' missing"]),
-    ("epoch", 7, ["epoch 7"]),
-    ("rng", {"torch": 1}, ["rng"]),
-    ("world_size", 0, ["world_size 0"]),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("optimizer", None, ["optimizer"]),
+        ("config", {"lr": 0.01}, ["setting 'recipe' missing"]),
+        ("epoch", 7, ["epoch 7"]),
+        ("rng", {"torch": 1}, ["rng"]),
+        ("world_size", 0, ["world_size 0"]),
+    ],
+)
 def test_training_state_checked_for_resume(trained, tmp_path, capsys, key, value, words):
     def change(ck):
         if value is None:

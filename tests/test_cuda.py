@@ -9,6 +9,7 @@ skipped otherwise, with the reason. Without a GPU:
     ThreadSanitizer and under AddressSanitizer+UBSan, and compares forward
     and all gradients with the CPU kernels (exactly) and the stock sequence.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,18 +94,26 @@ MASKED_SHAPES = {"seed2_f", "direct_f", "pool16_f"}  # every output_mask subset 
 REPEATED_SHAPES = {"randn_f", "seed2_chunks_f", "slices_f", "direct_f", "seed1_d"}
 # Every kernel variant op_body.h can launch must run somewhere in the grid.
 EXPECTED_KERNELS = [
-    "forward_kernel<float, float, unsigned char, 2>", "forward_kernel<double, double, unsigned char, 2>",
-    "forward_kernel<float, float, unsigned char, 0>", "forward_kernel<float, float, int, 0>",
-    "forward_kernel<double, double, int, 0>", "forward_direct_kernel<float, float, unsigned char>",
-    "forward_direct_kernel<double, double, unsigned char>", "forward_direct_kernel<float, float, int>",
-    "backward_input_kernel<float, float, unsigned char, 1>", "backward_input_kernel<float, float, unsigned char, 4>",
-    "backward_input_kernel<double, double, unsigned char, 4>", "backward_input_kernel<float, float, int, 4>",
+    "forward_kernel<float, float, unsigned char, 2>",
+    "forward_kernel<double, double, unsigned char, 2>",
+    "forward_kernel<float, float, unsigned char, 0>",
+    "forward_kernel<float, float, int, 0>",
+    "forward_kernel<double, double, int, 0>",
+    "forward_direct_kernel<float, float, unsigned char>",
+    "forward_direct_kernel<double, double, unsigned char>",
+    "forward_direct_kernel<float, float, int>",
+    "backward_input_kernel<float, float, unsigned char, 1>",
+    "backward_input_kernel<float, float, unsigned char, 4>",
+    "backward_input_kernel<double, double, unsigned char, 4>",
+    "backward_input_kernel<float, float, int, 4>",
     "backward_input_direct_kernel<float, float, unsigned char>",
     "backward_input_direct_kernel<double, double, unsigned char>",
-    "backward_weight_kernel<float, float, unsigned char>", "backward_weight_kernel<double, double, int>",
+    "backward_weight_kernel<float, float, unsigned char>",
+    "backward_weight_kernel<double, double, int>",
     "backward_weight_direct_kernel<float, float, unsigned char>",
     "backward_weight_direct_kernel<double, double, unsigned char>",
-    "reduce_partials_kernel<float, float, unsigned char>", "reduce_partials_kernel<double, double, int>",
+    "reduce_partials_kernel<float, float, unsigned char>",
+    "reduce_partials_kernel<double, double, int>",
 ]
 
 
@@ -112,7 +121,7 @@ def _dyadic(shape, gen, dtype, scale=4):
     # Small multiples of 1/scale: every sum of products is exact in float32
     # and float64 whatever the order, so results compare exactly, and equal
     # values (ties between window positions) are frequent.
-    return (torch.randint(-3, 4, shape, generator=gen).to(dtype) / scale)
+    return torch.randint(-3, 4, shape, generator=gen).to(dtype) / scale
 
 
 def _harness_cases():
@@ -134,8 +143,9 @@ def _harness_cases():
     x = _dyadic((3, 2, 10, 10), gen, torch.float64)
     x[0, 0, 3, 3] = float("nan")
     x[1, 1, 5, 6] = float("nan")
-    cases.append(("nan_d", x, _dyadic((4, 2, 3, 3), gen, torch.float64), _dyadic((4,), gen, torch.float64),
-                  (1, 1), 2, 2))
+    cases.append(
+        ("nan_d", x, _dyadic((4, 2, 3, 3), gen, torch.float64), _dyadic((4,), gen, torch.float64), (1, 1), 2, 2)
+    )
     # Non-contiguous input and weight: the op's contiguity copies.
     x = _dyadic((3, 6, 12, 12), gen, torch.float32).to(memory_format=torch.channels_last)
     w = _dyadic((12, 6, 5, 5), gen, torch.float32).transpose(2, 3).contiguous().transpose(2, 3)
@@ -143,8 +153,9 @@ def _harness_cases():
     # Not exact (normal values): float32 sums whose value depends on the order,
     # over 4 blocks (with 2, a + b == b + a would hide an order dependence).
     x = torch.randn((32, 1, 28, 28), generator=gen)
-    cases.append(("randn_f", x, torch.randn((6, 1, 5, 5), generator=gen) / 5, torch.randn(6, generator=gen),
-                  (0, 0), 2, 2))
+    cases.append(
+        ("randn_f", x, torch.randn((6, 1, 5, 5), generator=gen) / 5, torch.randn(6, generator=gen), (0, 0), 2, 2)
+    )
     return cases
 
 
@@ -215,8 +226,9 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
             _exact(out, want_out, f"{name} forward output vs CPU kernels")
         assert torch.equal(ind, want_ind), f"{name}: winner indices differ from the CPU kernels"
         ref = stock(x, w, b, pad, pool)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, equal_nan=True,
-                                   msg=lambda m: f"{name} forward vs stock: {m}")
+        torch.testing.assert_close(
+            out, ref, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name} forward vs stock: {m}"
+        )
         gen = torch.Generator().manual_seed(7)
         go = _dyadic(out.shape, gen, x.dtype) if not name.startswith("randn") else torch.randn(out.shape, generator=gen)
         if name.startswith("layout"):
@@ -225,8 +237,15 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
         for k, mask in enumerate(masks):
             for seed in (1, 2) if name in REPEATED_SHAPES and k == 0 else (1,):
                 bname = f"{name}_m{k}_s{seed}"
-                meta = dict(op="bwd", dtype="f64" if x.dtype == torch.float64 else "f32", pool=pool,
-                            pad=pad, sms=sms, seed=seed, mask=mask)
+                meta = dict(
+                    op="bwd",
+                    dtype="f64" if x.dtype == torch.float64 else "f32",
+                    pool=pool,
+                    pad=pad,
+                    sms=sms,
+                    seed=seed,
+                    mask=mask,
+                )
                 driver.write_case(tmp_path, bname, meta, dict(x=x, w=w, go=go, idx=ind))
                 bwd_names.append(bname)
                 bwd.append((bname, x, w, b, go, want_ind, pad, pool, mask, seed))
@@ -248,9 +267,9 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
         if seed == 2:
             first = [driver.read_tensor(tmp_path / f"{bname[:-1]}1.{k}", x.dtype) for k in ("gi", "gw", "gb")]
             for a_, b_ in zip(got, first):
-                assert torch.equal(a_.view(torch.uint8) if a_.numel() else a_,
-                                   b_.view(torch.uint8) if b_.numel() else b_), \
-                    f"{bname}: another block order changed the result (not bitwise reproducible)"
+                assert torch.equal(
+                    a_.view(torch.uint8) if a_.numel() else a_, b_.view(torch.uint8) if b_.numel() else b_
+                ), f"{bname}: another block order changed the result (not bitwise reproducible)"
         if mask == (1, 1, int(b is not None)) and not torch.isnan(x).any() and x.shape[0] > 0:
             # The stock sequence's gradients (autograd of conv2d/relu/max_pool2d).
             params = [t.detach().clone().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
@@ -260,8 +279,7 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
                 torch.testing.assert_close(g_, e_, rtol=1e-4, atol=1e-4, msg=lambda s: f"{bname} vs stock: {s}")
 
     # The repeat of randn_f can only see an order dependence with >= 3 blocks.
-    wk = [ln for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines()
-          if "backward_weight_kernel" in ln]
+    wk = [ln for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines() if "backward_weight_kernel" in ln]
     assert wk and int(wk[0].split()[0]) >= 3, wk
     missing = [k for k in EXPECTED_KERNELS if f"conv_relu_maxpool2d_{k}" not in launched]
     assert not missing, f"kernel variants never launched by the grid: {missing}"
@@ -305,8 +323,13 @@ def test_harness_out_of_window_indices_pass_no_gradient(harness, tmp_path):
 
 def test_harness_sm_count_cache_is_thread_safe(harness):
     sanitizer, exe = harness
-    r = subprocess.run([str(exe), "--sm-count"], capture_output=True, text=True,
-                       env=dict(os.environ, **driver.SANITIZER_ENV[sanitizer]), timeout=120)
+    r = subprocess.run(
+        [str(exe), "--sm-count"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **driver.SANITIZER_ENV[sanitizer]),
+        timeout=120,
+    )
     assert r.returncode == 0 and "sm-count ok" in r.stdout, r.stdout + r.stderr
 
 
@@ -319,16 +342,31 @@ def _cmake():
     return str(found) if found.is_file() else shutil.which("cmake")
 
 
-def _probe(mode, archs, cmake_ver="3.30.0", cxx_std=20, torch_cuda="13.0", nvcc=None,
-           nvcc_version="13.0", supported="75;80;86;89;90;100;120"):
+def _probe(
+    mode,
+    archs,
+    cmake_ver="3.30.0",
+    cxx_std=20,
+    torch_cuda="13.0",
+    nvcc=None,
+    nvcc_version="13.0",
+    supported="75;80;86;89;90;100;120",
+):
     cmake = _cmake()
     if cmake is None:
         pytest.fail("cmake not found (pip install cmake)")
-    args = [cmake, f"-DMODE={mode}", f"-DCMAKE_VER={cmake_ver}", f"-DCXX_STD={cxx_std}",
-            f"-DTORCH_CUDA={torch_cuda}", f"-DARCHS={archs}"]
+    args = [
+        cmake,
+        f"-DMODE={mode}",
+        f"-DCMAKE_VER={cmake_ver}",
+        f"-DCXX_STD={cxx_std}",
+        f"-DTORCH_CUDA={torch_cuda}",
+        f"-DARCHS={archs}",
+    ]
     args += [f"-DNVCC={nvcc}"] if nvcc else [f"-DNVCC_VERSION={nvcc_version}", f"-DSUPPORTED={supported}"]
-    r = subprocess.run(args + ["-P", str(ROOT / "cmake" / "cuda_checks_probe.cmake")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        args + ["-P", str(ROOT / "cmake" / "cuda_checks_probe.cmake")], capture_output=True, text=True, timeout=60
+    )
     out = r.stdout + r.stderr
     why = re.search(r"^WHY=(.*)$", out, re.M)
     kept = re.search(r"^ARCHS=(.*)$", out, re.M)
@@ -366,7 +404,6 @@ def test_cmake_too_old_for_cuda_cxx20():
 
 def test_pyproject_never_picks_a_cmake_without_cuda_cxx20():
     import tomllib
-
     from packaging.specifiers import SpecifierSet
 
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -381,8 +418,9 @@ def test_cmake_reads_the_real_nvcc():
         pytest.skip("nvcc not found (set CUDA_HOME)")
     rc, why, kept, out = _probe("AUTO", "80-real;90", nvcc=nvcc, torch_cuda="13.0")
     assert rc == 0 and kept is not None, out
-    version = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True,
-                                                            text=True).stdout).group(1)
+    version = re.search(
+        r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    ).group(1)
     if version == "13":
         assert why == "" and kept == "80-real;90", out
         rc, why, kept, out = _probe("AUTO", "70-real;80-real", nvcc=nvcc, torch_cuda="13.0")
@@ -506,16 +544,20 @@ def test_non_contiguous_inputs(layout):
 @gpu
 @pytest.mark.parametrize(
     "xs,ws,pad,pool",
-    [((2, 1, 8, 8), (3, 1, 3, 3), (0, 0), 2), ((2, 2, 7, 9), (3, 2, 2, 3), (1, 0), 3),
-     ((1, 2, 6, 6), (2, 2, 3, 3), (1, 1), 1), ((2, 6, 12, 12), (12, 6, 5, 5), (0, 0), 2)],
+    [
+        ((2, 1, 8, 8), (3, 1, 3, 3), (0, 0), 2),
+        ((2, 2, 7, 9), (3, 2, 2, 3), (1, 0), 3),
+        ((1, 2, 6, 6), (2, 2, 3, 3), (1, 1), 1),
+        ((2, 6, 12, 12), (12, 6, 5, 5), (0, 0), 2),
+    ],
 )
 def test_gradcheck_float64(xs, ws, pad, pool):
     x, w, b = make(xs, ws, True, torch.float64)
     for t in (x, w, b):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: fmnist_ext.conv_relu_maxpool2d(x, w, b, pad, pool), (x, w, b),
-        eps=1e-6, atol=1e-5, rtol=1e-4)
+        lambda x, w, b: fmnist_ext.conv_relu_maxpool2d(x, w, b, pad, pool), (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4
+    )
 
 
 @gpu
@@ -661,8 +703,10 @@ def test_nan_and_ties_follow_the_cpu_rules():
 
 
 @gpu
-@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True],
-                                  [False, True, True], [False, False, False]])
+@pytest.mark.parametrize(
+    "mask",
+    [[True, False, False], [False, True, False], [False, False, True], [False, True, True], [False, False, False]],
+)
 def test_backward_output_mask(mask):
     x, w, b = make((3, 6, 12, 12), (12, 6, 5, 5), True, torch.float64)
     out, idx = op(x, w, b, [0, 0], 2)
@@ -696,8 +740,9 @@ def test_batch_of_60000_images_in_one_call():
     ref2 = stock(x2, w2, b2, 0, 2)
     torch.testing.assert_close(out2, ref2, rtol=1e-4, atol=1e-5)
     g2 = torch.randn_like(ref2)
-    torch.testing.assert_close(torch.autograd.grad(out2, x2, g2)[0], torch.autograd.grad(ref2, x2, g2)[0],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(out2, x2, g2)[0], torch.autograd.grad(ref2, x2, g2)[0], rtol=1e-4, atol=1e-5
+    )
 
 
 @gpu

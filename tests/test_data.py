@@ -1,4 +1,5 @@
 """IDX reading and checking, the lookup order, the atomic download, the real files."""
+
 from __future__ import annotations
 
 import gzip
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fmnist_app_helpers import real_data_dir, synthetic, write_dataset
 
 from fmnist_ext import data
-from fmnist_app_helpers import real_data_dir, synthetic, write_dataset
 
 
 @pytest.fixture
@@ -26,6 +27,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ IDX files
+
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_round_trip(tmp_path, suffix):
@@ -109,6 +111,7 @@ def test_checksum_verification_on_decompressed_bytes(tmp_path):
 
 # ------------------------------------------------------------------ lookup order
 
+
 def test_lookup_order(isolated, monkeypatch):
     tmp = isolated
     system = write_dataset(tmp / "system", seed=1)
@@ -141,8 +144,14 @@ def test_nothing_found_lists_places_tried(isolated):
     with pytest.raises(data.DataError) as e:
         data.locate(progress=False)
     msg = str(e.value)
-    for part in ("Places tried", "user cache", "Debian dataset-fashion-mnist", "download from http://127.0.0.1:9/",
-                 "apt-get install dataset-fashion-mnist", "--data-dir"):
+    for part in (
+        "Places tried",
+        "user cache",
+        "Debian dataset-fashion-mnist",
+        "download from http://127.0.0.1:9/",
+        "apt-get install dataset-fashion-mnist",
+        "--data-dir",
+    ):
         assert part in msg, part
     assert not any(data.cache_dir().glob("*")) if data.cache_dir().exists() else True
     with pytest.raises(data.DataError, match="download: disabled"):
@@ -151,10 +160,11 @@ def test_nothing_found_lists_places_tried(isolated):
 
 # ------------------------------------------------------------------ download
 
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = self.files.get(self.path.split("/")[-1])
         if body is None:
             self.send_error(404)
@@ -206,8 +216,9 @@ def test_download_broken_off_leaves_nothing(server, tmp_path):
     base, _ = server
     dest = tmp_path / "dl"
     with pytest.raises(data.DataError, match="broke off|transfer failed|IncompleteRead"):
-        data.download_file(base + "/broken/train-images-idx3-ubyte.gz", dest / "train-images-idx3-ubyte.gz",
-                           progress=False)
+        data.download_file(
+            base + "/broken/train-images-idx3-ubyte.gz", dest / "train-images-idx3-ubyte.gz", progress=False
+        )
     assert _leftovers(dest) == []
 
 
@@ -232,6 +243,7 @@ def test_locate_downloads_into_cache_and_checks_official_md5(server, isolated):
 
 # ------------------------------------------------------------------ the real files
 
+
 def test_real_data_verified_and_normalisation_constants():
     folder = real_data_dir()
     ds = data.load(folder, verify=True, download=False, progress=False)
@@ -245,13 +257,16 @@ def test_real_data_verified_and_normalisation_constants():
 
 # ------------------------------------------------------------------ explicit choices never fall back
 
+
 def _one_line(msg: str) -> str:
     assert "\n" not in msg, msg
     return msg
 
 
-@pytest.mark.parametrize("kind, state", [("file", "not a folder"), ("missing", "does not exist"),
-                                         ("partial", "missing t10k-images-idx3-ubyte[.gz]")])
+@pytest.mark.parametrize(
+    "kind, state",
+    [("file", "not a folder"), ("missing", "does not exist"), ("partial", "missing t10k-images-idx3-ubyte[.gz]")],
+)
 def test_bad_fmnist_data_is_an_error_not_a_fallback(isolated, monkeypatch, kind, state):
     write_dataset(isolated / "system")  # a complete copy the lookup must NOT silently take instead
     bad = isolated / "chosen"
@@ -277,8 +292,9 @@ def test_incomplete_torchvision_layout_is_named(isolated):
     (raw / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(data.DataError) as e:
         data.locate(isolated / "tv")
-    assert _one_line(str(e.value)) == (f"--data-dir {isolated / 'tv'}: missing train-labels-idx1-ubyte[.gz] "
-                                       f"in its torchvision layout {raw}")
+    assert _one_line(str(e.value)) == (
+        f"--data-dir {isolated / 'tv'}: missing train-labels-idx1-ubyte[.gz] in its torchvision layout {raw}"
+    )
 
 
 def test_empty_fmnist_data_means_unset_and_empty_data_dir_is_refused(isolated, monkeypatch):
@@ -317,8 +333,9 @@ def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
     for splits in (("train", "test"), ("train",)):
         with pytest.raises(data.DataError) as e:
             data.locate(splits=splits)
-        assert _one_line(str(e.value)) == (f"{data.DATA_ENV}={only_test}: missing train-images-idx3-ubyte[.gz], "
-                                           "train-labels-idx1-ubyte[.gz]")
+        assert _one_line(str(e.value)) == (
+            f"{data.DATA_ENV}={only_test}: missing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]"
+        )
     # the same for a folder found without being named (the system copy)
     monkeypatch.delenv(data.DATA_ENV)
     _test_files_only(isolated / "system")
@@ -333,6 +350,7 @@ def test_unknown_or_no_split_is_refused():
 
 
 # ------------------------------------------------------------------ decompression bombs
+
 
 def _write_bomb(path: Path, header: bytes, zeros: int) -> None:
     """`header` followed by `zeros` zero bytes, gzipped in a streaming way (the test itself stays small)."""

@@ -1,5 +1,6 @@
 """evaluate: only the test files needed, the data folder printed, one-line errors, Ctrl-C
 (exit 130) and a closed stdout pipe (exit 141) without a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import (
+    NO_NET,
+    assert_quiet,
+    closed_pipe_run,
+    exit_code,
+    one_error_line,
+    t10k_only_folder,
+    untrained_checkpoint,
+)
 
 from fmnist_ext import checkpoint, data, evaluate
-from cli_helpers import NO_NET, assert_quiet, closed_pipe_run, exit_code, one_error_line, t10k_only_folder, \
-    untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +69,17 @@ def test_evaluate_ctrl_c_while_loading_is_exit_130(ckpt, monkeypatch, capsys):
 
 def test_evaluate_real_sigint_while_loading(ckpt, tmp_path):
     # A real Ctrl-C (SIGINT) in another process, while data.load is running.
-    code = ("import sys, time; from fmnist_ext import data, evaluate\n"
-            "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
-            "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n")
-    p = subprocess.Popen([sys.executable, "-c", code, str(ckpt), "--no-download"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from fmnist_ext import data, evaluate\n"
+        "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
+        "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(ckpt), "--no-download"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout.readline().strip() == "loading"
         p.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
 """Without the compiled library the API still works (reference path) and says why."""
+
 import json
 import os
 import shutil
@@ -7,10 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+from conftest import requires_compiled_cpu
 
 import fmnist_ext
-from conftest import requires_compiled_cpu
 
 PROBE = textwrap.dedent(
     """
@@ -41,7 +41,9 @@ def run_probe(env_extra=None, pythonpath=None):
     env.update(env_extra or {})
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, cwd=pythonpath or None)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, cwd=pythonpath or None
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -74,7 +76,11 @@ def test_missing_library_is_reported(tmp_path):
 def test_torch_version_mismatch_is_one_clear_sentence(tmp_path):
     pkg = _copy_package(tmp_path)
     info = pkg / "op" / "_build_info.py"
-    info.write_text(info.read_text().replace(f'TORCH_VERSION = "{fmnist_ext.kernels_status()["built_against_torch"]}"', 'TORCH_VERSION = "1.0.0+other"'))
+    info.write_text(
+        info.read_text().replace(
+            f'TORCH_VERSION = "{fmnist_ext.kernels_status()["built_against_torch"]}"', 'TORCH_VERSION = "1.0.0+other"'
+        )
+    )
     result = run_probe(pythonpath=tmp_path)
     assert result["ok"]
     (message,) = result["warnings"]
@@ -99,7 +105,9 @@ def test_info_command_reports_compiled_cpu_kernels():
     assert out.returncode == 0, out.stderr
     assert "cpu kernels:   compiled" in out.stdout
     assert "running:       torch" in out.stdout
-    js = subprocess.run([sys.executable, "-m", "fmnist_ext.info", "--json"], capture_output=True, text=True, timeout=120)
+    js = subprocess.run(
+        [sys.executable, "-m", "fmnist_ext.info", "--json"], capture_output=True, text=True, timeout=120
+    )
     status = json.loads(js.stdout)
     assert status["cpu"] == "compiled" and status["built_against_torch"] == status["running_torch"]
 
@@ -114,7 +122,11 @@ def test_source_checkout_uses_the_installed_library():
     env.pop("PYTHONPATH", None)
     out = subprocess.run(
         [sys.executable, "-c", "import json, fmnist_ext; print(json.dumps(fmnist_ext.kernels_status()))"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["cpu"] == "compiled"

@@ -6,6 +6,7 @@ With the compiled library the CPU forward is the single C++ op
 fmnist_ext::fashion_cnn_inference; FMNIST_REQUIRE_COMPILED=1 makes the tests
 insist on it.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fmnist_ext import inference
-from fmnist_ext.op import _library
 from fmnist_ext.model import FashionCNN
+from fmnist_ext.op import _library
 
 REQUIRE_COMPILED = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")
 

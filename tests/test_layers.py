@@ -1,5 +1,6 @@
 """The operator library (fmnist_ext/op/) never imports the application
 around it, so it can be read, tested and reused on its own."""
+
 import ast
 from pathlib import Path
 
@@ -49,12 +50,16 @@ def test_the_check_sees_a_bad_import(tmp_path):
 def test_public_api_is_the_op_the_module_and_the_kernels_status():
     import fmnist_ext
 
-    assert sorted(fmnist_ext.__all__) == sorted(fmnist_ext.op.__all__) == [
-        "FusedConvReLUMaxPool2d",
-        "ReferenceFallbackWarning",
-        "conv_relu_maxpool2d",
-        "kernels_status",
-        "uses_compiled_kernels",
-    ]
+    assert (
+        sorted(fmnist_ext.__all__)
+        == sorted(fmnist_ext.op.__all__)
+        == [
+            "FusedConvReLUMaxPool2d",
+            "ReferenceFallbackWarning",
+            "conv_relu_maxpool2d",
+            "kernels_status",
+            "uses_compiled_kernels",
+        ]
+    )
     for name in fmnist_ext.__all__:
         assert getattr(fmnist_ext, name) is getattr(fmnist_ext.op, name)

@@ -1,4 +1,5 @@
 """The seed CNN: feature size, fused == stock, checkpoints, batching and augmentation."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,13 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from fmnist_ext import checkpoint
-from fmnist_ext.model import conv_output_size
 from fmnist_ext.batches import Batches, augment, normalize, plan_epoch
-from fmnist_ext.model import FashionCNN, feature_size
+from fmnist_ext.model import FashionCNN, conv_output_size, feature_size
 
 
-@pytest.mark.parametrize("n,f,p,s,expected", [(28, 5, 0, 1, 24), (24, 2, 0, 2, 12), (12, 5, 0, 1, 8),
-                                              (8, 2, 0, 2, 4), (28, 5, 2, 1, 28), (7, 3, 1, 2, 4), (5, 2, 0, 2, 2)])
+@pytest.mark.parametrize(
+    "n,f,p,s,expected",
+    [
+        (28, 5, 0, 1, 24),
+        (24, 2, 0, 2, 12),
+        (12, 5, 0, 1, 8),
+        (8, 2, 0, 2, 4),
+        (28, 5, 2, 1, 28),
+        (7, 3, 1, 2, 4),
+        (5, 2, 0, 2, 2),
+    ],
+)
 def test_conv_output_size(n, f, p, s, expected):
     assert conv_output_size(n, f, p, s) == expected
     # the formula itself, O = floor((n - f + 2p) / s) + 1 (not n - f + 2p / s + 1)
@@ -60,9 +70,19 @@ def test_checkpoint_round_trip_loads_weights_only(tmp_path):
     sched.step()
     gen = torch.Generator().manual_seed(3)
     path = tmp_path / "ck.pt"
-    checkpoint.save(path, {"model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                           "rng": checkpoint.rng_state(gen), "epoch": 1, "step": 0, "config": {"lr": 0.01},
-                           "kernels": "fused"})
+    checkpoint.save(
+        path,
+        {
+            "model": m.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": checkpoint.rng_state(gen),
+            "epoch": 1,
+            "step": 0,
+            "config": {"lr": 0.01},
+            "kernels": "fused",
+        },
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left
     raw = torch.load(path, weights_only=True)  # loadable the strict way
     assert raw["epoch"] == 1 and raw["config"] == {"lr": 0.01}

@@ -1,9 +1,10 @@
 """The fused operator against the stock conv2d -> relu -> max_pool2d sequence."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_compiled_cpu
-from helpers import assert_matches_stock, fused, make_case, pair, stock, tolerances
+from helpers import assert_matches_stock, fused, make_case, pair, stock
 
 import fmnist_ext
 
@@ -118,7 +119,9 @@ def test_only_requested_gradients_are_computed():
     y = fmnist_ext.conv_relu_maxpool2d(x, wt, b)
     g = torch.randn_like(y)
     out, idx = torch.ops.fmnist_ext.conv_relu_maxpool2d(x, wt, b, [0, 0], 2)
-    gi, gw, gb = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward(g, x, wt.detach(), idx, [0, 0], 2, [False, True, True])
+    gi, gw, gb = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward(
+        g, x, wt.detach(), idx, [0, 0], 2, [False, True, True]
+    )
     assert gi.numel() == 0 and gw.shape == wt.shape and gb.shape == b.shape
     gw_ref, gb_ref = torch.autograd.grad(stock(x, wt, b, 0, 2), (wt, b), g)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)

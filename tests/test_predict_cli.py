@@ -1,14 +1,15 @@
 """predict: EXIF orientation, 16-bit images, decompression bombs and unreadable files
 (one line naming the file), a closed stdout pipe without a traceback."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_quiet, closed_pipe_run, exit_code, one_error_line, untrained_checkpoint
 
 from fmnist_ext import checkpoint, predict
-from cli_helpers import assert_quiet, closed_pipe_run, exit_code, one_error_line, untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +87,15 @@ def test_predict_decompression_bomb_is_one_line(ckpt, tmp_path, monkeypatch, cap
     assert f"argument IMAGE: {path}: too many pixels" in line and "1000" in line
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda p: p.write_text("hello"), "not an image Pillow can read"),
-    (lambda p: p.mkdir(), "is a folder"),
-    (lambda p: None, "no such file"),
-    (lambda p: _truncated_png(p), "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p.write_text("hello"), "not an image Pillow can read"),
+        (lambda p: p.mkdir(), "is a folder"),
+        (lambda p: None, "no such file"),
+        (lambda p: _truncated_png(p), "cannot read image"),
+    ],
+)
 def test_predict_unreadable_images_are_one_line(ckpt, tmp_path, capsys, make, words):
     path = tmp_path / "img.png"
     make(path)
@@ -107,12 +111,16 @@ def _truncated_png(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
-
-
-@pytest.mark.parametrize("make, words", [
-    (lambda: __import__("PIL.Image").Image.new("F", (28, 28), 0.5), "32-bit float images are not supported"),
-    (lambda: __import__("PIL.Image").Image.new("I", (28, 28), 70000), "pixel values 70000..70000 outside the 16-bit range"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: __import__("PIL.Image").Image.new("F", (28, 28), 0.5), "32-bit float images are not supported"),
+        (
+            lambda: __import__("PIL.Image").Image.new("I", (28, 28), 70000),
+            "pixel values 70000..70000 outside the 16-bit range",
+        ),
+    ],
+)
 def test_predict_refuses_modes_it_cannot_scale(ckpt, tmp_path, capsys, make, words):
     # Converting these to 8 bits would mean guessing their range: Pillow clips them (a black image).
     path = tmp_path / "deep.tif"

@@ -1,4 +1,5 @@
 """Custom-operator conventions: opcheck, torch.compile without graph breaks."""
+
 import pytest
 import torch
 from conftest import requires_compiled_cpu

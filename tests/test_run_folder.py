@@ -1,6 +1,7 @@
 """train's run folders and command line: checked before anything is created or
 loaded, locked while a run owns them, never overwritten; the last-batch rule;
 resuming with another process count; full disks; Ctrl-C while loading."""
+
 from __future__ import annotations
 
 import errno
@@ -12,10 +13,10 @@ import time
 
 import pytest
 import torch
+from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 
 from fmnist_ext import checkpoint, data, runfolder, train
 from fmnist_ext.batches import Batches, batch_count, plan_epoch
-from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 
 SYN = ["--no-verify", "--no-download", "--no-progress"]
 
@@ -42,6 +43,7 @@ def _one_line(capsys, *words) -> str:
 @pytest.fixture
 def no_data_load(monkeypatch):
     """Fails the test if the data are loaded: the mistake must be found before."""
+
     def load(*a, **k):
         raise AssertionError("the data were loaded before the mistake was reported")
 
@@ -49,6 +51,7 @@ def no_data_load(monkeypatch):
 
 
 # ------------------------------------------------------------------ up-front checks (item 6)
+
 
 def test_out_at_an_existing_file(tmp_path, capsys, no_data_load):
     f = tmp_path / "file"
@@ -80,21 +83,38 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys, no_data_load, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--seed", str(2**64)], ["--seed", "[-2**63, 2**64)"]),
-    (["--seed", str(-(2**63) - 1)], ["--seed"]),
-    (["--sweep", "seed=x"], ["--sweep", "seed", "'x'"]),
-    (["--sweep", f"seed=1,{2**70}"], ["--sweep", "seed"]),
-    (["--batch-size", "1"], ["--batch-size", ">= 2"]),
-    (["--sweep", "batch_size=1,10"], ["--sweep", "batch_size", ">= 2"]),
-    (["--sweep", "lr=0.01,0.010"], ["--sweep", "same setting"]),
-    (["--sweep", "lr=0.01,0.01", "seed=1"], ["--sweep", "same setting"]),
-    (["--lr", "0.1", "--sweep", "lr=0.01,0.02"], ["--sweep", "lr also given as --lr"]),
-    (["--sweep", "lr=0.0123456789012345", "weight_decay=0.000123456789012345", "label_smoothing=0.123456789012345",
-      "ema=0.123456789012345", "seed=18446744073709551615", "batch_size=123456789", "clean_epochs=123456789",
-      "crop_pad=123456789", "epochs=123456789", "schedule=onecycle", "optimizer=adamw", "kernels=stock"],
-     ["--sweep", "longer than 255 bytes"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--seed", str(2**64)], ["--seed", "[-2**63, 2**64)"]),
+        (["--seed", str(-(2**63) - 1)], ["--seed"]),
+        (["--sweep", "seed=x"], ["--sweep", "seed", "'x'"]),
+        (["--sweep", f"seed=1,{2**70}"], ["--sweep", "seed"]),
+        (["--batch-size", "1"], ["--batch-size", ">= 2"]),
+        (["--sweep", "batch_size=1,10"], ["--sweep", "batch_size", ">= 2"]),
+        (["--sweep", "lr=0.01,0.010"], ["--sweep", "same setting"]),
+        (["--sweep", "lr=0.01,0.01", "seed=1"], ["--sweep", "same setting"]),
+        (["--lr", "0.1", "--sweep", "lr=0.01,0.02"], ["--sweep", "lr also given as --lr"]),
+        (
+            [
+                "--sweep",
+                "lr=0.0123456789012345",
+                "weight_decay=0.000123456789012345",
+                "label_smoothing=0.123456789012345",
+                "ema=0.123456789012345",
+                "seed=18446744073709551615",
+                "batch_size=123456789",
+                "clean_epochs=123456789",
+                "crop_pad=123456789",
+                "epochs=123456789",
+                "schedule=onecycle",
+                "optimizer=adamw",
+                "kernels=stock",
+            ],
+            ["--sweep", "longer than 255 bytes"],
+        ),
+    ],
+)
 def test_bad_command_lines_are_one_line_with_nothing_created(argv, words, tmp_path, capsys, no_data_load):
     out = tmp_path / "runs" / "x"
     assert _train(tmp_path, out, *argv) == 2
@@ -136,8 +156,11 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(syn, tmp_path, cap
     out = tmp_path / "run"
     _fail_checkpoint_write(monkeypatch, after=1)
     assert _train(syn, out, "--epochs", "3", "--batch-size", "30") == 1
-    line = _one_line(capsys, f"cannot write {out / 'checkpoint.pt'}: No space left on device",
-                     "previous version of the file (if any) is unchanged")
+    line = _one_line(
+        capsys,
+        f"cannot write {out / 'checkpoint.pt'}: No space left on device",
+        "previous version of the file (if any) is unchanged",
+    )
     assert line.startswith("python -m fmnist_ext.train: error:")
     monkeypatch.undo()
     assert checkpoint.load(out / "checkpoint.pt", resume=True)["epoch"] == 1
@@ -147,6 +170,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(syn, tmp_path, cap
 
 
 # ------------------------------------------------------------------ nothing overwritten (item 9)
+
 
 def test_fresh_run_refuses_a_folder_with_run_files(syn, tmp_path, capsys, no_data_load):
     out = tmp_path / "run"
@@ -159,6 +183,7 @@ def test_fresh_run_refuses_a_folder_with_run_files(syn, tmp_path, capsys, no_dat
 
 
 # ------------------------------------------------------------------ locking (item 3)
+
 
 def test_lock_names_its_holder_and_is_released(tmp_path):
     with runfolder.RunFolder(tmp_path / "r") as held:
@@ -175,8 +200,13 @@ def test_two_processes_on_one_folder(syn, tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "fmnist_ext.train", "--data-dir", str(syn), *SYN, "--out", str(out)]
-    first = subprocess.Popen([*cmd, "--epochs", "100000", "--batch-size", "30"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*cmd, "--epochs", "100000", "--batch-size", "30"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock = out / runfolder.LOCK_NAME
         deadline = time.time() + 120
@@ -204,6 +234,7 @@ def test_sweep_locks_every_run_folder(syn, tmp_path, capsys, no_data_load):
 
 
 # ------------------------------------------------------------------ sweeps (item 7)
+
 
 def test_sweep_checks_every_folder_before_training(syn, tmp_path, capsys, no_data_load):
     base = tmp_path / "sweep"
@@ -234,8 +265,19 @@ def test_interrupted_sweep_names_the_run_to_resume(syn, tmp_path, capsys, monkey
 
 # ------------------------------------------------------------------ the last batch (item 4)
 
-@pytest.mark.parametrize("n, bs, sizes", [(61, 10, [10] * 5 + [11]), (60, 10, [10] * 6), (62, 10, [10] * 6 + [2]),
-                                          (11, 10, [11]), (3, 2, [3]), (5, 2, [2, 3]), (9, 100, [9])])
+
+@pytest.mark.parametrize(
+    "n, bs, sizes",
+    [
+        (61, 10, [10] * 5 + [11]),
+        (60, 10, [10] * 6),
+        (62, 10, [10] * 6 + [2]),
+        (11, 10, [11]),
+        (3, 2, [3]),
+        (5, 2, [2, 3]),
+        (9, 100, [9]),
+    ],
+)
 def test_last_batch_of_one_joins_the_previous(n, bs, sizes):
     images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
     labels = torch.arange(n) % 10
@@ -274,6 +316,7 @@ def test_training_with_too_few_images(tmp_path, capsys):
 
 # ------------------------------------------------------------------ resume checks (items 5, 9)
 
+
 @pytest.fixture
 def interrupted_run(syn, tmp_path, monkeypatch):
     """A run stopped mid-epoch (after batch 1 of epoch 1)."""
@@ -300,8 +343,7 @@ def _rewrite(path, **changes):
 def test_resume_with_another_process_count_is_refused(syn, interrupted_run, capsys):
     _rewrite(interrupted_run / "checkpoint.pt", world_size=2)
     assert _train(syn, interrupted_run, "--resume") == 2
-    _one_line(capsys, "--resume", "written by 2 training process(es), this run has 1",
-              "torchrun --nproc_per_node=2")
+    _one_line(capsys, "--resume", "written by 2 training process(es), this run has 1", "torchrun --nproc_per_node=2")
 
 
 def test_resume_under_torchrun_env_of_a_single_process_checkpoint(syn, interrupted_run, capsys, monkeypatch):

@@ -4,6 +4,7 @@ There is no GPU here, so the device is a parameter of the check: the refusal
 paths are exercised on the CPU with a deliberately wrong operator in place of
 the fused one.
 """
+
 import argparse
 import os
 import subprocess
@@ -110,7 +111,9 @@ def test_training_precheck_refuses_wrong_kernels(monkeypatch, capsys):
         selfcheck.precheck_training(parser, "fused", torch.device("cpu"), check_types=("cpu",))
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m fmnist_ext.train: error: the fused kernels disagree with the stock sequence on cpu")
+    assert err.startswith(
+        "python -m fmnist_ext.train: error: the fused kernels disagree with the stock sequence on cpu"
+    )
     assert "--kernels stock" in err and err.count("\n") <= 2
     # Stock kernels never run the check, nor do CPU devices by default.
     selfcheck.precheck_training(parser, "stock", torch.device("cpu"), check_types=("cpu",))
@@ -130,16 +133,23 @@ def test_quick_check_is_small():
 def _run(module, *args, **env):
     full_env = {**os.environ, **env}
     full_env.pop("FMNIST_REQUIRE_COMPILED", None)
-    return subprocess.run([sys.executable, "-m", module, *args], env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 @requires_compiled_cpu
 @pytest.mark.parametrize("value,fragment", [("sse9", "must be one of default, avx2, avx512"), ("AVX2", "got 'AVX2'")])
 def test_bad_cpu_isa_variable_is_one_line_for_info_and_train(tmp_path, value, fragment):
     ckpt = tmp_path / "none.pt"  # never read: the variable is refused first
-    commands = (("fmnist_ext.info", ()), ("fmnist_ext.train", ("--device", "cpu", "--out", str(tmp_path / "run"))),
-                ("fmnist_ext.evaluate", (str(ckpt),)), ("fmnist_ext.predict", (str(ckpt), "x.png")),
-                ("fmnist_ext.benchmark", ("--quick",)), ("fmnist_ext.bench_model", ("--quick",)))
+    commands = (
+        ("fmnist_ext.info", ()),
+        ("fmnist_ext.train", ("--device", "cpu", "--out", str(tmp_path / "run"))),
+        ("fmnist_ext.evaluate", (str(ckpt),)),
+        ("fmnist_ext.predict", (str(ckpt), "x.png")),
+        ("fmnist_ext.benchmark", ("--quick",)),
+        ("fmnist_ext.bench_model", ("--quick",)),
+    )
     for module, args in commands:
         out = _run(module, *args, FMNIST_CPU_ISA=value)
         assert out.returncode == 2, out.stderr

@@ -5,6 +5,7 @@ stock conv2d -> relu -> max_pool2d sequence at batch 1000 for a seed block.
 The speed targets themselves are measured by python/benchmark.py and
 recorded in BENCHMARKS.md, not asserted here.
 """
+
 import statistics
 import time
 

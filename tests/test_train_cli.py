@@ -1,5 +1,6 @@
 """The command-line tools: help, errors, resume equivalence, Ctrl-C, sweeps,
 torchrun, and a 1-epoch run on the real data with evaluate/predict/viz."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from fmnist_app_helpers import real_data_dir, write_dataset
 
 from fmnist_ext import checkpoint, data, evaluate, predict, train, viz
-from fmnist_app_helpers import real_data_dir, write_dataset
 
 SYN = ["--no-verify", "--no-download", "--no-progress"]
 
@@ -46,12 +46,16 @@ def _env():
 
 # ------------------------------------------------------------------ help and errors
 
-@pytest.mark.parametrize("module, words", [
-    (train, ["--recipe", "--kernels", "--resume", "--sweep", "--tensorboard", "--data-dir", "improved", "--ema"]),
-    (evaluate, ["checkpoint", "--kernels", "--data-dir"]),
-    (predict, ["IMAGE", "--invert", "--top"]),
-    (viz, ["sprite", "curves"]),
-])
+
+@pytest.mark.parametrize(
+    "module, words",
+    [
+        (train, ["--recipe", "--kernels", "--resume", "--sweep", "--tensorboard", "--data-dir", "improved", "--ema"]),
+        (evaluate, ["checkpoint", "--kernels", "--data-dir"]),
+        (predict, ["IMAGE", "--invert", "--top"]),
+        (viz, ["sprite", "curves"]),
+    ],
+)
 def test_help(module, words, capsys):
     assert _exit_code(module.main, ["--help"]) == 0
     out = capsys.readouterr().out
@@ -60,8 +64,9 @@ def test_help(module, words, capsys):
 
 
 def test_help_as_module_subprocess():
-    r = subprocess.run([sys.executable, "-m", "fmnist_ext.train", "--help"], capture_output=True, text=True,
-                       timeout=120, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "fmnist_ext.train", "--help"], capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert r.returncode == 0 and "usage: python -m fmnist_ext.train" in r.stdout
 
 
@@ -73,16 +78,19 @@ def test_device_cuda_without_cuda_is_one_line_exit_2(syn, tmp_path, capsys):
     assert "Traceback" not in "".join(err)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--lr", "-1"], ["--lr", "positive"]),
-    (["--batch-size", "0"], ["--batch-size"]),
-    (["--label-smoothing", "1.5"], ["--label-smoothing"]),
-    (["--sweep", "foo=1"], ["--sweep", "unknown key 'foo'"]),
-    (["--sweep", "lr=abc"], ["--sweep", "lr"]),
-    (["--sweep", "lr"], ["--sweep", "KEY=V1,V2"]),
-    (["--resume"], ["--resume", "no such checkpoint"]),
-    (["--kernels", "cuda"], ["--kernels"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--lr", "-1"], ["--lr", "positive"]),
+        (["--batch-size", "0"], ["--batch-size"]),
+        (["--label-smoothing", "1.5"], ["--label-smoothing"]),
+        (["--sweep", "foo=1"], ["--sweep", "unknown key 'foo'"]),
+        (["--sweep", "lr=abc"], ["--sweep", "lr"]),
+        (["--sweep", "lr"], ["--sweep", "KEY=V1,V2"]),
+        (["--resume"], ["--resume", "no such checkpoint"]),
+        (["--kernels", "cuda"], ["--kernels"]),
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_argument(argv, words, syn, tmp_path, capsys):
     assert _exit_code(train.main, [*argv, "--data-dir", str(syn), *SYN, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -131,6 +139,7 @@ def test_bad_files_refused_by_cli(syn, tmp_path, capsys):
 
 # ------------------------------------------------------------------ training on synthetic data
 
+
 def _train(syn, out, *extra):
     return _exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(out), *extra])
 
@@ -161,12 +170,28 @@ def test_run_folder_contents_and_refusal_to_overwrite(syn, tmp_path, capsys):
     assert "--kernels stock (checkpoint: fused)" in err and "--seed" not in err
 
 
-@pytest.mark.parametrize("stop_at,ema", [(2, "0.9"), (6, "0.9"), (9, "0.9"), (9, "0")],
-                         ids=["mid-epoch-1-ema", "end-of-epoch-1-ema", "mid-epoch-2-ema", "mid-epoch-2-no-ema"])
+@pytest.mark.parametrize(
+    "stop_at,ema",
+    [(2, "0.9"), (6, "0.9"), (9, "0.9"), (9, "0")],
+    ids=["mid-epoch-1-ema", "end-of-epoch-1-ema", "mid-epoch-2-ema", "mid-epoch-2-no-ema"],
+)
 def test_resume_gives_the_same_final_weights(syn, tmp_path, monkeypatch, stop_at, ema):
     # improved recipe: one-cycle schedule, label smoothing, crops (then a clean last epoch), and the weight EMA
-    extra = ["--recipe", "improved", "--epochs", "3", "--batch-size", "128", "--seed", "7", "--deterministic",
-             "--ema", ema, "--clean-epochs", "1"]
+    extra = [
+        "--recipe",
+        "improved",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "128",
+        "--seed",
+        "7",
+        "--deterministic",
+        "--ema",
+        ema,
+        "--clean-epochs",
+        "1",
+    ]
     assert _train(syn, tmp_path / "a", *extra) == 0
 
     calls = {"n": 0}
@@ -238,8 +263,22 @@ def test_clean_epochs_turn_augmentation_off_at_the_end(syn, tmp_path, monkeypatc
         return original(n, gen, shuffle, crop_pad, flip, *a)
 
     monkeypatch.setattr(train, "plan_epoch", spy)
-    assert _train(syn, tmp_path / "c", "--recipe", "improved", "--epochs", "3", "--crop-pad", "2", "--flip",
-                  "--clean-epochs", "2") == 0
+    assert (
+        _train(
+            syn,
+            tmp_path / "c",
+            "--recipe",
+            "improved",
+            "--epochs",
+            "3",
+            "--crop-pad",
+            "2",
+            "--flip",
+            "--clean-epochs",
+            "2",
+        )
+        == 0
+    )
     assert seen == [(2, True), (0, False), (0, False)]
 
 
@@ -288,8 +327,20 @@ def test_resume_differs_from_another_seed(syn, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(syn, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fmnist_ext.train", "--data-dir", str(syn), *SYN, "--out", str(out),
-           "--epochs", "30", "--batch-size", "50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmnist_ext.train",
+        "--data-dir",
+        str(syn),
+        *SYN,
+        "--out",
+        str(out),
+        "--epochs",
+        "30",
+        "--batch-size",
+        "50",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 180
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
@@ -321,9 +372,26 @@ def test_sweep_table_and_csv(syn, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(syn, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fmnist_ext.train", "--data-dir", str(syn), *SYN, "--out", str(out), "--device", "cpu",
-           "--epochs", "1", "--batch-size", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fmnist_ext.train",
+        "--data-dir",
+        str(syn),
+        *SYN,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch   1/1") == 1  # only rank 0 prints
@@ -338,13 +406,32 @@ def test_torchrun_two_cpu_processes(syn, tmp_path):
 
 # ------------------------------------------------------------------ the real data
 
+
 @pytest.mark.slow
 def test_one_epoch_on_real_data_then_evaluate_predict_viz(tmp_path, capsys):
     folder = real_data_dir()
     out = tmp_path / "real"
-    r = subprocess.run([sys.executable, "-m", "fmnist_ext.train", "--data-dir", str(folder), "--no-download",
-                        "--no-progress", "--epochs", "1", "--device", "cpu", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, env=_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fmnist_ext.train",
+            "--data-dir",
+            str(folder),
+            "--no-download",
+            "--no-progress",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_acc"] >= 0.80

@@ -1,15 +1,16 @@
 """viz: malformed or incomplete metrics.jsonl, unwritable or unknown-format --out: one
 line naming the file, before any work."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import NO_NET, exit_code, one_error_line
+from fmnist_app_helpers import write_dataset
 
 from fmnist_ext import data, viz
-from fmnist_app_helpers import write_dataset
-from cli_helpers import NO_NET, exit_code, one_error_line
 
 
 def _run_dir(tmp_path: Path, text: str | bytes) -> Path:
@@ -23,14 +24,17 @@ def _run_dir(tmp_path: Path, text: str | bytes) -> Path:
 GOOD = json.dumps({"epoch": 1, "train_loss": 0.5, "test_loss": 0.6, "train_acc": 0.8, "test_acc": 0.79})
 
 
-@pytest.mark.parametrize("text, words", [
-    (GOOD + "\n" + GOOD[:30], "line 2: not JSON"),
-    (GOOD + "\n" + json.dumps({"epoch": 2, "train_loss": 0.4}), "line 2: missing or not a number: test_loss"),
-    (json.dumps({**json.loads(GOOD), "test_acc": "high"}), "line 1: missing or not a number: test_acc"),
-    ("[1, 2]", "line 1: expected a JSON object"),
-    ("\n", "no epochs recorded"),
-    (b"\xff\xfe" + GOOD.encode(), "cannot read"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (GOOD + "\n" + GOOD[:30], "line 2: not JSON"),
+        (GOOD + "\n" + json.dumps({"epoch": 2, "train_loss": 0.4}), "line 2: missing or not a number: test_loss"),
+        (json.dumps({**json.loads(GOOD), "test_acc": "high"}), "line 1: missing or not a number: test_acc"),
+        ("[1, 2]", "line 1: expected a JSON object"),
+        ("\n", "no epochs recorded"),
+        (b"\xff\xfe" + GOOD.encode(), "cannot read"),
+    ],
+)
 def test_viz_curves_bad_metrics_is_one_line(tmp_path, capsys, text, words):
     run = _run_dir(tmp_path, text)
     assert exit_code(viz.main, ["curves", str(run)]) == 2
@@ -45,11 +49,14 @@ def test_viz_curves_draws_good_metrics(tmp_path, capsys):
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("out, words", [
-    (lambda t: t / "adir", "is a folder"),
-    (lambda t: t / "afile" / "c.png", "is not a folder"),
-    (lambda t: t / "c.weird", "unknown image format 'weird'"),
-])
+@pytest.mark.parametrize(
+    "out, words",
+    [
+        (lambda t: t / "adir", "is a folder"),
+        (lambda t: t / "afile" / "c.png", "is not a folder"),
+        (lambda t: t / "c.weird", "unknown image format 'weird'"),
+    ],
+)
 def test_viz_curves_bad_out_is_one_line(tmp_path, capsys, out, words):
     run = _run_dir(tmp_path, GOOD)
     (tmp_path / "adir").mkdir()
@@ -76,8 +83,10 @@ def test_viz_sprite_too_many_rows_blames_rows(tmp_path, capsys):
     assert exit_code(viz.main, ["sprite", "--data-dir", str(folder), *NO_NET, "--out", str(out), "--rows", "50"]) == 2
     assert "argument --rows/--columns" in capsys.readouterr().err
     assert not out.exists()
-    assert viz.main(["sprite", "--data-dir", str(folder), *NO_NET, "--out", str(out), "--rows", "1",
-                     "--columns", "2"]) == 0
+    assert (
+        viz.main(["sprite", "--data-dir", str(folder), *NO_NET, "--out", str(out), "--rows", "1", "--columns", "2"])
+        == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 

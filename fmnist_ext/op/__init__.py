@@ -13,6 +13,7 @@ tested and reused on its own. Its files:
   (backward, double backward, forward AD), the Autocast kernels.
 - ``reference.py`` the pure-PyTorch definition, and the fallback.
 """
+
 from . import _library
 from ._library import ReferenceFallbackWarning, kernels_status
 from .functional import conv_relu_maxpool2d, uses_compiled_kernels

@@ -4,6 +4,7 @@ They mirror csrc/checks.h condition for condition and message for message:
 the public function checks here before dispatching, so the reference path and
 the fake kernels raise the same errors as the compiled kernels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,10 @@ def normalize_padding(padding) -> tuple[int, int]:
         raise TypeError(f"padding must be an int or a pair of ints, got {padding!r}")
     if isinstance(padding, int):
         pad = (padding, padding)
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(
-        isinstance(p, int) and not isinstance(p, bool) for p in padding
+    elif (
+        isinstance(padding, Sequence)
+        and len(padding) == 2
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in padding)
     ):
         pad = (int(padding[0]), int(padding[1]))
     else:
@@ -71,9 +74,7 @@ def check_args(input, weight, bias, padding: tuple[int, int], pool) -> tuple[int
     n, cin, h, w = input.shape
     cout, wcin, kh, kw = weight.shape
     if wcin != cin:
-        raise ValueError(
-            f"{op}: expected weight.size(1) (in-channels) to equal input.size(1) = {cin}, got {wcin}"
-        )
+        raise ValueError(f"{op}: expected weight.size(1) (in-channels) to equal input.size(1) = {cin}, got {wcin}")
     if kh < 1 or kw < 1:
         raise ValueError(f"{op}: expected a kernel of at least 1x1, got weight of spatial size {kh}x{kw}")
     if bias is not None:

@@ -12,6 +12,7 @@ Outside autocast a half-precision input is refused with a TypeError naming
 its dtype (_args.check_args): computing it silently in another precision would
 hide the user's mistake.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ and `jvp`, applied whenever an input requires grad or carries a tangent.
   differentiable PyTorch ops, which also carry any higher order. The winners
   are piecewise constant (their derivative is 0), as in stock max_pool2d.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,7 @@ def _needs_autograd(tensors) -> bool:
         return True
     # Tangents exist only inside a dual level (forward_ad.dual_level, which
     # torch.func.jvp enters too): a global read keeps the common case cheap.
-    return (fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
-            and any(_has_tangent(t) for t in tensors))
+    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled() and any(_has_tangent(t) for t in tensors)
 
 
 def _below_autograd(op, keyset, *args):
@@ -172,7 +172,9 @@ def _forward_autograd(keyset, input, weight, bias, padding, pool):
 
 def _backward_autograd(keyset, grad_output, input, weight, indices, padding, pool, output_mask):
     if _needs_autograd((grad_output, input, weight)):
-        return _apply(_ConvReluMaxpool2DBackward, _Call(keyset), grad_output, input, weight, indices, padding, pool, output_mask)
+        return _apply(
+            _ConvReluMaxpool2DBackward, _Call(keyset), grad_output, input, weight, indices, padding, pool, output_mask
+        )
     return _below_autograd(_BACKWARD, keyset, grad_output, input, weight, indices, padding, pool, output_mask)
 
 

@@ -1,5 +1,6 @@
 """Fake (meta) kernels of both ops, so torch.compile and FakeTensor tracing
 see their output shapes and dtypes without running them."""
+
 from __future__ import annotations
 
 import torch

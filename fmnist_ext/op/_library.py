@@ -16,6 +16,7 @@ the checkout has no compiled library; the one that ``pip install
 Set ``FMNIST_DISABLE_EXTENSION=1`` to force the reference path (the tests use
 it to check the fallback).
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,7 +60,7 @@ class ReferenceFallbackWarning(UserWarning):
     """The compiled kernels are not in use; the pure-PyTorch reference runs."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info():
     """The build record CMake wrote beside the library (None if missing); read once."""
     path = LIBRARY_DIR / "_build_info.py"
@@ -80,11 +81,8 @@ def _load() -> tuple[bool, str | None]:
     info = build_info()
     if info is None:
         return False, "the build record _build_info.py is missing (incomplete install)"
-    if info.TORCH_VERSION != torch.__version__:
-        return False, (
-            f"it was built against torch {info.TORCH_VERSION} but torch "
-            f"{torch.__version__} is running"
-        )
+    if torch.__version__ != info.TORCH_VERSION:
+        return False, (f"it was built against torch {info.TORCH_VERSION} but torch {torch.__version__} is running")
     try:
         torch.ops.load_library(str(LIBRARY_PATH))
     except (OSError, RuntimeError) as exc:
@@ -108,9 +106,7 @@ def _has_kernel(dispatch_key: str) -> bool:
 
 
 # Device types ("cpu", "cuda") whose tensors run the compiled kernels.
-COMPILED_DEVICE_TYPES = frozenset(
-    dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key)
-)
+COMPILED_DEVICE_TYPES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
 
 
 def built_torch_version() -> str | None:

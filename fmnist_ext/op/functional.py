@@ -4,6 +4,7 @@ It checks the arguments (_args.py), then calls the compiled op
 ``torch.ops.fmnist_ext.conv_relu_maxpool2d`` where kernels exist for the
 input's device, and the pure-PyTorch reference (reference.py) elsewhere.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """nn.Module wrapper of the fused operator."""
+
 from __future__ import annotations
 
 import math

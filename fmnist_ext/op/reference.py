@@ -3,6 +3,7 @@
 It is the definition the kernels are tested against, and the path the public
 API takes where no compiled kernel exists for a device.
 """
+
 from __future__ import annotations
 
 import torch

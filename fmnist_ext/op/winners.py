@@ -9,6 +9,7 @@ convolution output: out = gather(conv(input, weight) + bias) at the winners,
 adjoint `scatter_winners`, both ordinary differentiable PyTorch ops.
 An index outside the window counts as "no gradient", as in the kernels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,10 @@ def scatter_winners(g: torch.Tensor, indices: torch.Tensor, pool: int, oh: int, 
 
 
 def conv_size(input: torch.Tensor, weight: torch.Tensor, padding) -> tuple[int, int]:
-    return (input.shape[2] + 2 * padding[0] - weight.shape[2] + 1,
-            input.shape[3] + 2 * padding[1] - weight.shape[3] + 1)
+    return (
+        input.shape[2] + 2 * padding[0] - weight.shape[2] + 1,
+        input.shape[3] + 2 * padding[1] - weight.shape[3] + 1,
+    )
 
 
 def _sum(terms):
@@ -62,11 +65,13 @@ def forward_tangent(input, weight, indices, padding, pool, t_input, t_weight, t_
     """Tangent of the fused output: the winners' entries of
     conv(t_input, weight) + conv(input, t_weight) + t_bias (None: no tangent)."""
     padding = tuple(padding)
-    conv_t = _sum([
-        F.conv2d(t_input, weight, None, padding=padding) if t_input is not None else None,
-        F.conv2d(input, t_weight, None, padding=padding) if t_weight is not None else None,
-        t_bias.view(1, -1, 1, 1) if t_bias is not None else None,
-    ])
+    conv_t = _sum(
+        [
+            F.conv2d(t_input, weight, None, padding=padding) if t_input is not None else None,
+            F.conv2d(input, t_weight, None, padding=padding) if t_weight is not None else None,
+            t_bias.view(1, -1, 1, 1) if t_bias is not None else None,
+        ]
+    )
     if conv_t is None:
         return None
     oh, ow = conv_size(input, weight, padding)

@@ -6,6 +6,7 @@ sanitizer runtime into Python. Tensors travel as files in harness.cpp's
 format: int64 ndim, sizes, strides (elements), element size, storage bytes,
 then the storage.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,15 +24,13 @@ CSRC = Path(os.environ.get("FMNIST_HARNESS_CSRC") or HERE.parents[1] / "csrc")
 
 SANITIZER_FLAGS = {
     "tsan": ["-fsanitize=thread"],
-    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-             "-fno-omit-frame-pointer"],
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
 }
 SANITIZER_ENV = {
     # halt_on_error: the first race fails the run; second_deadlock_stack for
     # readable reports. The harness's own threads are the only ones.
     "tsan": {"TSAN_OPTIONS": "halt_on_error=1 abort_on_error=0 exitcode=66"},
-    "asan": {"ASAN_OPTIONS": "detect_leaks=1 abort_on_error=0",
-             "UBSAN_OPTIONS": "print_stacktrace=1 halt_on_error=1"},
+    "asan": {"ASAN_OPTIONS": "detect_leaks=1 abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1 halt_on_error=1"},
 }
 
 
@@ -46,21 +45,33 @@ def _build_cmd(sanitizer: str, exe: Path, src: Path | None, csrc: Path | None) -
     cxx = find_compiler()
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++/clang++) on PATH; set CXX")
-    return [cxx, "-std=c++20", "-O1", "-g", *SANITIZER_FLAGS[sanitizer], "-rdynamic",
-            f"-I{csrc or CSRC}", f"-I{HERE}", str(src or HERE / "harness.cpp"), "-o", str(exe),
-            "-pthread", "-ldl"]
+    return [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-g",
+        *SANITIZER_FLAGS[sanitizer],
+        "-rdynamic",
+        f"-I{csrc or CSRC}",
+        f"-I{HERE}",
+        str(src or HERE / "harness.cpp"),
+        "-o",
+        str(exe),
+        "-pthread",
+        "-ldl",
+    ]
 
 
-def build_all(sanitizers: list[str], out_dir: Path, src: Path | None = None,
-              csrc: Path | None = None) -> dict[str, Path]:
+def build_all(
+    sanitizers: list[str], out_dir: Path, src: Path | None = None, csrc: Path | None = None
+) -> dict[str, Path]:
     """Compiles harness.cpp (or `src`, for mutation checks) once per sanitizer,
     the compilers running in parallel; raises with the compiler output on failure."""
     jobs = {}
     for san in sanitizers:
         exe = out_dir / f"harness_{san}"
         cmd = _build_cmd(san, exe, src, csrc)
-        jobs[san] = (exe, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True))
+        jobs[san] = (exe, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     errors = []
     for san, (exe, cmd, proc) in jobs.items():
         log, _ = proc.communicate()
@@ -84,8 +95,7 @@ def write_tensor(path: Path, t: torch.Tensor) -> None:
         f.write(storage.numpy().tobytes())
 
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8,
-       torch.int32: np.int32}
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
 
 
 def read_tensor(path: Path, dtype: torch.dtype) -> torch.Tensor:
@@ -99,8 +109,9 @@ def read_tensor(path: Path, dtype: torch.dtype) -> torch.Tensor:
 
 
 def write_case(d: Path, name: str, meta: dict, tensors: dict) -> None:
-    lines = [f"{k} {' '.join(str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs]))}"
-             for k, vs in meta.items()]
+    lines = [
+        f"{k} {' '.join(str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs]))}" for k, vs in meta.items()
+    ]
     (d / f"{name}.meta").write_text("\n".join(lines) + "\n")
     for key, t in tensors.items():
         write_tensor(d / f"{name}.{key}", t)
@@ -108,5 +119,4 @@ def write_case(d: Path, name: str, meta: dict, tensors: dict) -> None:
 
 def run(exe: Path, sanitizer: str, d: Path, names: list[str], timeout: float = 600):
     env = dict(os.environ, **SANITIZER_ENV[sanitizer])
-    return subprocess.run([str(exe), str(d), *names], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run([str(exe), str(d), *names], capture_output=True, text=True, env=env, timeout=timeout)

@@ -14,6 +14,7 @@ they failed, as they must. Not part of CI (each mutation rebuilds the harness:
 
 Exit status 0 when every mutation was caught.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,13 @@ def sync_mutations():
     out = []
     for k, pos in enumerate(spots):
         line = text.count("\n", 0, pos) + 1
-        out.append((f"delete __syncthreads() #{k + 1} ({KERNELS}:{line})",
-                    [(KERNELS, lambda t, pos=pos: t[:pos] + t[pos + len("__syncthreads();"):])],
-                    "tsan"))
+        out.append(
+            (
+                f"delete __syncthreads() #{k + 1} ({KERNELS}:{line})",
+                [(KERNELS, lambda t, pos=pos: t[:pos] + t[pos + len("__syncthreads();") :])],
+                "tsan",
+            )
+        )
     return out
 
 
@@ -47,42 +52,104 @@ def replace_once(old, new):
     def f(t):
         assert t.count(old) == 1, f"mutation target not unique: {old!r}"
         return t.replace(old, new)
+
     return f
 
 
 MUTATIONS = sync_mutations() + [
-    ("grad_weight/grad_bias with empty instead of zeros", [(BODY, replace_once(
-        "empty_sum ? be.template zeros<T>(sizes)", "empty_sum ? be.template empty<T>(sizes)"))],
-     "asan"),
-    ("forward: 16 bytes less shared memory than planned", [(BODY, replace_once(
-        "grid, plan.threads, plan.smem, a);\n      return",
-        "grid, plan.threads, plan.smem - 16, a);\n      return"))], "asan"),
-    ("grad_weight: one block fewer than planned", [(BODY, replace_once(
-        "dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);",
-        "dim3(grid_x(be, plan.blocks > 1 ? plan.blocks - 1 : 1)), plan.threads, plan.smem, a);"))],
-     "asan"),
-    ("forward: input not made contiguous", [(BODY, replace_once(
-        "const Tensor x = be.contiguous(input);", "const Tensor x = input;"))], "asan"),
-    ("backward: output_mask[2] ignored (grad_bias always written)", [(BODY, replace_once(
-        "output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr", "be.template ptr<T>(grad_bias)"))],
-     "asan"),
+    (
+        "grad_weight/grad_bias with empty instead of zeros",
+        [(BODY, replace_once("empty_sum ? be.template zeros<T>(sizes)", "empty_sum ? be.template empty<T>(sizes)"))],
+        "asan",
+    ),
+    (
+        "forward: 16 bytes less shared memory than planned",
+        [
+            (
+                BODY,
+                replace_once(
+                    "grid, plan.threads, plan.smem, a);\n      return",
+                    "grid, plan.threads, plan.smem - 16, a);\n      return",
+                ),
+            )
+        ],
+        "asan",
+    ),
+    (
+        "grad_weight: one block fewer than planned",
+        [
+            (
+                BODY,
+                replace_once(
+                    "dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);",
+                    "dim3(grid_x(be, plan.blocks > 1 ? plan.blocks - 1 : 1)), plan.threads, plan.smem, a);",
+                ),
+            )
+        ],
+        "asan",
+    ),
+    (
+        "forward: input not made contiguous",
+        [(BODY, replace_once("const Tensor x = be.contiguous(input);", "const Tensor x = input;"))],
+        "asan",
+    ),
+    (
+        "backward: output_mask[2] ignored (grad_bias always written)",
+        [
+            (
+                BODY,
+                replace_once(
+                    "output_mask[2] ? be.template ptr<T>(grad_bias) : nullptr", "be.template ptr<T>(grad_bias)"
+                ),
+            )
+        ],
+        "asan",
+    ),
     # The design before the fix: every block adds its sums into one zeroed
     # row, in whatever order the blocks run (atomicAdd on the GPU).
-    ("grad_weight summed in block order (the old atomics)", [
-        (BODY, replace_once("Tensor partials = be.template empty<acc_t>({rows * ne});",
-                            "Tensor partials = be.template zeros<acc_t>({rows * ne});")),
-        (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
-        ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
-        ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
-    ], "asan"),
+    (
+        "grad_weight summed in block order (the old atomics)",
+        [
+            (
+                BODY,
+                replace_once(
+                    "Tensor partials = be.template empty<acc_t>({rows * ne});",
+                    "Tensor partials = be.template zeros<acc_t>({rows * ne});",
+                ),
+            ),
+            (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
+            ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
+            ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
+        ],
+        "asan",
+    ),
     # The rule before the fix: only the marker pool*pool meant "no gradient".
-    ("winner index checked against the marker only (old rule)", [("index_math.h", replace_once(
-        "return static_cast<uint32_t>(j) < static_cast<uint32_t>(no_grad);", "return j != no_grad;"))],
-     "asan"),
-    ("SM-count cache as a plain static array (old)", [("cuda/sm_count.h", lambda t: t.replace(
-        "static std::atomic<int> cache[kMaxCachedDevices];", "static int cache[kMaxCachedDevices];")
-        .replace("cache[device].load(std::memory_order_relaxed)", "cache[device]")
-        .replace("cache[device].store(n, std::memory_order_relaxed);", "cache[device] = n;"))], "tsan"),
+    (
+        "winner index checked against the marker only (old rule)",
+        [
+            (
+                "index_math.h",
+                replace_once(
+                    "return static_cast<uint32_t>(j) < static_cast<uint32_t>(no_grad);", "return j != no_grad;"
+                ),
+            )
+        ],
+        "asan",
+    ),
+    (
+        "SM-count cache as a plain static array (old)",
+        [
+            (
+                "cuda/sm_count.h",
+                lambda t: t.replace(
+                    "static std::atomic<int> cache[kMaxCachedDevices];", "static int cache[kMaxCachedDevices];"
+                )
+                .replace("cache[device].load(std::memory_order_relaxed)", "cache[device]")
+                .replace("cache[device].store(n, std::memory_order_relaxed);", "cache[device] = n;"),
+            )
+        ],
+        "tsan",
+    ),
 ]
 
 
@@ -94,20 +161,48 @@ def run_one(name, edits, sanitizer):
             path = csrc / rel
             path.write_text(mutate(path.read_text()))
         env = dict(os.environ, FMNIST_HARNESS_CSRC=str(csrc), FMNIST_HARNESS_SANITIZERS=sanitizer)
-        cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
-               str(ROOT), "-p", "no:cacheprovider", "-x", "-q", "test_cuda.py", "-k", "harness"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(ROOT),
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "-q",
+            "test_cuda.py",
+            "-k",
+            "harness",
+        ]
         t0 = time.time()
         r = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True)
         caught = r.returncode != 0
         # The most telling line: a sanitizer report, else the first assertion.
         lines = r.stdout.splitlines()
-        why = next((ln.strip() for key in ("ThreadSanitizer: data race", "AddressSanitizer:",
-                                           "runtime error:", "E   AssertionError:", "E       AssertionError:")
-                    for ln in lines if key in ln),
-                   next((ln for ln in lines if ln.startswith("E ") and ln[1:].strip()), ""))
+        why = next(
+            (
+                ln.strip()
+                for key in (
+                    "ThreadSanitizer: data race",
+                    "AddressSanitizer:",
+                    "runtime error:",
+                    "E   AssertionError:",
+                    "E       AssertionError:",
+                )
+                for ln in lines
+                if key in ln
+            ),
+            next((ln for ln in lines if ln.startswith("E ") and ln[1:].strip()), ""),
+        )
         why = why.lstrip("E ").strip()[:160]
-        print(f"{'CAUGHT' if caught else 'MISSED'}  {time.time() - t0:5.0f}s  [{sanitizer}] {name}"
-              + (f"\n        {why}" if why else ""), flush=True)
+        print(
+            f"{'CAUGHT' if caught else 'MISSED'}  {time.time() - t0:5.0f}s  [{sanitizer}] {name}"
+            + (f"\n        {why}" if why else ""),
+            flush=True,
+        )
         return caught
 
 
