@@ -5,9 +5,11 @@
     flatten (12*4*4 = 192) -> Linear(192,120) -> ReLU -> BatchNorm1d(120)
     -> Linear(120,60) -> ReLU -> Linear(60,10)
 
-`kernels="fused"` runs the two conv blocks through the fused operator,
-`kernels="stock"` through F.conv2d / F.relu / F.max_pool2d. Both have the same
-parameters under the same state_dict keys, so a checkpoint loads into either.
+`kernels="fused"` runs the two conv blocks through the fused operator
+(FusedConvReLUMaxPool2d), `kernels="stock"` through stock layers
+(StockConvReLUMaxPool2d: nn.Conv2d, then F.relu and F.max_pool2d). Both have
+the same parameters under the same state_dict keys, so a checkpoint loads
+into either.
 """
 
 from __future__ import annotations
@@ -26,12 +28,37 @@ def conv_output_size(n: int, f: int, p: int = 0, s: int = 1) -> int:
     return (n - f + 2 * p) // s + 1
 
 
-class StockConvReLUMaxPool2d(FusedConvReLUMaxPool2d):
-    """The same block (same parameters, names and init) run by stock layers."""
+class StockConvReLUMaxPool2d(nn.Conv2d):
+    """The stock form of the block: an nn.Conv2d (stride 1) whose forward adds
+    F.relu and F.max_pool2d(pool, pool).
+
+    It takes FusedConvReLUMaxPool2d's arguments, and nn.Conv2d's parameters
+    (`weight`, `bias`) are what the fused module copies (names, shapes,
+    initialisation), so the two blocks share their state_dict keys and, built
+    after the same torch.manual_seed, their weights.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        pool: int = 2,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"StockConvReLUMaxPool2d: expected pool to be an int >= 1, got {pool!r}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=bias, device=device, dtype=dtype)
+        self.pool = pool
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(input, self.weight, self.bias, padding=self.padding)
-        return F.max_pool2d(F.relu(y), self.pool, self.pool)
+        return F.max_pool2d(F.relu(super().forward(input)), self.pool, self.pool)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool={self.pool}"
 
 
 def feature_size(image_size: int = 28, kernel: int = 5, pool: int = 2, blocks: int = 2, channels: int = 12) -> int:

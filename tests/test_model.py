@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fmnist_ext import checkpoint
+from fmnist_ext import FusedConvReLUMaxPool2d, checkpoint
 from fmnist_ext.batches import Batches, augment, normalize, plan_epoch
-from fmnist_ext.model import FashionCNN, conv_output_size, feature_size
+from fmnist_ext.model import FashionCNN, StockConvReLUMaxPool2d, conv_output_size, feature_size
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,51 @@ def test_fused_and_stock_same_logits_and_gradients(train_mode):
     F.cross_entropy(lf, y).backward()
     F.cross_entropy(ls, y).backward()
     for (name, pf), (_, ps) in zip(fused.named_parameters(), stock.named_parameters()):
-        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_stock_block_stands_on_stock_layers_with_the_fused_blocks_parameters():
+    # The stock path is nn.Conv2d + F.relu + F.max_pool2d, not the fused module with another forward.
+    assert issubclass(StockConvReLUMaxPool2d, nn.Conv2d)
+    assert not issubclass(StockConvReLUMaxPool2d, FusedConvReLUMaxPool2d)
+    for args, kwargs in [((1, 6, 5), {}), ((6, 12, 5), {}), ((2, 3, (3, 2)), dict(padding=(1, 0), bias=False, pool=3))]:
+        torch.manual_seed(7)
+        fused = FusedConvReLUMaxPool2d(*args, **kwargs)
+        torch.manual_seed(7)
+        stock = StockConvReLUMaxPool2d(*args, **kwargs)
+        # same names, shapes and initialisation (same random draws in the same order)
+        assert list(fused.state_dict()) == list(stock.state_dict())
+        for (name, a), (_, b) in zip(fused.state_dict().items(), stock.state_dict().items()):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="pool"):
+        StockConvReLUMaxPool2d(1, 6, 5, pool=0)
+
+
+@pytest.mark.parametrize("source,target", [("fused", "stock"), ("stock", "fused")])
+def test_state_dict_moves_between_fused_and_stock_models(source, target):
+    torch.manual_seed(0)
+    trained = FashionCNN(source)
+    trained(torch.randn(32, 1, 28, 28)).sum().backward()  # move the BatchNorm statistics off their init
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.manual_seed(1)  # a differently initialised target: the load must replace every weight
+    other = FashionCNN(target)
+    other.load_state_dict(trained.state_dict())  # strict: same keys and shapes
+    trained.eval()
+    other.eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), trained(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_stock_models_initialise_identically():
+    torch.manual_seed(3)
+    fused = FashionCNN("fused")
+    torch.manual_seed(3)
+    stock = FashionCNN("stock")
+    for (name, a), (_, b) in zip(fused.state_dict().items(), stock.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_round_trip_loads_weights_only(tmp_path):
@@ -106,7 +151,7 @@ def test_bad_checkpoint_refused(tmp_path, content):
         torch.save({"something": 1}, path)
     else:
         path.write_bytes(content)
-    with pytest.raises(checkpoint.CheckpointError, match="ck.pt"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"ck\.pt"):
         checkpoint.load(path)
     with pytest.raises(checkpoint.CheckpointError, match="no such"):
         checkpoint.load(tmp_path / "missing.pt")
