@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IMAGE_SIZE, MEAN, STD
+from .data import MEAN, STD
+from .idxfiles import IMAGE_SIZE
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,10 @@ from pathlib import Path
 import torch
 from fmnist_app_helpers import write_dataset
 
-from fmnist_ext import checkpoint, data
+from fmnist_ext import checkpoint, idxfiles
 from fmnist_ext.model import FashionCNN
 
 NO_NET = ["--no-verify", "--no-download"]
-
-
-def exit_code(fn, argv) -> int:
-    try:
-        return fn(argv)
-    except SystemExit as e:
-        return e.code
 
 
 def one_error_line(capsys) -> str:
@@ -41,8 +34,8 @@ def untrained_checkpoint(path: Path) -> Path:
 def t10k_only_folder(folder: Path, n_test: int = 50) -> Path:
     """A data folder with the two t10k files and nothing else."""
     write_dataset(folder, n_train=20, n_test=n_test)
-    for key in data.SPLITS["train"]:
-        (folder / (data.FILES[key].name + ".gz")).unlink()
+    for key in idxfiles.SPLITS["train"]:
+        (folder / (idxfiles.FILES[key].name + ".gz")).unlink()
     return folder
 
 

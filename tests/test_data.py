@@ -8,12 +8,13 @@ import http.server
 import struct
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
-from fmnist_app_helpers import real_data_dir, synthetic, write_dataset
+from fmnist_app_helpers import real_data_dir, synthetic, write_dataset, write_idx
 
-from fmnist_ext import data
+from fmnist_ext import data, download, idxfiles
 
 
 @pytest.fixture
@@ -32,22 +33,22 @@ def isolated(tmp_path, monkeypatch):
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_round_trip(tmp_path, suffix):
     images, labels = synthetic(37)
-    data.write_idx(tmp_path / f"img{suffix}", images)
-    data.write_idx(tmp_path / f"lab{suffix}", labels)
+    write_idx(tmp_path / f"img{suffix}", images)
+    write_idx(tmp_path / f"lab{suffix}", labels)
     assert (tmp_path / f"img{suffix}").read_bytes()[:2] == (b"\x1f\x8b" if suffix else b"\x00\x00")
-    got_i = data.read_idx(tmp_path / f"img{suffix}", "images")
-    got_l = data.read_idx(tmp_path / f"lab{suffix}", "labels")
+    got_i = idxfiles.read_idx(tmp_path / f"img{suffix}", "images")
+    got_l = idxfiles.read_idx(tmp_path / f"lab{suffix}", "labels")
     assert got_i.dtype == torch.uint8 and got_i.shape == (37, 28, 28)
     assert torch.equal(got_i, images) and torch.equal(got_l, labels)
 
 
 def test_gzip_detected_by_content_not_name(tmp_path):
     images, _ = synthetic(3)
-    data.write_idx(tmp_path / "noext", images, compress=True)
-    assert torch.equal(data.read_idx(tmp_path / "noext", "images"), images)
+    write_idx(tmp_path / "noext", images, compress=True)
+    assert torch.equal(idxfiles.read_idx(tmp_path / "noext", "images"), images)
 
 
-def _images_bytes(n=4, rows=28, cols=28, magic=data.IMAGES_MAGIC, extra=0):
+def _images_bytes(n=4, rows=28, cols=28, magic=idxfiles.IMAGES_MAGIC, extra=0):
     return struct.pack(">IIII", magic, n, rows, cols) + bytes(n * rows * cols + extra)
 
 
@@ -55,13 +56,13 @@ def _images_bytes(n=4, rows=28, cols=28, magic=data.IMAGES_MAGIC, extra=0):
     "payload, kind, message",
     [
         (_images_bytes(magic=0x00000801), "images", "wrong magic"),
-        (struct.pack(">II", data.IMAGES_MAGIC, 4), "labels", "wrong magic"),
+        (struct.pack(">II", idxfiles.IMAGES_MAGIC, 4), "labels", "wrong magic"),
         (_images_bytes()[:-1], "images", "truncated"),
         (_images_bytes()[:10], "images", "truncated header"),
         (_images_bytes(extra=5), "images", "unexpected bytes"),
         (_images_bytes(rows=27), "images", "27x28"),
-        (struct.pack(">II", data.LABELS_MAGIC, 3) + bytes([1, 10, 2]), "labels", "label 10 at index 1"),
-        (struct.pack(">II", data.LABELS_MAGIC, 3) + bytes([1, 2]), "labels", "truncated"),
+        (struct.pack(">II", idxfiles.LABELS_MAGIC, 3) + bytes([1, 10, 2]), "labels", "label 10 at index 1"),
+        (struct.pack(">II", idxfiles.LABELS_MAGIC, 3) + bytes([1, 2]), "labels", "truncated"),
         (b"\x00\x00", "labels", "too short"),
     ],
 )
@@ -69,44 +70,44 @@ def test_bad_idx_refused_naming_file(tmp_path, payload, kind, message):
     path = tmp_path / "bad-file"
     path.write_bytes(payload)
     with pytest.raises(data.DataError, match=message) as e:
-        data.read_idx(path, kind)
+        idxfiles.read_idx(path, kind)
     assert str(path) in str(e.value)
     # the same inside a gzip
     gz = tmp_path / "bad-file.gz"
     gz.write_bytes(gzip.compress(payload))
     with pytest.raises(data.DataError, match=message):
-        data.read_idx(gz, kind)
+        idxfiles.read_idx(gz, kind)
 
 
 def test_truncated_gzip_refused(tmp_path):
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(_images_bytes())[:-20])
     with pytest.raises(data.DataError, match="corrupt or truncated gzip"):
-        data.read_idx(path, "images")
+        idxfiles.read_idx(path, "images")
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):
     write_dataset(tmp_path, n_train=50, n_test=20)
-    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", synthetic(19)[1])
-    paths, missing = data.files_in(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", synthetic(19)[1])
+    paths, missing = idxfiles.files_in(tmp_path)
     assert not missing
-    with pytest.raises(data.DataError, match="20 images but .* 19 labels"):
+    with pytest.raises(data.DataError, match=r"20 images but .* 19 labels"):
         data.load_split(paths, "test", verify=False)
 
 
 def test_checksum_verification_on_decompressed_bytes(tmp_path):
     write_dataset(tmp_path, n_train=50, n_test=20)
-    paths, _ = data.files_in(tmp_path)
+    paths, _ = idxfiles.files_in(tmp_path)
     with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: .*47040016"):
         data.load_split(paths, "train", verify=True)
     # right size, wrong content -> checksum mismatch
-    f = data.IdxFile("x", "x", "labels", "", hashlib.md5(b"other").hexdigest(), 28, 20)
+    f = idxfiles.IdxFile("x", "x", "labels", "", hashlib.md5(b"other").hexdigest(), 28, 20)
     lab = tmp_path / "lab"
-    data.write_idx(lab, synthetic(20)[1])
+    write_idx(lab, synthetic(20)[1])
     with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.read_idx(lab, "labels", verify=f)
-    good = data.IdxFile("x", "x", "labels", "", hashlib.md5(lab.read_bytes()).hexdigest(), 28, 20)
-    assert data.read_idx(lab, "labels", verify=good).shape == (20,)
+        idxfiles.read_idx(lab, "labels", verify=f)
+    good = idxfiles.IdxFile("x", "x", "labels", "", hashlib.md5(lab.read_bytes()).hexdigest(), 28, 20)
+    assert idxfiles.read_idx(lab, "labels", verify=good).shape == (20,)
 
 
 # ------------------------------------------------------------------ lookup order
@@ -115,20 +116,20 @@ def test_checksum_verification_on_decompressed_bytes(tmp_path):
 def test_lookup_order(isolated, monkeypatch):
     tmp = isolated
     system = write_dataset(tmp / "system", seed=1)
-    assert data.locate()["train-images"].parent == system
+    assert data.locate().paths["train-images"].parent == system
     cache = write_dataset(data.cache_dir(), seed=2)
-    assert data.locate()["train-images"].parent == cache
+    assert data.locate().paths["train-images"].parent == cache
     env = write_dataset(tmp / "env", seed=3, gz=False)
     monkeypatch.setenv(data.DATA_ENV, str(env))
-    assert data.locate()["train-images"] == env / "train-images-idx3-ubyte"
+    assert data.locate().paths["train-images"] == env / "train-images-idx3-ubyte"
     explicit = write_dataset(tmp / "explicit", seed=4)
-    assert data.locate(explicit)["t10k-labels"].parent == explicit
+    assert data.locate(explicit).paths["t10k-labels"].parent == explicit
 
 
 def test_torchvision_layout(isolated):
     root = isolated / "tv"
     raw = write_dataset(root / "FashionMNIST" / "raw")
-    assert data.locate(root)["train-labels"].parent == raw
+    assert data.locate(root).paths["train-labels"].parent == raw
 
 
 def test_explicit_data_dir_must_hold_the_files(isolated):
@@ -136,7 +137,7 @@ def test_explicit_data_dir_must_hold_the_files(isolated):
     (isolated / "half").mkdir()
     write_dataset(isolated / "half")
     (isolated / "half" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(data.DataError, match="(?s)--data-dir .*half.*missing t10k-labels"):
+    with pytest.raises(data.DataError, match=r"(?s)--data-dir .*half.*missing t10k-labels"):
         data.locate(isolated / "half")
 
 
@@ -162,7 +163,7 @@ def test_nothing_found_lists_places_tried(isolated):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
+    files: ClassVar[dict[str, bytes]] = {}
 
     def do_GET(self):
         body = self.files.get(self.path.split("/")[-1])
@@ -203,11 +204,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_download_all_atomic_and_checked(server, tmp_path):
     base, files = server
-    md5s = {k: hashlib.md5(files[f.name + ".gz"]).hexdigest() for k, f in data.FILES.items()}
+    md5s = {k: hashlib.md5(files[f.name + ".gz"]).hexdigest() for k, f in idxfiles.FILES.items()}
     dest = tmp_path / "dl"
-    paths = data.download_all(dest, base + "/ok/", md5s=md5s, progress=False)
-    assert _leftovers(dest) == sorted(f.name + ".gz" for f in data.FILES.values())
-    assert all(paths[k].read_bytes() == files[f.name + ".gz"] for k, f in data.FILES.items())
+    paths = download.download_all(dest, base + "/ok/", md5s=md5s, progress=False)
+    assert _leftovers(dest) == sorted(f.name + ".gz" for f in idxfiles.FILES.values())
+    assert all(paths[k].read_bytes() == files[f.name + ".gz"] for k, f in idxfiles.FILES.items())
     ds = data.load_split(paths, "train", verify=False)
     assert len(ds) == 600
 
@@ -215,8 +216,8 @@ def test_download_all_atomic_and_checked(server, tmp_path):
 def test_download_broken_off_leaves_nothing(server, tmp_path):
     base, _ = server
     dest = tmp_path / "dl"
-    with pytest.raises(data.DataError, match="broke off|transfer failed|IncompleteRead"):
-        data.download_file(
+    with pytest.raises(data.DataError, match=r"broke off|transfer failed|IncompleteRead"):
+        download.download_file(
             base + "/broken/train-images-idx3-ubyte.gz", dest / "train-images-idx3-ubyte.gz", progress=False
         )
     assert _leftovers(dest) == []
@@ -226,9 +227,9 @@ def test_download_md5_mismatch_and_404_leave_nothing(server, tmp_path):
     base, _ = server
     dest = tmp_path / "dl"
     with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.download_file(base + "/ok/train-labels-idx1-ubyte.gz", dest / "l.gz", md5="0" * 32, progress=False)
-    with pytest.raises(data.DataError, match="404|Not Found"):
-        data.download_file(base + "/ok/nothing.gz", dest / "n.gz", progress=False)
+        download.download_file(base + "/ok/train-labels-idx1-ubyte.gz", dest / "l.gz", md5="0" * 32, progress=False)
+    with pytest.raises(data.DataError, match=r"404|Not Found"):
+        download.download_file(base + "/ok/nothing.gz", dest / "n.gz", progress=False)
     assert _leftovers(dest) == []
 
 
@@ -300,7 +301,7 @@ def test_incomplete_torchvision_layout_is_named(isolated):
 def test_empty_fmnist_data_means_unset_and_empty_data_dir_is_refused(isolated, monkeypatch):
     system = write_dataset(isolated / "system")
     monkeypatch.setenv(data.DATA_ENV, "")
-    assert data.locate()["train-images"].parent == system
+    assert data.locate().paths["train-images"].parent == system
     with pytest.raises(data.DataError, match="--data-dir: empty path"):
         data.locate("")
 
@@ -318,8 +319,8 @@ def test_load_says_which_folder_it_used(isolated, monkeypatch):
 
 def _test_files_only(folder: Path) -> Path:
     write_dataset(folder)
-    for key in data.SPLITS["train"]:
-        (folder / (data.FILES[key].name + ".gz")).unlink()
+    for key in idxfiles.SPLITS["train"]:
+        (folder / (idxfiles.FILES[key].name + ".gz")).unlink()
     return folder
 
 
@@ -328,7 +329,7 @@ def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
     ds = data.load(only_test, verify=False, download=False, splits=("test",), progress=False)
     assert ds.train is None and len(ds.test) == 200 and ds.folder == only_test
     monkeypatch.setenv(data.DATA_ENV, str(only_test))
-    assert set(data.locate(splits=("test",))) == {"t10k-images", "t10k-labels"}
+    assert set(data.locate(splits=("test",)).paths) == {"t10k-images", "t10k-labels"}
     # ... but training still needs the training files, and says which
     for splits in (("train", "test"), ("train",)):
         with pytest.raises(data.DataError) as e:
@@ -339,14 +340,14 @@ def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
     # the same for a folder found without being named (the system copy)
     monkeypatch.delenv(data.DATA_ENV)
     _test_files_only(isolated / "system")
-    assert data.locate(splits=("test",), download=False)["t10k-images"].parent == isolated / "system"
+    assert data.locate(splits=("test",), download=False).paths["t10k-images"].parent == isolated / "system"
 
 
 def test_unknown_or_no_split_is_refused():
     with pytest.raises(ValueError, match="split must be one of"):
-        data.keys_for(("validation",))
+        idxfiles.keys_for(("validation",))
     with pytest.raises(ValueError, match="at least one"):
-        data.keys_for(())
+        idxfiles.keys_for(())
 
 
 # ------------------------------------------------------------------ decompression bombs
@@ -377,13 +378,13 @@ def _peak_mb(fn) -> float:
 def test_gzip_bomb_refused_without_decompressing_it(tmp_path, verify):
     # 200 MB of zeros behind a header announcing the official t10k labels (10,008 bytes): ~200 KB on disk.
     bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
-    _write_bomb(bomb, struct.pack(">II", data.LABELS_MAGIC, 10_000), 200 << 20)
+    _write_bomb(bomb, struct.pack(">II", idxfiles.LABELS_MAGIC, 10_000), 200 << 20)
     assert bomb.stat().st_size < 2 << 20
     errors = []
 
     def read():
         try:
-            data.read_idx(bomb, "labels", data.FILES["t10k-labels"] if verify else None)
+            idxfiles.read_idx(bomb, "labels", idxfiles.FILES["t10k-labels"] if verify else None)
         except data.DataError as e:
             errors.append(str(e))
 
@@ -395,7 +396,7 @@ def test_gzip_bomb_refused_without_decompressing_it(tmp_path, verify):
 def test_gzip_bomb_in_the_data_folder_is_refused_by_load(isolated):
     folder = _test_files_only(isolated / "d")
     images = folder / "t10k-images-idx3-ubyte.gz"
-    _write_bomb(images, struct.pack(">IIII", data.IMAGES_MAGIC, 10_000, 28, 28), 200 << 20)
+    _write_bomb(images, struct.pack(">IIII", idxfiles.IMAGES_MAGIC, 10_000, 28, 28), 200 << 20)
     errors = []
 
     def load():
@@ -412,13 +413,13 @@ def test_gzip_bomb_in_the_data_folder_is_refused_by_load(isolated):
 def test_oversized_raw_file_not_read_whole(tmp_path):
     path = tmp_path / "labels"
     with open(path, "wb") as f:
-        f.write(struct.pack(">II", data.LABELS_MAGIC, 4) + bytes(4))
+        f.write(struct.pack(">II", idxfiles.LABELS_MAGIC, 4) + bytes(4))
         f.truncate(64 << 20)  # sparse: 64 MB the header does not announce
     errors = []
 
     def read():
         try:
-            data.read_idx(path, "labels")
+            idxfiles.read_idx(path, "labels")
         except data.DataError as e:
             errors.append(str(e))
 

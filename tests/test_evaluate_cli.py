@@ -15,11 +15,11 @@ from cli_helpers import (
     NO_NET,
     assert_quiet,
     closed_pipe_run,
-    exit_code,
     one_error_line,
     t10k_only_folder,
     untrained_checkpoint,
 )
+from fmnist_app_helpers import exit_code
 
 from fmnist_ext import checkpoint, data, evaluate
 

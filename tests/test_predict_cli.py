@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_quiet, closed_pipe_run, exit_code, one_error_line, untrained_checkpoint
+from cli_helpers import assert_quiet, closed_pipe_run, one_error_line, untrained_checkpoint
+from fmnist_app_helpers import exit_code
 
 from fmnist_ext import checkpoint, predict
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import NO_NET, exit_code, one_error_line
-from fmnist_app_helpers import write_dataset
+from cli_helpers import NO_NET, one_error_line
+from fmnist_app_helpers import exit_code, write_dataset
 
 from fmnist_ext import data, viz
 
