@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -18,7 +19,9 @@ def fail(parser: argparse.ArgumentParser, message: str, status: int = 2) -> NoRe
 
 def refuse_bad_cpu_isa(parser: argparse.ArgumentParser) -> None:
     """FMNIST_CPU_ISA naming a kernel build the CPU kernels refuse: one line,
-    exit 2, before any work (the kernels would raise at their first call)."""
+    exit 2, before any work (the kernels would raise at their first call).
+    Reads the op layer's private loader: the layer has no public name for
+    this check (kernels_status() only raises it, as a ValueError)."""
     from .op import _library
 
     why = _library.cpu_isa_request_error()
@@ -122,7 +125,5 @@ def print_err(*a) -> None:
 
 def prog(module: str) -> str:
     """`python -m MODULE`, or the console script's name (fmnist-*) when run as one."""
-    import os
-
     argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return argv0 if argv0.startswith("fmnist-") else f"python -m {module}"

@@ -13,6 +13,7 @@ line and exit 130 (128 + SIGINT). train.py can use `guarded` the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -52,10 +53,8 @@ def guarded(module: str, name: str | None = None):
                 silence_stdout()
                 return EXIT_BROKEN_PIPE
             except KeyboardInterrupt:
-                try:
+                with contextlib.suppress(OSError, ValueError):  # stderr closed too: the exit status still says it
                     print(f"{prog()}: interrupted", file=sys.stderr, flush=True)
-                except (OSError, ValueError):  # stderr closed too: the exit status still says it
-                    pass
                 return EXIT_INTERRUPTED
 
         return run

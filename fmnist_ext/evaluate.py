@@ -23,8 +23,8 @@ def predictions(model, images_u8: torch.Tensor, batch_size: int = 2000) -> torch
     """Predicted classes for a whole split (uint8 images on the model's device)."""
     was_training = model.training
     model.eval()
-    dummy = torch.empty(images_u8.shape[0], dtype=torch.long)
-    out = [model(x).argmax(1) for x, _ in eval_batches(images_u8, dummy, batch_size)]
+    no_labels = torch.empty(images_u8.shape[0], dtype=torch.long)  # eval_batches wants some
+    out = [model(x).argmax(1) for x, _ in eval_batches(images_u8, no_labels, batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images_u8.device)
 

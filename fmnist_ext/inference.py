@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op import _library
-from .op import functional as ops
+from .op import conv_relu_maxpool2d, uses_compiled_kernels
 
-OP_NAME = f"{_library.OP_NAMESPACE}::fashion_cnn_inference"
+# The whole-model CPU op (csrc/fashion_cnn_inference.cpp), in the library the fused op's kernels come from.
+OP_NAME = "fmnist_ext::fashion_cnn_inference"
 INPUT_SHAPE = (1, 28, 28)
 _PARAM_NAMES = (
     "conv1_weight",
@@ -52,7 +52,12 @@ _PARAM_NAMES = (
 
 def has_compiled_op(device: torch.device) -> bool:
     """True when the whole-model C++ op runs for tensors on `device`."""
-    return _library.LOADED and device.type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
+    # uses_compiled_kernels first: without the compiled library the op is not registered at all.
+    return (
+        device.type == "cpu"
+        and uses_compiled_kernels(device)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
+    )
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,24 +121,24 @@ class FashionCNNInference(nn.Module):
         for name in _PARAM_NAMES:
             self.register_buffer(name, weights[name].detach().clone())
         self.training = False
-        self._refresh()
+        self._cache_params()
 
     @classmethod
     def from_model(cls, model) -> FashionCNNInference:
         with torch.no_grad():
             return cls(fold(model))
 
-    def _refresh(self) -> None:
+    def _cache_params(self) -> None:
         # Cached once per .to()/.cpu()/.double(): attribute lookups of 10
         # buffers through nn.Module.__getattr__ would cost microseconds per call.
         self._params = tuple(getattr(self, n) for n in _PARAM_NAMES)
         w = self._params[0]
         self._dtype, self._device = w.dtype, w.device
-        self._use_op = has_compiled_op(w.device)
+        self._uses_compiled_op = has_compiled_op(w.device)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._refresh()
+        self._cache_params()
         return out
 
     def train(self, mode: bool = True) -> FashionCNNInference:
@@ -147,9 +152,9 @@ class FashionCNNInference(nn.Module):
     @property
     def uses_compiled_op(self) -> bool:
         """True when forward is the single C++ op (CPU, compiled library)."""
-        return self._use_op
+        return self._uses_compiled_op
 
-    def _check(self, input) -> None:
+    def _check_input(self, input) -> None:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"FashionCNNInference: expected input to be a Tensor, got {type(input).__name__}")
         if input.dim() != 4 or tuple(input.shape[1:]) != INPUT_SHAPE:
@@ -169,8 +174,8 @@ class FashionCNNInference(nn.Module):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check(input)
-        if self._use_op:
+        self._check_input(input)
+        if self._uses_compiled_op:
             return torch.ops.fmnist_ext.fashion_cnn_inference(input, *self._params)
         return self._forward_ops(input)
 
@@ -178,11 +183,11 @@ class FashionCNNInference(nn.Module):
         """The same computation operator by operator (CUDA, or no compiled library)."""
         c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b, ow, ob = self._params
         with torch.no_grad():
-            x = ops.conv_relu_maxpool2d(x, c1w, c1b, 0, 2)
-            x = ops.conv_relu_maxpool2d(x, c2w, c2b, 0, 2)
+            x = conv_relu_maxpool2d(x, c1w, c1b, 0, 2)
+            x = conv_relu_maxpool2d(x, c2w, c2b, 0, 2)
             x = F.relu(F.linear(torch.flatten(x, 1), f1w, f1b))
             x = F.relu(F.linear(x, f2w, f2b))
             return F.linear(x, ow, ob)
 
     def extra_repr(self) -> str:
-        return f"dtype={self._dtype}, device={self._device}, compiled_op={self._use_op}"
+        return f"dtype={self._dtype}, device={self._device}, compiled_op={self._uses_compiled_op}"

@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: argument --check: not allowed with --json\n")
 
     import fmnist_ext
-    from fmnist_ext.op import _library
+    from fmnist_ext import cli
+    from fmnist_ext.op import _library  # LIBRARY_PATH: the op layer has no public name for it
 
-    error = _library.cpu_isa_request_error()
-    if error is not None:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    cli.refuse_bad_cpu_isa(parser)
     status = fmnist_ext.kernels_status()
     if args.json:
         print(json.dumps(status, indent=2))
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cuda kernels:  {cuda}")
     print(f"  built against: torch {status['built_against_torch'] or '(not built)'}")
     print(f"  running:       torch {status['running_torch']}")
-    if _library.LOADED:
+    if status["compiled_library_loaded"]:
         print(f"  library:       {_library.LIBRARY_PATH}")
     if status["not_loaded_reason"]:
         print(f"  compiled library not loaded: {status['not_loaded_reason']}")

@@ -23,7 +23,7 @@ from .batches import normalize
 
 
 class ImageError(Exception):
-    pass
+    """An image file that cannot be classified (the message names the file and why)."""
 
 
 def load_image(path: str, invert: str = "auto") -> torch.Tensor:
@@ -98,13 +98,16 @@ def _light_background(t: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def top_k(model, images_u8: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+    """Per image, the k most probable classes as (class name, probability), most probable first."""
     probs = torch.softmax(model(normalize(images_u8)), dim=1).cpu()
-    p, i = probs.topk(k, dim=1)
-    return [[(data.CLASSES[c], float(v)) for c, v in zip(ci.tolist(), pi.tolist())] for ci, pi in zip(i, p)]
+    top_probs, top_classes = probs.topk(k, dim=1)
+    return [
+        [(data.CLASSES[c], float(q)) for c, q in zip(classes.tolist(), ps.tolist())]
+        for classes, ps in zip(top_classes, top_probs)
+    ]
 
 
-@clirun.guarded("fmnist_ext.predict")
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=cli.prog("fmnist_ext.predict"),
         description="Top-3 Fashion-MNIST classes for grayscale (or colour, converted) PNG/JPEG images; "
@@ -128,18 +131,24 @@ def main(argv=None) -> int:
         help="conv blocks to run (default: the ones the checkpoint was trained with)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
-    args = p.parse_args(argv)
-    cli.refuse_bad_cpu_isa(p)
+    return p
+
+
+@clirun.guarded("fmnist_ext.predict")
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.refuse_bad_cpu_isa(parser)
     if args.top > 10:
-        cli.fail(p, f"argument --top: at most 10 classes, got {args.top}")
-    device = cli.resolve_device(p, args.device)
+        cli.fail(parser, f"argument --top: at most 10 classes, got {args.top}")
+    device = cli.resolve_device(parser, args.device)
     try:
         model = checkpoint.load_model(args.checkpoint, args.kernels, device)
         batch = torch.stack([load_image(f, args.invert) for f in args.images]).to(device)
     except checkpoint.CheckpointError as e:
-        cli.fail(p, f"argument checkpoint: {e}")
+        cli.fail(parser, f"argument checkpoint: {e}")
     except ImageError as e:
-        cli.fail(p, f"argument IMAGE: {e}")
+        cli.fail(parser, f"argument IMAGE: {e}")
     infer = model.for_inference() if model.kernels == "fused" else model  # BatchNorm folded, one op
     for path, top in zip(args.images, top_k(infer, batch, args.top)):
         if args.json:

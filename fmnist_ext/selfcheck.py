@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .op import reference
+from .op import conv_relu_maxpool2d, reference, uses_compiled_kernels
 
 # (name, n, cin, h, w, cout, (kh, kw), (pad_h, pad_w), pool)
 FULL_CASES = (
@@ -50,7 +50,7 @@ DTYPES = (torch.float32, torch.float64)
 # float32 arithmetic (e.g. a flush-to-zero or reassociating compiler) is
 # slightly different, while a wrong winner or a dropped term is >= 1e-2.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
-NAMES = ("output", "grad_input", "grad_weight", "grad_bias")
+TENSOR_NAMES = ("output", "grad_input", "grad_weight", "grad_bias")  # what _forward_and_grads returns, in order
 
 
 @dataclass
@@ -127,8 +127,6 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _fused(x, wt, b, padding, pool):
-    from .op.functional import conv_relu_maxpool2d
-
     return conv_relu_maxpool2d(x, wt, b, padding, pool)
 
 
@@ -142,8 +140,6 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
     check that a wrong kernel is caught)."""
     device = torch.device(device)
     op = op or _fused
-    from .op.functional import uses_compiled_kernels
-
     report = DeviceReport(
         str(device), "compiled kernels" if uses_compiled_kernels(device) else "reference, not compiled"
     )
@@ -160,7 +156,7 @@ def check_device(device: str | torch.device, quick: bool = False, op: Callable |
                 report.failure = f"{name} {dtype}: {type(exc).__name__}: {exc}"
                 return report
             report.cases += 1
-            for tensor, a, e in zip(NAMES, got, want):
+            for tensor, a, e in zip(TENSOR_NAMES, got, want):
                 err = _relative_error(a, e)
                 if err > report.worst.get(dtype, (-1.0,))[0]:
                     report.worst[dtype] = (err, name, tensor)
@@ -174,7 +170,7 @@ def available_devices() -> list[str]:
     return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
-def training_refusal(kernels: str, device: torch.device, op: Callable | None = None) -> str | None:
+def training_refusal(device: torch.device, op: Callable | None = None) -> str | None:
     """The quick check before training with fused kernels on `device`: None
     when they agree with stock, else the message to stop with."""
     report = check_device(device, quick=True, op=op)
@@ -203,12 +199,12 @@ def precheck_training(parser, kernels: str, device: torch.device, check_types: t
     tests run the battery on the CPU."""
     if kernels != "fused":
         return
-    from .cli import fail
-    from .op import _library
+    from .cli import fail, refuse_bad_cpu_isa
 
     device = torch.device(device)
-    message = _library.cpu_isa_request_error() if device.type == "cpu" else None
-    if message is None and device.type in check_types:
-        message = training_refusal(kernels, device)
-    if message is not None:
-        fail(parser, message)
+    if device.type == "cpu":
+        refuse_bad_cpu_isa(parser)
+    if device.type in check_types:
+        message = training_refusal(device)
+        if message is not None:
+            fail(parser, message)

@@ -136,21 +136,21 @@ def read_metrics(path: Path) -> list[dict]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(prog=cli.prog("fmnist_ext.viz"), description="Fashion-MNIST pictures.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sprite", help="the training-set sprite: each class on three rows")
-    s.add_argument(
+    sprite_cmd = sub.add_parser("sprite", help="the training-set sprite: each class on three rows")
+    sprite_cmd.add_argument(
         "--out",
         default="sprite.png",
         help="image to write; the format follows the extension (png, pdf, svg, ...; default: sprite.png)",
     )
-    s.add_argument("--rows", type=cli.positive_int, default=3, help="rows per class (default: 3)")
-    s.add_argument("--columns", type=cli.positive_int, default=10, help="images per row (default: 10)")
-    cli.add_data_args(s)
-    c = sub.add_parser("curves", help="training curves of a run folder (from its metrics.jsonl)")
-    c.add_argument("run_dir", help="run folder written by fmnist_ext.train")
-    c.add_argument(
+    sprite_cmd.add_argument("--rows", type=cli.positive_int, default=3, help="rows per class (default: 3)")
+    sprite_cmd.add_argument("--columns", type=cli.positive_int, default=10, help="images per row (default: 10)")
+    cli.add_data_args(sprite_cmd)
+    curves_cmd = sub.add_parser("curves", help="training curves of a run folder (from its metrics.jsonl)")
+    curves_cmd.add_argument("run_dir", help="run folder written by fmnist_ext.train")
+    curves_cmd.add_argument(
         "--out", default=None, help="image to write; the format follows the extension (default: RUN_DIR/curves.png)"
     )
-    return p, {"sprite": s, "curves": c}
+    return p, {"sprite": sprite_cmd, "curves": curves_cmd}
 
 
 def _check_out(sub: argparse.ArgumentParser, out) -> None:
@@ -174,31 +174,31 @@ def main(argv=None) -> int:
     p, subs = build_parser()
     args = p.parse_args(argv)
     if args.command == "sprite":
-        s = subs["sprite"]
-        _check_out(s, args.out)
+        sprite_cmd = subs["sprite"]
+        _check_out(sprite_cmd, args.out)
         try:
             ds = data.load(args.data_dir, verify=not args.no_verify, download=not args.no_download, splits=("train",))
         except data.DataError as e:
-            cli.fail(s, str(e))
+            cli.fail(sprite_cmd, str(e))
         cli.print_err(ds.describe())
         try:
             sprite_array(ds.train.images, ds.train.labels, args.rows, args.columns)
         except ValueError as e:
-            cli.fail(s, f"argument --rows/--columns: {e}")
-        _save(s, save_sprite, ds.train.images, ds.train.labels, args.out, args.rows, args.columns)
+            cli.fail(sprite_cmd, f"argument --rows/--columns: {e}")
+        _save(sprite_cmd, save_sprite, ds.train.images, ds.train.labels, args.out, args.rows, args.columns)
         print(f"wrote {args.out}")
     else:
-        c = subs["curves"]
+        curves_cmd = subs["curves"]
         metrics = Path(args.run_dir) / "metrics.jsonl"
         if not metrics.is_file():
-            cli.fail(c, f"argument run_dir: {metrics} does not exist")
+            cli.fail(curves_cmd, f"argument run_dir: {metrics} does not exist")
         out = args.out or str(Path(args.run_dir) / "curves.png")
-        _check_out(c, out)
+        _check_out(curves_cmd, out)
         try:
             history = read_metrics(metrics)
         except MetricsError as e:
-            cli.fail(c, f"argument run_dir: {e}")
-        _save(c, save_curves, history, out)
+            cli.fail(curves_cmd, f"argument run_dir: {e}")
+        _save(curves_cmd, save_curves, history, out)
         print(f"wrote {out}")
     return 0
 
