@@ -113,13 +113,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def torch_save(obj, path: str | os.PathLike) -> None:
-    import torch
-
-    with atomic_open(path) as f:
-        torch.save(obj, f)
-
-
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     """matplotlib Figure.savefig, atomically (format from the suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
