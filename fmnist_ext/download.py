@@ -23,7 +23,7 @@ MIRROR_ENV = "FMNIST_MIRROR"
 def download_file(url: str, dest: Path, md5: str | None = None, progress: bool = True, timeout: float = 30.0) -> Path:
     """Download `url` to `dest` through a temp file in the same folder; check the
     byte count and (if given) the MD5 before renaming it into place."""
-    h = hashlib.md5()
+    received_md5 = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
@@ -41,14 +41,14 @@ def download_file(url: str, dest: Path, md5: str | None = None, progress: bool =
                         if not chunk:
                             break
                         f.write(chunk)
-                        h.update(chunk)
+                        received_md5.update(chunk)
                         received += len(chunk)
                         if bar is not None:
                             bar.update(len(chunk))
                     if total is not None and received != total:
                         raise DataError(f"{url}: transfer broke off after {received} of {total} bytes")
-                    if md5 is not None and h.hexdigest() != md5:
-                        raise DataError(f"{url}: checksum mismatch: MD5 {h.hexdigest()}, expected {md5}")
+                    if md5 is not None and received_md5.hexdigest() != md5:
+                        raise DataError(f"{url}: checksum mismatch: MD5 {received_md5.hexdigest()}, expected {md5}")
             finally:
                 if bar is not None:
                     bar.close()
@@ -64,7 +64,8 @@ def download_file(url: str, dest: Path, md5: str | None = None, progress: bool =
 def download_all(
     dest_dir: Path, base_url: str, md5s: dict[str, str] | None = None, progress: bool = True, keys=None
 ) -> dict[str, Path]:
-    """Download the gz files (of `keys`, default all four) that `dest_dir` lacks from `base_url`."""
+    """Download the gz files (of `keys`, default all four) that `dest_dir` lacks from `base_url`,
+    each checked against its gz MD5 in `md5s` (default: the official files')."""
     md5s = md5s if md5s is not None else {k: f.gz_md5 for k, f in FILES.items()}
     base = base_url if base_url.endswith("/") else base_url + "/"
     found, _ = files_in(dest_dir, keys)

@@ -27,8 +27,13 @@ class DataError(Exception):
     """Missing, unreadable or bad Fashion-MNIST files (the message says which and why)."""
 
 
+# --------------------------------------------------------------------------- the official files
+
+
 @dataclass(frozen=True)
 class IdxFile:
+    """One of the four official files, as the lookup, the download and the verification need it."""
+
     key: str
     name: str  # basename without .gz
     kind: str  # "images" or "labels"
