@@ -193,7 +193,7 @@ def test_benchmark_report_renders_the_section(monkeypatch):
         ["--quick", "--no-model", "--blocks", "1", "--batch-sizes", "1", "--impls", "fused", "--threads", "1"]
     )
     report = runner.run(args, log=lambda m: None)
-    assert report["whole_model"] is None  # --quick/--no-model: not run
+    assert report["whole_model"] is None  # --no-model: not run
     calls = []
     monkeypatch.setattr(bench_model, "run_worker", _fake_worker(calls))
     report["whole_model"] = bench_model.run_section(quick=True, rounds=1, threads=1, log=lambda m: None)

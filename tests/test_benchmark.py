@@ -100,12 +100,16 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
             )
             assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
 
-    model = report["model"]
-    assert model["impls"]["fused"]["status"] == "ok", model["impls"]["fused"]
+    # the whole model: the whole-model section's quick form (training step and epoch, one process each)
+    train = report["whole_model"]["allocators"]["default"]["train"]
+    assert set(train) == {"fused", "stock"}
+    assert train["fused"]["status"] == "ok", train["fused"]
     for impl in ("fused", "stock"):
-        assert model["impls"][impl]["step"]["median_s"] > 0
-        assert model["impls"][impl]["epoch"]["median_s"] > 0
-    assert model["step_speedup_fused_vs_stock"] > 0
+        assert train[impl]["step"]["median_s"] > 0
+        assert train[impl]["epoch"]["median_s"] > 0
+    assert train["fused"]["step_vs_stock"] > 0
+    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
+        assert train["fused"]["fused_compiled"] is True
 
     md = out_md.read_text()
     assert md == proc.stdout
@@ -349,7 +353,7 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
         "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu", "threads": 1, "quick": True},
         "machine": {"torch": torch.__version__},
         "rows": [],
-        "model": None,
+        "whole_model": None,
     }
     png = tmp_path / "b.png"
     png.write_bytes(b"old chart")

@@ -20,14 +20,12 @@ What it measures, all in one run:
   F.max_pool2d in eager mode), ``compile`` (torch.compile of the stock
   sequence; compile time reported separately) and ``reference`` (the
   pure-PyTorch fallback path of fmnist_ext, called directly);
-* the whole seed CNN: one training step (forward, cross-entropy, backward,
-  Adam) and one epoch (60 steps at batch 1000) on synthetic data, fused vs
-  stock;
-* on CPU and not with --quick, the whole-model section
+* on the CPU, the whole seed CNN: the whole-model section
   (``python -m fmnist_ext.benchmark.model``; each implementation in its own
   process: training step and epoch, eval inference at batch 1 and 1000
   including FashionCNN.for_inference(), torch.compile, a per-layer profile
-  of the fused step, both allocator settings).
+  of the fused step, both allocator settings; with --quick, the training
+  step and epoch of stock and fused only, at batch 256).
 
 Before any timing, each implementation is checked against stock on the very
 inputs that are then timed, and refused if it does not match. Every figure
@@ -45,7 +43,6 @@ One job per module, in the order a run uses them:
   compile_cache.py  torch.compile with cold caches
   timing.py         interleaved torch.utils.benchmark timing
   rows.py           one row: gate, then timing, then the derived rates
-  model_inprocess.py the in-process model benchmark (training step, epoch)
   model.py          the whole-model section (parent, CLI), model_worker.py its
                     measuring processes, model_render.py its markdown
   render.py         the report's markdown; chart.py the PNG chart

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fmnist-benchmark",
         description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch, torch.compile and the "
-        "pure-PyTorch fallback, per conv block and batch size, plus the whole model's training step and epoch.",
+        "pure-PyTorch fallback, per conv block and batch size, plus (on the CPU) the whole-model section: training "
+        "step and epoch, eval inference, each implementation in its own process.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -120,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"comma-separated from {','.join(IMPLS)} (default all; stock is always timed)",
     )
-    p.add_argument("--no-model", action="store_true", help="skip the whole-model training step / epoch")
+    p.add_argument(
+        "--no-model", action="store_true", help="skip the whole-model section (python -m fmnist_ext.benchmark.model)"
+    )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: batch 1,64, no compile, short timings, tiny model section (explicit flags win)",
+        help="smoke run: batch 1,64, no compile, short timings, whole model: training step and epoch only "
+        "(explicit flags win)",
     )
     p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
     p.add_argument(

@@ -178,7 +178,12 @@ def run_section(
     threads: int | None = None,
     compile_: bool = True,
     log=None,
+    training_only: bool = False,
 ) -> dict:
+    """Run the section; its figures as a JSON-able dict (render() makes the markdown).
+
+    `training_only` (the per-block benchmark's --quick run) times only the
+    training step and epoch of stock and fused: no inference, no profile."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     allocators = allocators or (["default"] if quick else ["default", "tuned"])
@@ -188,6 +193,8 @@ def run_section(
     with_compile = compile_ and not quick
     train_impls = [i for i in TRAIN_IMPLS if with_compile or i != "compile"]
     infer_impls = [i for i in INFER_IMPLS if with_compile or i != "compile"]
+    if training_only:
+        train_impls, infer_impls = [i for i in train_impls if i in ("stock", "fused")], []
     section: dict = {
         "config": {
             **cfg,
@@ -198,6 +205,7 @@ def run_section(
             "train_impls": train_impls,
             "infer_impls": infer_impls,
             "quick": quick,
+            "profile": not training_only,
             "compile_timed_in": allocators[0] if "compile" in train_impls else None,
             "targets": TARGETS,
         },
@@ -238,9 +246,12 @@ def run_section(
                     f"  [{alloc} r{r}] infer {impl}: ({time.perf_counter() - t0:.0f} s)"
                     + (f" {res['error']}" if "error" in res else "")
                 )
-        prof = run_worker(
-            {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]}, alloc
-        )
+        prof = None
+        if not training_only:
+            prof = run_worker(
+                {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]},
+                alloc,
+            )
         section["allocators"][alloc] = _summarise(train_runs, infer_runs, prof, cfg["infer_batches"])
     section["duration_s"] = time.perf_counter() - t_start
     return section

@@ -81,11 +81,14 @@ def render(section: dict) -> str:
                 f"| {impl} | {_ms(t['step']['median_s'])} | {_x(t.get('step_vs_stock'))} | "
                 f"{t['epoch']['median_s']:.2f} s | {_x(t.get('epoch_vs_stock'))} | {t['first_call_s']:.2f} s |"
             )
-        lines += [
-            "",
-            "| eval forward (no_grad) | " + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"]) + " |",
-            "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
-        ]
+        if a["infer"]:
+            lines += [
+                "",
+                "| eval forward (no_grad) | "
+                + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"])
+                + " |",
+                "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
+            ]
         for impl, t in a["infer"].items():
             cells = []
             for b in cfg["infer_batches"]:
@@ -101,7 +104,9 @@ def render(section: dict) -> str:
         lines += ["", "| target (issue 10) | measured | met? |", "|---|---:|---|"]
         lines += [f"| {t} | {m} | {ok} |" for t, m, ok in _targets(a)]
         prof = a["profile"]
-        if "error" in prof:
+        if prof is None:
+            lines += ["", "Profile: not run (training step and epoch only)."]
+        elif "error" in prof:
             lines += ["", f"Profile: ERROR {prof['error']}"]
         else:
             per = prof["self_cpu_s_per_step"]

@@ -7,6 +7,7 @@ in the same row; REFUSED and skipped rows carry their one-line reason.
 from __future__ import annotations
 
 from .blocks import BLOCKS
+from .model_render import render as render_section
 
 
 def fmt_ms(s: float | None) -> str:
@@ -95,31 +96,12 @@ def render_markdown(report: dict) -> str:
     skipped = {r["reason"] for r in report["rows"] if r["impl"] == "compile" and r["status"] == "skipped"}
     if skipped:
         lines += ["", "torch.compile skipped: " + "; ".join(sorted(skipped))]
-    mod = report.get("model")
-    if mod:
-        lines += ["", "## Whole model (FashionCNN, Adam lr 0.01, synthetic data)", ""]
-        if mod.get("skipped"):
-            lines.append(f"skipped: {mod['skipped']}")
-        else:
-            lines.append("| what | stock | fused | fused vs stock |")
-            lines.append("|---|---:|---:|---:|")
-            f = mod["impls"]["fused"]
-            s = mod["impls"]["stock"]
-            if f["status"] != "ok":
-                lines.append(f"| training step | {fmt_ms(s['step']['median_s'])} ms | REFUSED: {f['reason']} | |")
-            else:
-                lines.append(
-                    f"| training step, batch {mod['batch']} | {fmt_ms(s['step']['median_s'])} ms | "
-                    f"{fmt_ms(f['step']['median_s'])} ms | {mod['step_speedup_fused_vs_stock']:.2f}x |"
-                )
-                lines.append(
-                    f"| epoch, {mod['epoch_steps']} steps x {mod['batch']} (median of {mod['epoch_reps']}) | "
-                    f"{s['epoch']['median_s']:.2f} s | {f['epoch']['median_s']:.2f} s | "
-                    f"{mod['epoch_speedup_fused_vs_stock']:.2f}x |"
-                )
-    if report.get("whole_model"):
-        from .model_render import render as render_section
-
-        lines += ["", render_section(report["whole_model"]).rstrip("\n")]
+    section = report.get("whole_model")
+    if section and "skipped" in section:
+        lines += ["", "## Whole model", "", f"skipped: {section['skipped']}"]
+    elif section:
+        lines += ["", render_section(section).rstrip("\n")]
+    elif report["config"].get("whole_model"):
+        lines += ["", f"Whole model: {report['config']['whole_model']}."]
     lines += ["", f"Total benchmark time: {report['duration_s']:.0f} s"]
     return "\n".join(lines) + "\n"
