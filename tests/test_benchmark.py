@@ -61,7 +61,7 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
     cfg = report["config"]
     assert cfg["quick"] is True and cfg["device"] == "cpu" and cfg["threads"] == 1
     assert cfg["batch_sizes"] == [1, 64] and cfg["blocks"] == [1, 2]
-    assert set(cfg["impls"]) == {"fused", "stock", "reference"}
+    assert set(cfg["impls"]) == {"fused", "stock"}
 
     m = report["machine"]
     for key in ("date", "cpu_model", "cpu_count", "torch", "kernels_status", "git", "env", "loadavg_at_start"):
@@ -77,9 +77,7 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
 
     rows = report["rows"]
     keys = {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows}
-    expected = {
-        (b, n, p, i) for b in (1, 2) for n in (1, 64) for p in blocks.PASSES for i in ("fused", "stock", "reference")
-    }
+    expected = {(b, n, p, i) for b in (1, 2) for n in (1, 64) for p in blocks.PASSES for i in ("fused", "stock")}
     assert keys == expected
     for r in rows:
         assert r["status"] == "ok", r
@@ -324,6 +322,15 @@ def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, arg
     assert _exit_code(cli.main, ["--quick", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "argument --" in err[0] and words in err[0], err
+
+
+@pytest.mark.parametrize("impls_arg", ["reference", "fused,reference"])
+def test_reference_is_refused_as_the_same_computation_as_stock(capsys, no_timing, impls_arg):
+    # The pure-PyTorch fallback computes exactly the stock sequence: timing it was stock twice.
+    assert _exit_code(cli.main, ["--quick", "--impls", impls_arg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --impls: 'reference' is the same computation as stock" in err[0], err
+    assert "reference" not in impls.IMPLS and "reference" not in impls.base_impls()
 
 
 def _exit_code(fn, argv) -> int:

@@ -2,7 +2,7 @@
 
     python python/benchmark.py [--device cpu|cuda] [--threads N]
         [--batch-sizes 1,64,256,1000,4096] [--blocks 1,2]
-        [--impls fused,stock,compile,reference] [--no-model] [--quick]
+        [--impls fused,stock,compile] [--no-model] [--quick]
         [--json PATH] [--png PATH] [--markdown PATH] [--min-run-time SECONDS]
 
 (also ``fmnist-benchmark ...`` once installed, or ``python -m fmnist_ext.benchmark``
@@ -15,11 +15,11 @@ What it measures, all in one run:
 * per conv block of the seed CNN and per batch size, three passes --
   ``fwd`` (forward under no_grad), ``fwd+bwd`` (forward and backward for weight
   and bias only: the model's first block needs no input gradient) and
-  ``fwd+bwd+dx`` (also the input gradient) -- for four implementations:
+  ``fwd+bwd+dx`` (also the input gradient) -- for three implementations:
   ``fused`` (fmnist_ext.conv_relu_maxpool2d), ``stock`` (F.conv2d, F.relu,
-  F.max_pool2d in eager mode), ``compile`` (torch.compile of the stock
-  sequence; compile time reported separately) and ``reference`` (the
-  pure-PyTorch fallback path of fmnist_ext, called directly);
+  F.max_pool2d in eager mode; also what fmnist_ext's pure-PyTorch fallback
+  computes) and ``compile`` (torch.compile of the stock sequence; compile
+  time reported separately);
 * on the CPU, the whole seed CNN: the whole-model section
   (``python -m fmnist_ext.benchmark.model``; each implementation in its own
   process: training step and epoch, eval inference at batch 1 and 1000

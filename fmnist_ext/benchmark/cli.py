@@ -21,7 +21,7 @@ from .. import cli as app_cli
 from . import render, runner
 from .blocks import BLOCKS
 from .chart import render_png
-from .impls import IMPLS
+from .impls import IMPLS, NOT_IMPLS
 
 
 def _int_list(text: str) -> list[int]:
@@ -36,7 +36,7 @@ def _int_list(text: str) -> list[int]:
 
 def _impl_list(text: str) -> list[str]:
     vals = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [v for v in vals if v not in IMPLS]
+    bad = [v for v in vals if v not in IMPLS and v not in NOT_IMPLS]  # NOT_IMPLS: check_arguments says why
     if bad or not vals:
         raise argparse.ArgumentTypeError(f"unknown implementation(s) {bad}; choose from {','.join(IMPLS)}")
     return vals
@@ -56,7 +56,8 @@ OUTPUTS = ("json", "png", "markdown")
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Before any timing (one line, exit 2): every output path must be writable (and --png a
     format matplotlib writes), no two the same file, so the results of a long run are not
-    lost; --device cuda needs a CUDA device. (The numbers are checked by their argparse types.)"""
+    lost; --impls names no retired implementation (NOT_IMPLS, with why); --device cuda needs
+    a CUDA device. (The numbers are checked by their argparse types.)"""
     seen: dict[Path, str] = {}
     try:
         for name in OUTPUTS:
@@ -72,6 +73,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             seen[key] = f"--{name}"
     except outputs.OutputError as e:
         app_cli.fail(parser, str(e))
+    for name in args.impls or ():
+        if name in NOT_IMPLS:
+            app_cli.fail(parser, f"argument --impls: {name!r} {NOT_IMPLS[name]}; choose from {','.join(IMPLS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         app_cli.fail(parser, "argument --device: cuda requested but torch sees no CUDA device")
 
@@ -100,8 +104,8 @@ def write_outputs(args: argparse.Namespace, report: dict, md: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fmnist-benchmark",
-        description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch, torch.compile and the "
-        "pure-PyTorch fallback, per conv block and batch size, plus (on the CPU) the whole-model section: training "
+        description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch and torch.compile, "
+        "per conv block and batch size, plus (on the CPU) the whole-model section: training "
         "step and epoch, eval inference, each implementation in its own process.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -56,6 +56,9 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         if b not in BLOCKS:
             raise SystemExit(f"fmnist-benchmark: unknown block {b}; choose from {sorted(BLOCKS)}")
     impl_names = args.impls or list(impls.QUICK_IMPLS if quick else impls.IMPLS)
+    unknown = [n for n in impl_names if n not in impls.IMPLS]
+    if unknown:
+        raise ValueError(f"--impls: unknown implementation(s) {unknown}; choose from {','.join(impls.IMPLS)}")
     if "stock" not in impl_names:
         impl_names = ["stock", *impl_names]
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if quick else 1.0)
