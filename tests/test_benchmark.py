@@ -404,3 +404,45 @@ def test_closed_stdout_loses_no_results_and_ctrl_c_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(runner, "run", interrupted)
     assert cli.main(["--quick"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["fmnist-benchmark: interrupted"]
+
+
+# --- python/summarize_benchmarks.py ------------------------------------------------
+
+
+def _summarize(argv, capsys) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize_benchmarks", REPO / "python" / "summarize_benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_summary_reads_recorded_and_whole_model_reports(tmp_path, capsys):
+    # A recorded schema-1 run (in-process model rows), as quoted in BENCHMARKS.md.
+    recorded = REPO / "docs" / "benchmarks" / "cpu-default.json"
+    lines = _summarize([recorded], capsys)
+    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) |" in lines
+    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** |" in lines
+    # A later run: the whole-model section's figures, per allocator setting it measured.
+    train = {
+        "fused": {"step": {"median_s": 0.010}, "epoch": {"median_s": 0.6}},
+        "stock": {"step": {"median_s": 0.070}, "epoch": {"median_s": 4.2}},
+    }
+    new = tmp_path / "new.json"
+    new.write_text(
+        json.dumps(
+            {
+                "schema": runner.SCHEMA,
+                "rows": [],
+                "whole_model": {"allocators": {"default": {"train": train}, "tuned": {"train": {}}}},
+            }
+        )
+    )
+    lines = _summarize([recorded, new], capsys)
+    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** | n/a |" in lines
+    assert "| model, default allocator | training step | n/a | 10.0 vs 70.0 ms = **7.00x** |" in lines
+    assert "| model, default allocator | training epoch | n/a | 600.0 vs 4200.0 ms = **7.00x** |" in lines
+    assert "| model, tuned allocator | training step | n/a | n/a |" in lines
+    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) | n/a |" in lines
