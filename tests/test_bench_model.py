@@ -214,3 +214,21 @@ def test_compile_workers_get_a_fresh_inductor_cache(monkeypatch):
     assert bench_model.run_worker({"impl": "compile"}, "default") == {"ok": 1}
     assert bench_model.run_worker({"impl": "fused"}, "tuned") == {"ok": 1}
     assert "fmnist-bench-inductor-" in seen["compile"] and seen["fused"] is None
+
+
+def test_the_benchmark_keeps_its_rows_when_the_section_fails_and_says_when_it_is_not_run(monkeypatch):
+    from fmnist_ext.benchmark import cli, render, runner
+
+    def broken(**kwargs):
+        raise RuntimeError("section exploded")
+
+    monkeypatch.setattr(runner, "run_section", broken)
+    argv = ["--quick", "--blocks", "1", "--batch-sizes", "1", "--impls", "fused", "--threads", "1"]
+    report = runner.run(cli.build_parser().parse_args(argv), log=lambda m: None)
+    assert report["whole_model"] == {"skipped": "RuntimeError: section exploded"}
+    assert report["rows"] and all(r["status"] == "ok" for r in report["rows"])
+    assert "## Whole model\n\nskipped: RuntimeError: section exploded\n" in render.render_markdown(report)
+
+    report = runner.run(cli.build_parser().parse_args([*argv, "--no-model"]), log=lambda m: None)
+    assert report["whole_model"] is None and report["config"]["whole_model"] == "not run (--no-model)"
+    assert "\nWhole model: not run (--no-model).\n" in render.render_markdown(report)
