@@ -4,7 +4,7 @@
     python python/benchmark.py --quick
     python python/benchmark.py --json bench.json --png bench.png --markdown bench.md
 
-The implementation is fmnist_ext.benchmark (so the installed console command
+The implementation is the package fmnist_ext.benchmark (so the installed console command
 `fmnist-benchmark` runs the same code); `--help` lists the options. Install
 the package first (pip install --no-build-isolation .): this script imports
 the installed fmnist_ext, with its compiled kernels.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 try:
-    from fmnist_ext.benchmark import main
+    from fmnist_ext.benchmark.cli import main
 except ImportError as exc:  # pragma: no cover - message for a missing install
     sys.exit(
         f"python/benchmark.py: cannot import fmnist_ext ({exc}); install it with "

@@ -4,7 +4,11 @@
 
 Each JSON comes from one run of python/benchmark.py; the columns are those
 runs (e.g. the default glibc allocator and MALLOC_MMAP_THRESHOLD_ set), and
-every ratio in a column was measured side by side within that run.
+every ratio in a column was measured side by side within that run. The model
+rows: the in-process model benchmark of older runs (schema
+fmnist_ext.benchmark/1, e.g. docs/benchmarks/cpu-*.json), or the whole-model
+section (python -m fmnist_ext.benchmark.model) of later ones, which measures
+both allocator settings itself in every run.
 """
 
 from __future__ import annotations
@@ -35,6 +39,33 @@ def _cell(data: dict, block: int, batch: int, pas: str) -> str:
     return text
 
 
+def _inprocess(d: dict, impl: str, what: str) -> float:
+    return d["model"]["impls"][impl][what]["median_s"]
+
+
+def _section(allocator: str):
+    def get(d: dict, impl: str, what: str) -> float:
+        return d["whole_model"]["allocators"][allocator]["train"][impl][what]["median_s"]
+
+    return get
+
+
+def _model_rows(runs: list[tuple[str, dict]]) -> list[tuple[str, object]]:
+    """The model rows the runs have: the in-process model benchmark of
+    schema-1 runs (rows "model"), and the whole-model section of later ones,
+    per allocator setting it measured (rows "model, <allocator> allocator")."""
+    rows: list[tuple[str, object]] = []
+    if any(d.get("model") for _, d in runs):
+        rows.append(("model", _inprocess))
+    allocators: list[str] = []
+    for _, d in runs:
+        for a in (d.get("whole_model") or {}).get("allocators") or {}:
+            if a not in allocators:
+                allocators.append(a)
+    rows += [(f"model, {a} allocator", _section(a)) for a in allocators]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="benchmark JSON files (one column each)")
@@ -47,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         for pas, label in PASSES:
             cells = [_cell(d, block, args.batch, pas) for _, d in runs]
             print(f"| {block} | {label} | " + " | ".join(cells) + " |")
-    for what in ("step", "epoch"):
-        cells = []
-        for _, d in runs:
-            impls = d.get("model", {}).get("impls", {})
-            try:
-                f, s = impls["fused"][what]["median_s"], impls["stock"][what]["median_s"]
-                cells.append(f"{f * 1e3:.1f} vs {s * 1e3:.1f} ms = **{s / f:.2f}x**")
-            except (KeyError, TypeError):
-                cells.append("n/a")
-        print(f"| model | training {what} | " + " | ".join(cells) + " |")
+    for label, get in _model_rows(runs):
+        for what in ("step", "epoch"):
+            cells = []
+            for _, d in runs:
+                try:
+                    f, st = get(d, "fused", what), get(d, "stock", what)
+                    cells.append(f"{f * 1e3:.1f} vs {st * 1e3:.1f} ms = **{st / f:.2f}x**")
+                except (KeyError, TypeError):
+                    cells.append("n/a")
+            print(f"| {label} | training {what} | " + " | ".join(cells) + " |")
     return 0
 
 

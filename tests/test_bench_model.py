@@ -1,4 +1,4 @@
-"""The whole-model benchmark section (fmnist_ext.bench_model and its worker).
+"""The whole-model benchmark section (fmnist_ext.benchmark.model and its worker).
 
 The worker tasks run in-process on tiny settings (their figures are not
 asserted: the machine is noisy); the gate must refuse a wrong model; the
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist_ext import bench_model
-from fmnist_ext import bench_model_worker as worker
+from fmnist_ext.benchmark import model as bench_model
+from fmnist_ext.benchmark import model_worker as worker
 
 TINY_TRAIN = {
     "task": "train",
@@ -187,17 +187,17 @@ def test_cli_rejects_bad_arguments(argv, msg, capsys):
 
 
 def test_benchmark_report_renders_the_section(monkeypatch):
-    from fmnist_ext import benchmark as bench
+    from fmnist_ext.benchmark import cli, render, runner
 
-    args = bench.build_parser().parse_args(
+    args = cli.build_parser().parse_args(
         ["--quick", "--no-model", "--blocks", "1", "--batch-sizes", "1", "--impls", "fused", "--threads", "1"]
     )
-    report = bench.run(args, log=lambda m: None)
-    assert report["whole_model"] is None  # --quick/--no-model: not run
+    report = runner.run(args, log=lambda m: None)
+    assert report["whole_model"] is None  # --no-model: not run
     calls = []
     monkeypatch.setattr(bench_model, "run_worker", _fake_worker(calls))
     report["whole_model"] = bench_model.run_section(quick=True, rounds=1, threads=1, log=lambda m: None)
-    md = bench.render_markdown(report)
+    md = render.render_markdown(report)
     assert "## Whole model (FashionCNN, separate process per implementation)" in md
     assert md.index("separate process per implementation") < md.index("Total benchmark time")
 
@@ -214,3 +214,21 @@ def test_compile_workers_get_a_fresh_inductor_cache(monkeypatch):
     assert bench_model.run_worker({"impl": "compile"}, "default") == {"ok": 1}
     assert bench_model.run_worker({"impl": "fused"}, "tuned") == {"ok": 1}
     assert "fmnist-bench-inductor-" in seen["compile"] and seen["fused"] is None
+
+
+def test_the_benchmark_keeps_its_rows_when_the_section_fails_and_says_when_it_is_not_run(monkeypatch):
+    from fmnist_ext.benchmark import cli, render, runner
+
+    def broken(**kwargs):
+        raise RuntimeError("section exploded")
+
+    monkeypatch.setattr(runner, "run_section", broken)
+    argv = ["--quick", "--blocks", "1", "--batch-sizes", "1", "--impls", "fused", "--threads", "1"]
+    report = runner.run(cli.build_parser().parse_args(argv), log=lambda m: None)
+    assert report["whole_model"] == {"skipped": "RuntimeError: section exploded"}
+    assert report["rows"] and all(r["status"] == "ok" for r in report["rows"])
+    assert "## Whole model\n\nskipped: RuntimeError: section exploded\n" in render.render_markdown(report)
+
+    report = runner.run(cli.build_parser().parse_args([*argv, "--no-model"]), log=lambda m: None)
+    assert report["whole_model"] is None and report["config"]["whole_model"] == "not run (--no-model)"
+    assert "\nWhole model: not run (--no-model).\n" in render.render_markdown(report)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_ext import benchmark as bench
+from fmnist_ext.benchmark import blocks, cli, compile_cache, gate, impls, render, rows, runner, timing
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "python" / "benchmark.py"
@@ -57,11 +57,11 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     report = json.loads(out_json.read_text())
-    assert report["schema"] == bench.SCHEMA
+    assert report["schema"] == runner.SCHEMA
     cfg = report["config"]
     assert cfg["quick"] is True and cfg["device"] == "cpu" and cfg["threads"] == 1
     assert cfg["batch_sizes"] == [1, 64] and cfg["blocks"] == [1, 2]
-    assert set(cfg["impls"]) == {"fused", "stock", "reference"}
+    assert set(cfg["impls"]) == {"fused", "stock"}
 
     m = report["machine"]
     for key in ("date", "cpu_model", "cpu_count", "torch", "kernels_status", "git", "env", "loadavg_at_start"):
@@ -77,15 +77,13 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
 
     rows = report["rows"]
     keys = {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows}
-    expected = {
-        (b, n, p, i) for b in (1, 2) for n in (1, 64) for p in bench.PASSES for i in ("fused", "stock", "reference")
-    }
+    expected = {(b, n, p, i) for b in (1, 2) for n in (1, 64) for p in blocks.PASSES for i in ("fused", "stock")}
     assert keys == expected
     for r in rows:
         assert r["status"] == "ok", r
         assert r["check"]["ok"] is True
-        assert r["median_s"] > 0 and r["n_measurements"] >= bench.ROUNDS
-        assert r["flops"] == bench.BLOCKS[r["block"]].flops(r["batch"], r["pass"])
+        assert r["median_s"] > 0 and r["n_measurements"] >= timing.ROUNDS
+        assert r["flops"] == blocks.BLOCKS[r["block"]].flops(r["batch"], r["pass"])
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
         assert r["frac_peak_flops"] == pytest.approx(r["gflops"] / peaks["sgemm"]["gflops"])
@@ -100,12 +98,16 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
             )
             assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
 
-    model = report["model"]
-    assert model["impls"]["fused"]["status"] == "ok", model["impls"]["fused"]
+    # the whole model: the whole-model section's quick form (training step and epoch, one process each)
+    train = report["whole_model"]["allocators"]["default"]["train"]
+    assert set(train) == {"fused", "stock"}
+    assert train["fused"]["status"] == "ok", train["fused"]
     for impl in ("fused", "stock"):
-        assert model["impls"][impl]["step"]["median_s"] > 0
-        assert model["impls"][impl]["epoch"]["median_s"] > 0
-    assert model["step_speedup_fused_vs_stock"] > 0
+        assert train[impl]["step"]["median_s"] > 0
+        assert train[impl]["epoch"]["median_s"] > 0
+    assert train["fused"]["step_vs_stock"] > 0
+    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
+        assert train["fused"]["fused_compiled"] is True
 
     md = out_md.read_text()
     assert md == proc.stdout
@@ -123,19 +125,19 @@ class _WrongWeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w, b)
-        return bench.stock_block(x, w, b)
+        return impls.stock_block(x, w, b)
 
     @staticmethod
     def backward(ctx, g):
         x, w, b = ctx.saved_tensors
         with torch.enable_grad():
             xx, ww, bb = (t.detach().requires_grad_(True) for t in (x, w, b))
-            gx, gw, gb = torch.autograd.grad(bench.stock_block(xx, ww, bb), (xx, ww, bb), g)
+            gx, gw, gb = torch.autograd.grad(impls.stock_block(xx, ww, bb), (xx, ww, bb), g)
         return gx, gw * 1.01, gb
 
 
 def _wrong_output(x, w, b):
-    return bench.stock_block(x, w, b) * 1.001
+    return impls.stock_block(x, w, b) * 1.001
 
 
 def _raises(x, w, b):
@@ -143,58 +145,58 @@ def _raises(x, w, b):
 
 
 @pytest.mark.parametrize("block", [1, 2])
-@pytest.mark.parametrize("pass_name", bench.PASSES)
+@pytest.mark.parametrize("pass_name", blocks.PASSES)
 def test_gate_accepts_the_real_implementations(block, pass_name):
-    inp = bench.make_inputs(bench.BLOCKS[block], 3, torch.device("cpu"))
-    for name, fn in bench.base_impls().items():
-        res = bench.check_implementation(fn, inp, pass_name)
+    inp = impls.make_inputs(blocks.BLOCKS[block], 3, torch.device("cpu"))
+    for name, fn in impls.base_impls().items():
+        res = gate.check_implementation(fn, inp, pass_name)
         assert res.ok, (name, res.reason)
-        assert set(res.max_rel_err) == set(bench.RESULT_NAMES[pass_name])
+        assert set(res.max_rel_err) == set(impls.RESULT_NAMES[pass_name])
 
 
 def test_gate_refuses_a_wrong_output():
-    inp = bench.make_inputs(bench.BLOCKS[1], 4, torch.device("cpu"))
-    res = bench.check_implementation(_wrong_output, inp, "fwd")
+    inp = impls.make_inputs(blocks.BLOCKS[1], 4, torch.device("cpu"))
+    res = gate.check_implementation(_wrong_output, inp, "fwd")
     assert not res.ok and res.reason.startswith("output differs from stock")
 
 
 def test_gate_refuses_a_wrong_gradient_but_not_its_forward():
-    inp = bench.make_inputs(bench.BLOCKS[2], 4, torch.device("cpu"))
-    assert bench.check_implementation(_WrongWeightGrad.apply, inp, "fwd").ok
+    inp = impls.make_inputs(blocks.BLOCKS[2], 4, torch.device("cpu"))
+    assert gate.check_implementation(_WrongWeightGrad.apply, inp, "fwd").ok
     for pass_name in ("fwd+bwd", "fwd+bwd+dx"):
-        res = bench.check_implementation(_WrongWeightGrad.apply, inp, pass_name)
+        res = gate.check_implementation(_WrongWeightGrad.apply, inp, pass_name)
         assert not res.ok and res.reason.startswith("grad_weight differs from stock"), res.reason
 
 
 def test_gate_refuses_an_implementation_that_raises():
-    inp = bench.make_inputs(bench.BLOCKS[1], 2, torch.device("cpu"))
-    res = bench.check_implementation(_raises, inp, "fwd")
+    inp = impls.make_inputs(blocks.BLOCKS[1], 2, torch.device("cpu"))
+    res = gate.check_implementation(_raises, inp, "fwd")
     assert not res.ok and "RuntimeError: kernel exploded" in res.reason
 
 
 def test_gate_refuses_a_wrong_shape():
-    inp = bench.make_inputs(bench.BLOCKS[1], 2, torch.device("cpu"))
-    res = bench.check_implementation(lambda x, w, b: torch.relu(torch.conv2d(x, w, b)), inp, "fwd")
+    inp = impls.make_inputs(blocks.BLOCKS[1], 2, torch.device("cpu"))
+    res = gate.check_implementation(lambda x, w, b: torch.relu(torch.conv2d(x, w, b)), inp, "fwd")
     assert not res.ok and "shape" in res.reason
 
 
 def test_refused_implementation_gets_no_speed(monkeypatch, restore_threads):
     """End to end: a broken 'fused' is checked, refused, not timed, and shown as REFUSED."""
-    impls = bench.base_impls()
-    monkeypatch.setattr(bench, "base_impls", lambda: {**impls, "fused": _wrong_output})
-    args = bench.build_parser().parse_args(
+    real = impls.base_impls()
+    monkeypatch.setattr(impls, "base_impls", lambda: {**real, "fused": _wrong_output})
+    args = cli.build_parser().parse_args(
         ["--quick", "--no-model", "--threads", "1", "--blocks", "1", "--batch-sizes", "2", "--min-run-time", "0.01"]
     )
-    report = bench.run(args, log=lambda msg: None)
+    report = runner.run(args, log=lambda msg: None)
     fused = [r for r in report["rows"] if r["impl"] == "fused"]
-    assert len(fused) == len(bench.PASSES)
+    assert len(fused) == len(blocks.PASSES)
     for r in fused:
         assert r["status"] == "refused" and "output differs from the float64 reference" in r["reason"]
         assert "median_s" not in r and "speedup_vs_stock" not in r
     others = [r for r in report["rows"] if r["impl"] != "fused"]
     assert others and all(r["status"] == "ok" and r["median_s"] > 0 for r in others)
-    md = bench.render_markdown(report)
-    assert md.count("| fused | REFUSED: output differs from the float64 reference") == len(bench.PASSES)
+    md = render.render_markdown(report)
+    assert md.count("| fused | REFUSED: output differs from the float64 reference") == len(blocks.PASSES)
     json.dumps(report, allow_nan=False)  # still serialisable
 
 
@@ -203,12 +205,12 @@ def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    state = bench.CompileState()
-    recs = bench.bench_row(
-        bench.BLOCKS[2],
+    state = compile_cache.CompileState()
+    recs = rows.bench_row(
+        blocks.BLOCKS[2],
         2,
         "fwd",
-        {"stock": bench.stock_block, "compile": None},
+        {"stock": impls.stock_block, "compile": None},
         torch.device("cpu"),
         1,
         0.01,
@@ -219,11 +221,11 @@ def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
     assert comp["status"] == "skipped" and "RuntimeError: no compiler here" in comp["reason"]
     assert "median_s" not in comp
     # later rows are skipped with the same reason, without trying again
-    recs = bench.bench_row(
-        bench.BLOCKS[2],
+    recs = rows.bench_row(
+        blocks.BLOCKS[2],
         2,
         "fwd+bwd",
-        {"stock": bench.stock_block, "compile": None},
+        {"stock": impls.stock_block, "compile": None},
         torch.device("cpu"),
         1,
         0.01,
@@ -237,7 +239,7 @@ def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
 
 
 def test_flop_and_byte_conventions():
-    b1, b2 = bench.BLOCKS[1], bench.BLOCKS[2]
+    b1, b2 = blocks.BLOCKS[1], blocks.BLOCKS[2]
     # 2*Cout*Hconv*Wconv*Cin*k*k per image: the issue's 173 M and 230 M at batch 1000
     assert b1.flops(1000, "fwd") == 2 * 6 * 24 * 24 * 1 * 25 * 1000 == 172_800_000
     assert b2.flops(1000, "fwd") == 2 * 12 * 8 * 8 * 6 * 25 * 1000 == 230_400_000
@@ -251,26 +253,26 @@ def test_flop_and_byte_conventions():
 
 
 def test_cli_rejects_bad_values():
-    parser = bench.build_parser()
+    parser = cli.build_parser()
     for argv in (["--impls", "fused,bogus"], ["--batch-sizes", "0"], ["--batch-sizes", "a"], ["--device", "tpu"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
 
 
 def _exact(inp, pass_name):
-    inp64 = bench.RowInputs(inp.block, inp.batch, *(t.double() for t in (inp.x, inp.w, inp.b, inp.g)))
-    return bench.pass_runner(bench.stock_block, inp64, pass_name)()
+    inp64 = impls.RowInputs(inp.block, inp.batch, *(t.double() for t in (inp.x, inp.w, inp.b, inp.g)))
+    return impls.pass_runner(impls.stock_block, inp64, pass_name)()
 
 
 @pytest.mark.parametrize("pass_name", ["fwd+bwd", "fwd+bwd+dx"])
 def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
     # The gate the benchmark uses: "about as accurate as stock" against float64.
-    inp = bench.make_inputs(bench.BLOCKS[2], 64, torch.device("cpu"))
+    inp = impls.make_inputs(blocks.BLOCKS[2], 64, torch.device("cpu"))
     exact = _exact(inp, pass_name)
-    for name, fn in bench.base_impls().items():
-        res = bench.check_implementation(fn, inp, pass_name, exact=exact)
+    for name, fn in impls.base_impls().items():
+        res = gate.check_implementation(fn, inp, pass_name, exact=exact)
         assert res.ok, (name, res.reason)
-    res = bench.check_implementation(_WrongWeightGrad.apply, inp, pass_name, exact=exact)
+    res = gate.check_implementation(_WrongWeightGrad.apply, inp, pass_name, exact=exact)
     assert not res.ok and res.reason.startswith("grad_weight differs from the float64 reference"), res.reason
 
 
@@ -292,7 +294,7 @@ def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
 )
 def test_cli_rejects_bad_numbers_before_timing(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.build_parser().parse_args(argv)
+        cli.build_parser().parse_args(argv)
     assert e.value.code == 2
     assert argv[0] in capsys.readouterr().err
 
@@ -302,7 +304,7 @@ def no_timing(monkeypatch):
     def timed(*a, **k):
         raise AssertionError("the benchmark ran before its arguments were checked")
 
-    monkeypatch.setattr(bench, "run", timed)
+    monkeypatch.setattr(runner, "run", timed)
 
 
 @pytest.mark.parametrize(
@@ -317,9 +319,18 @@ def no_timing(monkeypatch):
 def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, args, words):
     (tmp_path / "file").write_text("x")
     argv = args(tmp_path)
-    assert _exit_code(bench.main, ["--quick", *argv]) == 2
+    assert _exit_code(cli.main, ["--quick", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "argument --" in err[0] and words in err[0], err
+
+
+@pytest.mark.parametrize("impls_arg", ["reference", "fused,reference"])
+def test_reference_is_refused_as_the_same_computation_as_stock(capsys, no_timing, impls_arg):
+    # The pure-PyTorch fallback computes exactly the stock sequence: timing it was stock twice.
+    assert _exit_code(cli.main, ["--quick", "--impls", impls_arg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --impls: 'reference' is the same computation as stock" in err[0], err
+    assert "reference" not in impls.IMPLS and "reference" not in impls.base_impls()
 
 
 def _exit_code(fn, argv) -> int:
@@ -345,11 +356,11 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
     import matplotlib.figure
 
     report = {
-        "schema": bench.SCHEMA,
+        "schema": runner.SCHEMA,
         "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu", "threads": 1, "quick": True},
         "machine": {"torch": torch.__version__},
         "rows": [],
-        "model": None,
+        "whole_model": None,
     }
     png = tmp_path / "b.png"
     png.write_bytes(b"old chart")
@@ -360,12 +371,12 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
-    args = bench.build_parser().parse_args(["--png", str(png), "--json", str(tmp_path / "b.json")])
-    errors = bench.write_outputs(args, report, "md")
+    args = cli.build_parser().parse_args(["--png", str(png), "--json", str(tmp_path / "b.json")])
+    errors = cli.write_outputs(args, report, "md")
     assert len(errors) == 1 and "--png" in errors[0] and "No space left" in errors[0]
     assert png.read_bytes() == b"old chart"  # the old file is intact, no half-written one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]  # no temp files left
-    assert json.loads((tmp_path / "b.json").read_text())["schema"] == bench.SCHEMA  # the others still written
+    assert json.loads((tmp_path / "b.json").read_text())["schema"] == runner.SCHEMA  # the others still written
 
 
 class _ClosedPipe:
@@ -379,17 +390,59 @@ class _ClosedPipe:
 
 
 def test_closed_stdout_loses_no_results_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run", lambda args, repo_dir=None: {"schema": bench.SCHEMA})
-    monkeypatch.setattr(bench, "render_markdown", lambda report: "| table |\n")
+    monkeypatch.setattr(runner, "run", lambda args, repo_dir=None: {"schema": runner.SCHEMA})
+    monkeypatch.setattr(render, "render_markdown", lambda report: "| table |\n")
     out = tmp_path / "b.json"
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
-    assert bench.main(["--json", str(out)]) == 141
-    assert json.loads(out.read_text()) == {"schema": bench.SCHEMA}  # written before stdout was tried
+    assert cli.main(["--json", str(out)]) == 141
+    assert json.loads(out.read_text()) == {"schema": runner.SCHEMA}  # written before stdout was tried
     monkeypatch.undo()
 
     def interrupted(args, repo_dir=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench, "run", interrupted)
-    assert bench.main(["--quick"]) == 130
+    monkeypatch.setattr(runner, "run", interrupted)
+    assert cli.main(["--quick"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["fmnist-benchmark: interrupted"]
+
+
+# --- python/summarize_benchmarks.py ------------------------------------------------
+
+
+def _summarize(argv, capsys) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize_benchmarks", REPO / "python" / "summarize_benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_summary_reads_recorded_and_whole_model_reports(tmp_path, capsys):
+    # A recorded schema-1 run (in-process model rows), as quoted in BENCHMARKS.md.
+    recorded = REPO / "docs" / "benchmarks" / "cpu-default.json"
+    lines = _summarize([recorded], capsys)
+    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) |" in lines
+    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** |" in lines
+    # A later run: the whole-model section's figures, per allocator setting it measured.
+    train = {
+        "fused": {"step": {"median_s": 0.010}, "epoch": {"median_s": 0.6}},
+        "stock": {"step": {"median_s": 0.070}, "epoch": {"median_s": 4.2}},
+    }
+    new = tmp_path / "new.json"
+    new.write_text(
+        json.dumps(
+            {
+                "schema": runner.SCHEMA,
+                "rows": [],
+                "whole_model": {"allocators": {"default": {"train": train}, "tuned": {"train": {}}}},
+            }
+        )
+    )
+    lines = _summarize([recorded, new], capsys)
+    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** | n/a |" in lines
+    assert "| model, default allocator | training step | n/a | 10.0 vs 70.0 ms = **7.00x** |" in lines
+    assert "| model, default allocator | training epoch | n/a | 600.0 vs 4200.0 ms = **7.00x** |" in lines
+    assert "| model, tuned allocator | training step | n/a | n/a |" in lines
+    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) | n/a |" in lines

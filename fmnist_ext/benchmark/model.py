@@ -1,11 +1,12 @@
 """Whole-model section of the benchmark: training step, epoch, inference.
 
-    python -m fmnist_ext.bench_model [--quick] [--allocators default,tuned]
+    python -m fmnist_ext.benchmark.model [--quick] [--allocators default,tuned]
         [--rounds N] [--threads N] [--no-compile] [--json PATH] [--markdown PATH]
 
-(also part of `python python/benchmark.py`, which calls run_section/render).
+(also part of `python python/benchmark.py`, which calls run_section; the
+markdown is model_render.py).
 
-Every implementation is timed in its own process (fmnist_ext.bench_model_worker),
+Every implementation is timed in its own process (model_worker.py),
 one process per implementation, task and round, the implementations alternated
 and their order rotated from round to round; the figure kept is the best
 (lowest) of the rounds' medians. One process per model because the allocator
@@ -43,19 +44,13 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, cli
-from .bench_model_worker import INFER_IMPLS, TRAIN_IMPLS
+from .. import atomic, cli
+from .model_render import TARGETS, render
+from .model_worker import INFER_IMPLS, TRAIN_IMPLS
 
 ALLOCATORS = {
     "default": {},
     "tuned": {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"},
-}
-# Issue 10's targets (ratios against stock eager, same run).
-TARGETS = {
-    "train_step": 7.0,  # fused training step at batch 1000
-    "infer_1": 8.0,  # for_inference() at batch 1
-    "infer_1000": 12.0,  # for_inference() at batch 1000
-    "epoch_s": 0.5,  # seconds per 60-step epoch (the CLI's seed recipe; here synthetic data)
 }
 WORKER_TIMEOUT_S = 600
 
@@ -90,14 +85,14 @@ def _child_env(allocator: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATORS["tuned"]}
     env.update(ALLOCATORS[allocator])
     # The child imports the same fmnist_ext as this process (installed or checkout).
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def run_worker(spec: dict, allocator: str) -> dict:
     """Run one measurement process; its result, or {"error": why}."""
-    cmd = [sys.executable, "-m", "fmnist_ext.bench_model_worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "fmnist_ext.benchmark.model_worker", json.dumps(spec)]
     env = _child_env(allocator)
     # torch.compile: a fresh inductor cache directory, so first_call_s is a cold compile
     # (the worker also turns off the in-process graph caches).
@@ -183,7 +178,12 @@ def run_section(
     threads: int | None = None,
     compile_: bool = True,
     log=None,
+    training_only: bool = False,
 ) -> dict:
+    """Run the section; its figures as a JSON-able dict (render() makes the markdown).
+
+    `training_only` (the per-block benchmark's --quick run) times only the
+    training step and epoch of stock and fused: no inference, no profile."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     allocators = allocators or (["default"] if quick else ["default", "tuned"])
@@ -193,6 +193,8 @@ def run_section(
     with_compile = compile_ and not quick
     train_impls = [i for i in TRAIN_IMPLS if with_compile or i != "compile"]
     infer_impls = [i for i in INFER_IMPLS if with_compile or i != "compile"]
+    if training_only:
+        train_impls, infer_impls = [i for i in train_impls if i in ("stock", "fused")], []
     section: dict = {
         "config": {
             **cfg,
@@ -203,6 +205,7 @@ def run_section(
             "train_impls": train_impls,
             "infer_impls": infer_impls,
             "quick": quick,
+            "profile": not training_only,
             "compile_timed_in": allocators[0] if "compile" in train_impls else None,
             "targets": TARGETS,
         },
@@ -243,9 +246,12 @@ def run_section(
                     f"  [{alloc} r{r}] infer {impl}: ({time.perf_counter() - t0:.0f} s)"
                     + (f" {res['error']}" if "error" in res else "")
                 )
-        prof = run_worker(
-            {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]}, alloc
-        )
+        prof = None
+        if not training_only:
+            prof = run_worker(
+                {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]},
+                alloc,
+            )
         section["allocators"][alloc] = _summarise(train_runs, infer_runs, prof, cfg["infer_batches"])
     section["duration_s"] = time.perf_counter() - t_start
     return section
@@ -269,11 +275,11 @@ def _summarise(train_runs, infer_runs, prof, batches) -> dict:
     train = {i: _train_summary(runs) for i, runs in train_runs.items() if runs}
     infer = {i: _infer_summary(runs, batches) for i, runs in infer_runs.items() if runs}
     stock = train.get("stock", {})
-    for impl, t in train.items():
+    for t in train.values():
         if t["status"] == "ok" and stock.get("status") == "ok":
             t["step_vs_stock"] = _ratio(stock["step"], t["step"])
             t["epoch_vs_stock"] = _ratio(stock["epoch"], t["epoch"])
-    for impl, t in infer.items():
+    for t in infer.values():
         for b, row in t["batches"].items():
             srow = infer.get("stock", {}).get("batches", {}).get(b, {})
             if row["status"] == "ok" and srow.get("status") == "ok":
@@ -281,122 +287,9 @@ def _summarise(train_runs, infer_runs, prof, batches) -> dict:
     return {"train": train, "infer": infer, "profile": prof}
 
 
-# ----------------------------------------------------------------------------
-# Markdown
-# ----------------------------------------------------------------------------
-
-
-def _ms(s: float | None) -> str:
-    if s is None:
-        return "-"
-    v = s * 1e3
-    return f"{v * 1e3:.0f} µs" if v < 1 else (f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms")
-
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def _targets(a: dict) -> list[tuple[str, str, str]]:
-    rows = []
-    f = a["train"].get("fused", {})
-    v = f.get("step_vs_stock")
-    rows.append(
-        ("training step >= 7x stock", _x(v), "-" if v is None else ("yes" if v >= TARGETS["train_step"] else "**no**"))
-    )
-    e = (f.get("epoch") or {}).get("median_s")
-    rows.append(
-        (
-            "epoch (60 steps, synthetic data) <= 0.5 s",
-            "-" if e is None else f"{e:.2f} s",
-            "-" if e is None else ("yes" if e <= TARGETS["epoch_s"] else "**no**"),
-        )
-    )
-    for b, key in (("1", "infer_1"), ("1000", "infer_1000")):
-        v = a["infer"].get("inference", {}).get("batches", {}).get(b, {}).get("vs_stock")
-        rows.append(
-            (
-                f"for_inference() at batch {b} >= {TARGETS[key]:g}x stock",
-                _x(v),
-                "-" if v is None else ("yes" if v >= TARGETS[key] else "**no**"),
-            )
-        )
-    return rows
-
-
-def render(section: dict) -> str:
-    cfg = section["config"]
-    lines = [
-        "## Whole model (FashionCNN, separate process per implementation)",
-        "",
-        f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
-        f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
-        f"normalised per step; epoch = {cfg['epoch_steps']} steps. `vs stock` = stock eager time / this time, "
-        "same allocator setting. `first call`: the first step or forward (for torch.compile: a cold compile). "
-        "torch.compile: "
-        + (f"one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else "not timed."),
-        "",
-    ]
-    for alloc, a in section["allocators"].items():
-        env = " ".join(f"{k}={v}" for k, v in cfg["allocator_env"][alloc].items()) or "glibc defaults"
-        lines += [
-            f"### Allocator: {alloc} ({env})",
-            "",
-            "| training | step (median) | vs stock | epoch | vs stock | first call |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for impl, t in a["train"].items():
-            if t["status"] != "ok":
-                lines.append(f"| {impl} | {t['status'].upper()}: {t.get('reason') or '; '.join(t['errors'])} | | | | |")
-                continue
-            lines.append(
-                f"| {impl} | {_ms(t['step']['median_s'])} | {_x(t.get('step_vs_stock'))} | "
-                f"{t['epoch']['median_s']:.2f} s | {_x(t.get('epoch_vs_stock'))} | {t['first_call_s']:.2f} s |"
-            )
-        lines += [
-            "",
-            "| eval forward (no_grad) | " + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"]) + " |",
-            "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
-        ]
-        for impl, t in a["infer"].items():
-            cells = []
-            for b in cfg["infer_batches"]:
-                row = t["batches"].get(str(b))
-                if row is None:
-                    cells += ["FAILED: " + "; ".join(t["errors"]), ""]
-                elif row["status"] != "ok":
-                    cells += [f"REFUSED: {row['reason']}", ""]
-                else:
-                    cells += [_ms(row["forward"]["median_s"]), _x(row.get("vs_stock"))]
-            name = "for_inference()" if impl == "inference" else impl
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| target (issue 10) | measured | met? |", "|---|---:|---|"]
-        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in _targets(a)]
-        prof = a["profile"]
-        if "error" in prof:
-            lines += ["", f"Profile: ERROR {prof['error']}"]
-        else:
-            per = prof["self_cpu_s_per_step"]
-            total = sum(per.values())
-            lines += [
-                "",
-                f"Fused training step by phase and layer (torch.profiler self CPU time per step, "
-                f"{prof['steps']} steps; profiled wall time {_ms(prof['wall_per_step_s'])}/step):",
-                "",
-                "| phase \\| layer | ms/step | share |",
-                "|---|---:|---:|",
-            ]
-            for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
-                if v / total >= 0.005:
-                    lines.append(f"| {k.replace('|', '/')} | {v * 1e3:.2f} | {100 * v / total:.0f}% |")
-        lines.append("")
-    lines.append(f"Whole-model section: {section['duration_s']:.0f} s")
-    return "\n".join(lines) + "\n"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fmnist_ext.bench_model",
+        prog="python -m fmnist_ext.benchmark.model",
         description="Whole-model benchmark of FashionCNN: training step and epoch, eval "
         "inference at batch 1 and 1000, one process per implementation.",
     )

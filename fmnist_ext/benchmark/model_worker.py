@@ -1,8 +1,8 @@
 """One measurement of the whole-model benchmark, in its own process.
 
-    python -m fmnist_ext.bench_model_worker '{"task": "train", "impl": "fused", ...}'
+    python -m fmnist_ext.benchmark.model_worker '{"task": "train", "impl": "fused", ...}'
 
-prints one JSON line (the last line of stdout). fmnist_ext.bench_model starts
+prints one JSON line (the last line of stdout). model.py starts
 one such process per implementation and round: an allocator that has served
 one model's buffers is in a different state for the next model, so timing
 several models in one process skews whichever comes later.
@@ -25,7 +25,7 @@ Tasks (the spec's "impl" picks the implementation):
 
 Before timing, each implementation is checked against the stock model in
 float32 and float64 on the very first batch (loss and every gradient, or the
-logits), with fmnist_ext.benchmark.compare_results; a mismatch is reported as
+logits), with gate.compare_results; a mismatch is reported as
 refused and nothing is timed.
 """
 
@@ -40,7 +40,10 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+from .compile_cache import disable_compile_caches
+from .gate import compare_results
+from .impls import FMNIST_MEAN, FMNIST_STD
+
 LR = 0.01
 TRAIN_IMPLS = ("fused", "stock", "compile", "fused-adam-foreach", "fused-adam-fused")
 INFER_IMPLS = ("stock", "fused", "inference", "compile")
@@ -62,24 +65,20 @@ def _normalise(u8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 def _model(kernels: str, dtype=torch.float32):
-    from .model import FashionCNN
+    from ..model import FashionCNN
 
     torch.manual_seed(0)  # same initial weights for every implementation
     return FashionCNN(kernels).to(dtype)
 
 
 def _gate(got: list[torch.Tensor], names: list[str], stock32: list[torch.Tensor], stock64: list[torch.Tensor]) -> dict:
-    from .benchmark import compare_results
-
     return compare_results(got, stock32, names, exact=stock64).to_json()
 
 
 def _cold_compile() -> None:
     """Inductor's FX-graph and AOTAutograd caches off (the parent also gives
     the process a fresh cache directory), so first_call_s is a cold compile."""
-    from .benchmark import _disable_compile_caches
-
-    _disable_compile_caches()
+    disable_compile_caches()
 
 
 # ----------------------------------------------------------------------------
@@ -325,7 +324,7 @@ TASKS = {"train": train_task, "infer": infer_task, "profile": profile_task}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m fmnist_ext.bench_model_worker SPEC_JSON", file=sys.stderr)
+        print("usage: python -m fmnist_ext.benchmark.model_worker SPEC_JSON", file=sys.stderr)
         return 2
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
