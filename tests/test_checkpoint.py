@@ -200,7 +200,7 @@ def test_training_state_checked_for_resume(trained, tmp_path, capsys, key, value
 
     syn, run, path = _variant(trained, tmp_path, change)
     checkpoint.load(path)  # the weights are fine for evaluate/predict
-    with pytest.raises(checkpoint.CheckpointError, match="resume|setting|epoch|rng|world_size"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"resume|setting|epoch|rng|world_size"):
         checkpoint.load(path, resume=True)
     assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(run), "--resume"]) == 2
     _one_line_error(capsys, "--resume", *words)
