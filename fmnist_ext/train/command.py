@@ -61,9 +61,9 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     d0 = _check_folders(args, out, runs)
     if d0.main:  # only rank 0 writes, so only it owns the folders
         _lock_folders(folders, args, out, runs)
-    resume = _load_resume(args, out, d0.world_size) if args.resume else None
-    if resume is not None:
-        config = RunConfig.from_checkpoint(resume["config"])
+    resume = None
+    if args.resume:
+        resume, config = _load_resume(args, out, d0.world_size)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -172,8 +172,8 @@ def _lock_folders(folders: contextlib.ExitStack, args, out: Path, runs: list[Swe
         raise UsageError("--out", f"{out / 'sweep.csv'} exists (an earlier sweep); choose another --out")
 
 
-def _load_resume(args, out: Path, world_size: int) -> dict:
-    """The checkpoint to continue, checked against the command line and the process count."""
+def _load_resume(args, out: Path, world_size: int) -> tuple[dict, RunConfig]:
+    """The checkpoint to continue and its settings, checked against the command line and the process count."""
     ckpt_path = out / "checkpoint.pt"
     try:
         resume = checkpoint.load(ckpt_path, map_location="cpu", resume=True)
@@ -198,7 +198,7 @@ def _load_resume(args, out: Path, world_size: int) -> dict:
             f"{ckpt_path} was written by {n} training process(es), this run has "
             f"{world_size}; the batches of an epoch depend on it: resume {how}",
         )
-    return resume
+    return resume, saved
 
 
 def _load_data(parser, args, d: Dist) -> data.FashionMNIST:
