@@ -131,8 +131,9 @@ def evaluate_split(model, images, labels, batch_size: int = 2000) -> tuple[float
 
 def epoch_record(
     state: RunState, sums: EpochSums, test_x: torch.Tensor, test_y: torch.Tensor, d: Dist, device: torch.device
-) -> dict:
-    """The metrics line of the epoch just trained: the sums over all processes, and the test split."""
+) -> tuple[dict, float]:
+    """The metrics line of the epoch just trained (the sums over all processes, and the test split),
+    and the epoch's training time in seconds before the record rounds it."""
     seen = torch.tensor(float(sums.seen), dtype=torch.float64, device=device)
     stats = all_reduce_sum(torch.stack([sums.loss_sum, sums.correct.double(), seen]), d)
     total_seen = int(stats[2].item())
@@ -140,7 +141,7 @@ def epoch_record(
     epoch_time = times.item() / d.world_size
     t1 = time.perf_counter()
     test_loss, test_acc, _ = evaluate_split(state.eval_model, test_x, test_y)
-    return {
+    record = {
         "epoch": state.epoch + 1,
         "train_loss": stats[0].item() / total_seen,
         "train_acc": stats[1].item() / total_seen,
@@ -153,3 +154,4 @@ def epoch_record(
         "eval_time_s": round(time.perf_counter() - t1, 3),
         "lr": state.optimizer.param_groups[0]["lr"],
     }
+    return record, epoch_time
