@@ -1,15 +1,11 @@
 """Checkpoints: one dict saved with torch.save, loadable with weights_only=True.
 
-Contents: format, model (state_dict), optimizer, scheduler (or None), epoch
-(epochs completed), step (batches done in the epoch in progress, 0 at an
-epoch boundary), rng (CPU/CUDA RNG states and the data generator's state at
-the start of the epoch in progress, all uint8 tensors), partial (running sums
-of the epoch in progress), history (per-epoch metrics), config (the run's
-settings, plain values), kernels, world_size (number of training processes;
-absent in older checkpoints: 1), train_images (size of the training split;
-absent in older ones), ema (None, or the weight EMA: decay, updates, model = its state_dict; absent
-in checkpoints written before --ema). `model_from` builds the EMA weights
-when present: those are the run's result.
+Every checkpoint holds format, model (the FashionCNN's state_dict) and
+kernels; one written by training also holds the run's state, whose fields
+are listed, written, read back and checked in one place: RunState in
+train/state.py. `model_from` builds the EMA weights when present: those are
+the run's result. Fields added over time are read with the value older runs
+had: world_size 1 (here), the settings' later keys (RunConfig.from_checkpoint).
 
 Integrity: the file is torch.save's zip archive whose zip comment (the last
 bytes of the file) holds the SHA-256 of every byte before it, so any change
@@ -36,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, recipes
+from . import atomic
 from .model import KERNELS, FashionCNN
 
 FORMAT = "fmnist_ext.checkpoint/2"  # what save() writes: with the SHA-256 trailer
@@ -215,53 +211,11 @@ def _problems(ck: dict, resume: bool) -> list[str]:
     if ck.get("kernels", "fused") not in KERNELS:
         problems.append(f"kernels {ck.get('kernels')!r} is not one of {', '.join(KERNELS)}")
     if resume:  # evaluate and predict need only the weights
-        problems += recipes.config_problems(ck.get("config")) if "config" in ck else ["settings (config) missing"]
-        problems += _training_state_problems(ck)
-    return problems
+        # Imported here: the training state's fields are the training package's, which
+        # evaluate and predict (the other readers) never need to import.
+        from .train.state import resume_problems
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _training_state_problems(ck: dict) -> list[str]:
-    """What --resume needs beyond the weights."""
-    problems = []
-    for key in ("optimizer", "epoch", "step", "rng", "partial", "history"):
-        if key not in ck:
-            problems.append(f"{key} missing (needed to resume)")
-    if problems:
-        return problems
-    opt = ck["optimizer"]
-    if not isinstance(opt, dict) or not {"state", "param_groups"} <= set(opt):
-        problems.append("optimizer is not an optimizer state_dict")
-    if ck.get("scheduler") is not None and not isinstance(ck["scheduler"], dict):
-        problems.append("scheduler is not a scheduler state_dict")
-    if ck.get("ema") is None and isinstance(ck.get("config"), dict) and ck["config"].get("ema", 0.0) > 0:
-        problems.append("the settings use --ema but the weight average is missing")
-    epoch, step = ck["epoch"], ck["step"]
-    epochs = ck["config"].get("epochs") if isinstance(ck.get("config"), dict) else None
-    if not _is_int(epoch) or epoch < 0 or (_is_int(epochs) and epoch > epochs):
-        problems.append(f"epoch {epoch!r} is not in [0, {epochs}]")
-    if not _is_int(step) or step < 0:
-        problems.append(f"step {step!r} is not a non-negative integer")
-    if not isinstance(ck["history"], list) or (_is_int(epoch) and len(ck["history"]) != epoch):
-        problems.append(f"history does not hold one record per completed epoch ({epoch!r})")
-    rng = ck["rng"]
-    if (
-        not isinstance(rng, dict)
-        or not all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8 for k in ("torch", "data"))
-        or not isinstance(rng.get("cuda"), list)
-    ):
-        problems.append("rng is not a set of generator states")
-    part = ck["partial"]
-    if not isinstance(part, dict) or not all(
-        isinstance(part.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "time")
-    ):
-        problems.append("partial (the epoch in progress) is not a set of running sums")
-    ws = ck.get("world_size", 1)
-    if not _is_int(ws) or ws < 1:
-        problems.append(f"world_size {ws!r} is not a positive integer")
+        problems += resume_problems(ck)
     return problems
 
 

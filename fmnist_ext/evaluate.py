@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on the Fashion-MNIST test set.
 
-    python -m fmnist_ext.evaluate runs/seed-fused-s0/checkpoint.pt
+    python -m fmnist_ext.evaluate runs/baseline-fused-s0/checkpoint.pt
 
 prints test accuracy, per-class accuracy and the confusion matrix. Only the
 two test files (t10k-*) are needed; the data folder used is printed on stderr.

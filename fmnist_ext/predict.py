@@ -1,6 +1,6 @@
 """Classify images with a trained checkpoint.
 
-    python -m fmnist_ext.predict runs/seed-fused-s0/checkpoint.pt shoe.png coat.jpg
+    python -m fmnist_ext.predict runs/baseline-fused-s0/checkpoint.pt shoe.png coat.jpg
 
 Each image is read with Pillow, turned upright by its EXIF orientation,
 converted to grayscale (16-bit images scaled from their 0-65535 range; 32-bit

@@ -200,7 +200,7 @@ def test_training_state_checked_for_resume(trained, tmp_path, capsys, key, value
 
     syn, run, path = _variant(trained, tmp_path, change)
     checkpoint.load(path)  # the weights are fine for evaluate/predict
-    with pytest.raises(checkpoint.CheckpointError, match="resume|setting|epoch|rng|world_size"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"resume|setting|epoch|rng|world_size"):
         checkpoint.load(path, resume=True)
     assert exit_code(train.main, ["--data-dir", str(syn), *SYN, "--out", str(run), "--resume"]) == 2
     _one_line_error(capsys, "--resume", *words)
@@ -239,3 +239,33 @@ def test_huge_file_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.Path, "read_bytes", lambda self: pytest.fail("read into memory"))
     with pytest.raises(checkpoint.CheckpointError, match=r"big.pt: not an fmnist_ext checkpoint \(256 MiB"):
         checkpoint.load(big)
+
+
+def test_run_state_round_trip_is_what_resume_checks(tmp_path):
+    """RunState writes every field the resume check asks for, and restores what it wrote."""
+    from fmnist_ext import recipes
+    from fmnist_ext.train import RunConfig, RunState
+    from fmnist_ext.train.state import RESUME_FIELDS
+
+    config = RunConfig(recipe="improved", seed=5, kernels="stock", **{**recipes.RECIPES["improved"], "ema": 0.9})
+    state = RunState.build(config, torch.device("cpu"), train_images=300, world_size=1)
+    state.step, state.partial = 2, {"loss_sum": 1.5, "correct": 7, "seen": 256, "time": 0.25}
+    torch.randn(3)  # move the global RNG past the state build
+    path = tmp_path / "checkpoint.pt"
+    state.save(path)
+    ck = checkpoint.load(path, resume=True)
+    assert set(RESUME_FIELDS) <= set(ck) and ck["config"] == config.to_dict() and ck["step"] == 2
+
+    other = RunState.build(config, torch.device("cpu"), train_images=300, world_size=1)
+    other.restore(ck, path)
+    assert (other.epoch, other.step, other.partial, other.history) == (0, 2, state.partial, [])
+    assert torch.equal(other.epoch_start_rng, state.epoch_start_rng)
+    assert torch.equal(torch.get_rng_state(), ck["rng"]["torch"])
+    again = other.to_checkpoint()
+    assert again["ema"]["decay"] == 0.9 and again["scheduler"] == ck["scheduler"]
+    for k, v in ck["model"].items():
+        assert torch.equal(again["model"][k], v), k
+
+    ck["step"] = other.steps_per_epoch  # what only building the run can find
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint\.pt: cannot resume from it \(step 3 is past"):
+        other.restore(ck, path)

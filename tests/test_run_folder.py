@@ -188,9 +188,11 @@ def test_fresh_run_refuses_a_folder_with_run_files(syn, tmp_path, capsys, no_dat
 def test_lock_names_its_holder_and_is_released(tmp_path):
     with runfolder.RunFolder(tmp_path / "r") as held:
         assert held.lock_path.exists()
-        with pytest.raises(runfolder.RunFolderError, match=rf"in use by another run \(pid {os.getpid()} on host"):
-            with runfolder.RunFolder(tmp_path / "r"):
-                pass
+        with (
+            pytest.raises(runfolder.RunFolderError, match=rf"in use by another run \(pid {os.getpid()} on host"),
+            runfolder.RunFolder(tmp_path / "r"),
+        ):
+            pass
     assert not (tmp_path / "r").exists()  # created, nothing written: removed again
     with runfolder.RunFolder(tmp_path / "r"):
         pass

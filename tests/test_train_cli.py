@@ -3,6 +3,7 @@ torchrun, and a 1-epoch run on the real data with evaluate/predict/viz."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import torch
 from fmnist_app_helpers import real_data_dir, write_dataset
 
 from fmnist_ext import checkpoint, data, evaluate, predict, train, viz
+from fmnist_ext.train import epoch as train_epoch
 
 SYN = ["--no-verify", "--no-download", "--no-progress"]
 
@@ -256,13 +258,13 @@ def test_ema_weights_are_evaluated_and_saved(syn, tmp_path):
 
 def test_clean_epochs_turn_augmentation_off_at_the_end(syn, tmp_path, monkeypatch):
     seen = []
-    original = train.plan_epoch
+    original = train_epoch.plan_epoch
 
     def spy(n, gen, shuffle, crop_pad, flip, *a):
         seen.append((crop_pad, flip))
         return original(n, gen, shuffle, crop_pad, flip, *a)
 
-    monkeypatch.setattr(train, "plan_epoch", spy)
+    monkeypatch.setattr(train_epoch, "plan_epoch", spy)
     assert (
         _train(
             syn,
@@ -282,7 +284,7 @@ def test_clean_epochs_turn_augmentation_off_at_the_end(syn, tmp_path, monkeypatc
     assert seen == [(2, True), (0, False), (0, False)]
 
 
-def test_seed_recipe_evaluates_raw_weights(syn, tmp_path):
+def test_baseline_recipe_evaluates_raw_weights(syn, tmp_path):
     out = tmp_path / "raw"
     assert _train(syn, out, "--epochs", "1") == 0
     ckpt = checkpoint.load(out / "checkpoint.pt")
@@ -324,6 +326,78 @@ def test_resume_differs_from_another_seed(syn, tmp_path):
     assert not torch.equal(a["model"]["fc1.weight"], b["model"]["fc1.weight"])
 
 
+# ------------------------------------------------------------------ the recipe's old name
+
+
+def test_recipe_seed_is_the_old_name_of_baseline(syn, tmp_path, capsys):
+    """`--recipe seed` (the name before "baseline") still works and trains the same run."""
+    assert _train(syn, tmp_path / "new", "--epochs", "1", "--recipe", "baseline") == 0
+    assert _train(syn, tmp_path / "old", "--epochs", "1", "--recipe", "seed") == 0
+    new, old = checkpoint.load(tmp_path / "new" / "checkpoint.pt"), checkpoint.load(tmp_path / "old" / "checkpoint.pt")
+    assert new["config"] == old["config"] and old["config"]["recipe"] == "baseline"
+    assert torch.equal(new["model"]["fc1.weight"], old["model"]["fc1.weight"])
+    assert json.loads((tmp_path / "old" / "summary.json").read_text())["config"]["recipe"] == "baseline"
+    # the default recipe is baseline, and so is the default run folder's name
+    assert train.RunConfig.from_args(train.command.build_parser().parse_args([])).recipe == "baseline"
+    assert _exit_code(train.main, ["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "baseline:" in help_text and "seed, the old name of baseline" in help_text
+    assert _train(syn, tmp_path / "x", "--recipe", "seeds") == 2
+    assert "--recipe" in capsys.readouterr().err
+
+
+def test_sweep_accepts_the_old_recipe_name():
+    from fmnist_ext.train.sweep import parse_sweep
+
+    assert parse_sweep(["recipe=seed,improved"]) == [("recipe", ["baseline", "improved"])]
+
+
+def test_checkpoint_that_recorded_recipe_seed_resumes_and_evaluates(syn, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train.StopRequest, "check", lambda self, d, device: True)
+    assert _train(syn, out, "--epochs", "2", "--batch-size", "100") == train.EXIT_INTERRUPTED
+    monkeypatch.undo()
+    ck = checkpoint.load(out / "checkpoint.pt")
+    # as written before the rename, and before --ema and --clean-epochs existed
+    ck["config"] = {k: v for k, v in ck["config"].items() if k not in ("ema", "clean_epochs")}
+    ck["config"]["recipe"] = "seed"
+    checkpoint.save(out / "checkpoint.pt", {k: v for k, v in ck.items() if k != "format"})
+    assert checkpoint.load(out / "checkpoint.pt", resume=True)["config"]["recipe"] == "seed"
+    assert evaluate.main([str(out / "checkpoint.pt"), "--data-dir", str(syn), "--no-verify", "--no-download"]) == 0
+    capsys.readouterr()
+    # naming the recipe either way agrees with the checkpoint
+    assert _train(syn, out, "--resume", "--recipe", "seed", "--ema", "0", "--clean-epochs", "0") == 0
+    done = checkpoint.load(out / "checkpoint.pt")
+    assert done["epoch"] == 2 and done["config"]["recipe"] == "baseline"
+    assert done["config"]["ema"] == 0.0 and done["config"]["clean_epochs"] == 0
+    assert _train(syn, out, "--resume", "--recipe", "improved") == 2
+    assert "--recipe improved (checkpoint: baseline)" in capsys.readouterr().err
+
+
+def test_run_config_upgrades_older_checkpoints_settings():
+    saved = {
+        "recipe": "seed",
+        "seed": 3,
+        "kernels": "stock",
+        "optimizer": "adam",
+        "lr": 0.01,
+        "batch_size": 1000,
+        "epochs": 20,
+        "weight_decay": 0.0,
+        "schedule": "none",
+        "label_smoothing": 0.0,
+        "crop_pad": 0,
+        "flip": False,
+        "shuffle": True,
+    }
+    config = train.RunConfig.from_checkpoint(saved)
+    assert config.recipe == "baseline" and config.seed == 3 and config.kernels == "stock"
+    assert config.ema == 0.0 and config.clean_epochs == 0
+    assert config.to_dict() == {**saved, "recipe": "baseline", "clean_epochs": 0, "ema": 0.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 0.1
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(syn, tmp_path):
     out = tmp_path / "run"
@@ -346,7 +420,7 @@ def test_ctrl_c_saves_and_resume_finishes(syn, tmp_path):
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_INTERRUPTED, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     ck = checkpoint.load(out / "checkpoint.pt")
