@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_compiled_cpu
-from helpers import make_case, stock
+from op_helpers import make_case, stock
 
 import fmnist_ext
 from fmnist_ext.model import FashionCNN

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from conftest import requires_compiled_cpu
-from helpers import make_case, pair, stock
+from op_helpers import make_case, pair, stock
 
 import fmnist_ext
 

@@ -1,9 +1,9 @@
 """Random shapes against the stock sequence (property-based)."""
 
 import torch
-from helpers import assert_matches_stock, make_case
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from op_helpers import assert_matches_stock, make_case
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

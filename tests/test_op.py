@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_compiled_cpu
-from helpers import assert_matches_stock, fused, make_case, pair, stock
+from op_helpers import assert_matches_stock, fused, make_case, pair, stock
 
 import fmnist_ext
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import requires_compiled_cpu
-from helpers import make_case, stock
+from op_helpers import make_case, stock
 
 import fmnist_ext
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import requires_compiled_cpu
-from helpers import fused, make_case, stock
+from op_helpers import fused, make_case, stock
 
 pytestmark = [pytest.mark.speed, requires_compiled_cpu]
 

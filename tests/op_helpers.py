@@ -1,4 +1,4 @@
-"""Helpers shared by the operator tests."""
+"""Helpers shared by the operator tests (imported by name: `from op_helpers import ...`)."""
 
 import torch
 
