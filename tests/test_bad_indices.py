@@ -45,7 +45,10 @@ CHILD = textwrap.dedent(
                 flat = corrupt.view(-1)
                 hit = torch.arange(0, flat.numel(), 3, device=device)  # every third window, first and last included
                 hit = torch.cat([hit, torch.tensor([flat.numel() - 1], device=device)])
-                flat[hit] = torch.tensor(bad, dtype=torch.int64).to(flat.dtype) if idx.dtype == torch.int32 else bad
+                if idx.dtype == torch.int32:
+                    flat[hit] = torch.tensor(bad, dtype=torch.int64).to(flat.device, flat.dtype)
+                else:
+                    flat[hit] = bad
                 expected_idx = idx.clone()
                 expected_idx.view(-1)[hit] = pool * pool  # "no gradient"
                 got = bwd(g, x, w, corrupt, [pad, pad], pool, [True, True, True])
