@@ -494,12 +494,12 @@ def test_cuda_graph_capture_and_replay_forward_backward(block):
 
 @gpu
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("n,cin,h,w,cout,k,padding,pool", GRID)
-def test_cuda_equals_cpu_kernels_float64(n, cin, h, w, cout, k, padding, pool, bias):
+@pytest.mark.parametrize("n,cin,h,width,cout,k,padding,pool", GRID)
+def test_cuda_equals_cpu_kernels_float64(n, cin, h, width, cout, k, padding, pool, bias):
     # The two backends against each other (not only each against stock).
     kh, kw = (k, k) if isinstance(k, int) else k
     pad = [padding, padding] if isinstance(padding, int) else list(padding)
-    x, w, b = make((n, cin, h, w), (cout, cin, kh, kw), bias, torch.float64, device="cpu", seed=3)
+    x, w, b = make((n, cin, h, width), (cout, cin, kh, kw), bias, torch.float64, device="cpu", seed=3)
     assert "cpu" in _library.COMPILED_DEVICE_TYPES
     out_c, idx_c = op(x, w, b, pad, pool)
     out_g, idx_g = op(x.cuda(), w.cuda(), b.cuda() if b is not None else None, pad, pool)
