@@ -8,8 +8,8 @@
 # Builds and installs the project (--no-build-isolation --no-deps, CUDA
 # forced on, for the GPU's own architecture), prints `python -m
 # fmnist_ext.info` and `python -m fmnist_ext.info --check` (the fused op
-# against stock on this GPU), runs tests/test_cuda.py and the CUDA-relevant tests of the
-# rest of the suite, the benchmark on the GPU (python/benchmark.py: both seed
+# against stock on this GPU), runs tests/test_cuda.py and the cuda cases of the
+# rest of the suite (the op tests run for every device), the benchmark on the GPU (python/benchmark.py: both seed
 # blocks, fused vs cuDNN stock vs torch.compile, batch 1/64/1000/10000,
 # forward and forward+backward), a 2-epoch training run, and, when
 # compute-sanitizer is on PATH or under $CUDA_HOME/bin, a small CUDA test
@@ -107,7 +107,7 @@ run_step build 300 build.log env FMNIST_CUDA=ON \
 # ---- tests (from a scratch dir, so the installed package is imported) -------
 # (The CPU execution harness of the kernels runs in CI, not here: it needs no
 # GPU and its sanitizer builds take minutes.)
-(cd "$WORK" && run_step test_cuda 180 tests.log \
+(cd "$WORK" && run_step test_cuda 120 tests.log \
   "$PY" -m pytest -rs -q -p no:cacheprovider "$ROOT/tests/test_cuda.py" -k "not harness")
 
 # ---- benchmark -----------------------------------------------------------------
@@ -138,8 +138,8 @@ else
   skip_step train train.log "fmnist_ext.train is absent"
 fi
 
-# ---- the rest of the suite's CUDA-relevant tests ---------------------------------
-(cd "$WORK" && run_step suite_cuda 90 tests.log bash -c '
+# ---- the rest of the suite's CUDA cases (the op tests' `device` parameter) -------
+(cd "$WORK" && run_step suite_cuda 240 tests.log bash -c '
   "$0" -m pytest -rs -q -p no:cacheprovider "$1/tests" --ignore="$1/tests/test_cuda.py" -k "cuda or gpu"
   rc=$?; [ $rc -eq 5 ] && { echo "(no other CUDA tests collected)"; exit 0; }; exit $rc' "$PY" "$ROOT")
 
@@ -147,12 +147,12 @@ fi
 SAN="$(command -v compute-sanitizer || true)"
 [[ -z "$SAN" && -x "$CUDA_HOME/bin/compute-sanitizer" ]] && SAN="$CUDA_HOME/bin/compute-sanitizer"
 if [[ -n "$SAN" ]]; then
-  SEL_MEM="test_nan_and_ties or test_backward_output_mask or test_non_contiguous or test_cuda_equals_cpu_kernels_float64"
-  SEL_RACE="test_nan_and_ties or test_backward_output_mask"
+  SEL_MEM="test_nan_and_ties or test_only_requested_gradients or test_non_contiguous or test_cuda_equals_cpu_kernels_float64"
+  SEL_RACE="test_nan_and_ties or test_only_requested_gradients"
   (cd "$WORK" && run_step memcheck 120 sanitizer.log "$SAN" --tool memcheck --error-exitcode 1 \
-    --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_cuda.py" -k "$SEL_MEM")
+    --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_op.py" -k "$SEL_MEM")
   (cd "$WORK" && run_step racecheck 90 sanitizer.log "$SAN" --tool racecheck --error-exitcode 1 \
-    --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_cuda.py" -k "$SEL_RACE")
+    --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_op.py" -k "$SEL_RACE")
 else
   skip_step sanitizer sanitizer.log "compute-sanitizer not found on PATH or in $CUDA_HOME/bin"
 fi

@@ -1,4 +1,5 @@
-"""Shared test setup.
+"""pytest hooks and fixtures for the whole suite (helpers live in op_helpers.py,
+fmnist_app_helpers.py and cli_helpers.py, imported by name).
 
 FMNIST_REQUIRE_COMPILED=1 (set by scripts/test.sh, so by CI) turns a silent
 fallback to the pure-PyTorch reference into a failed test session: the suite
@@ -12,46 +13,46 @@ import torch
 
 from fmnist_ext.op import _library
 
-CPU_ISAS_ORDER = ("default", "avx2", "avx512")
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the test's cuda case (op_helpers.cpu_and_cuda); select with -m cuda")
+    config.addinivalue_line("markers", "cpu_isa(name): run the test with FMNIST_CPU_ISA=name (op_helpers)")
 
 
 def pytest_sessionstart(session):
-    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
-        if "cpu" not in _library.COMPILED_DEVICE_TYPES:
-            pytest.exit(
-                "FMNIST_REQUIRE_COMPILED is set but the compiled CPU kernels are not in use: "
-                f"{_library.NOT_LOADED_REASON}",
-                returncode=3,
-            )
+    required = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")
+    if required and "cpu" not in _library.COMPILED_DEVICE_TYPES:
+        pytest.exit(
+            f"FMNIST_REQUIRE_COMPILED is set but the compiled CPU kernels are not in use: {_library.NOT_LOADED_REASON}",
+            returncode=3,
+        )
 
 
-def supported_cpu_isas():
-    """Every CPU kernel build this machine can run (lowest first)."""
-    if "cpu" not in _library.COMPILED_DEVICE_TYPES:
-        return []
-    saved = os.environ.pop("FMNIST_CPU_ISA", None)
-    try:
-        best = _library.cpu_isa()
-    finally:
-        if saved is not None:
-            os.environ["FMNIST_CPU_ISA"] = saved
-    return list(CPU_ISAS_ORDER[: CPU_ISAS_ORDER.index(best) + 1])
-
-
-requires_compiled_cpu = pytest.mark.skipif(
-    "cpu" not in _library.COMPILED_DEVICE_TYPES,
-    reason=f"compiled CPU kernels not loaded: {_library.NOT_LOADED_REASON}",
-)
-
-
-@pytest.fixture(params=supported_cpu_isas() or ["reference"])
-def cpu_isa(request, monkeypatch):
-    """Runs a test once per CPU kernel build (FMNIST_CPU_ISA)."""
-    if request.param != "reference":
-        monkeypatch.setenv("FMNIST_CPU_ISA", request.param)
-    return request.param
+@pytest.fixture(autouse=True)
+def _cpu_isa(request, monkeypatch):
+    """Sets FMNIST_CPU_ISA for a test case carrying a `cpu_isa` mark
+    (op_helpers.cpu_isas_and_cuda gives each cpu case one)."""
+    mark = request.node.get_closest_marker("cpu_isa")
+    if mark is not None:
+        monkeypatch.setenv("FMNIST_CPU_ISA", mark.args[0])
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Stock's float32 convolutions on a GPU in true float32 (cuDNN may use
+    TF32 otherwise), so the fused op is compared with a float32 result."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -1,9 +1,10 @@
-"""Mixed precision: the fused op and the FashionCNN under torch.autocast (cpu bfloat16).
+"""Mixed precision: the fused op and the FashionCNN under torch.autocast
+(cpu bfloat16; cuda float16 and bfloat16).
 
 Under autocast the op computes in float32 and returns the autocast dtype, like
 the stock nn.Conv2d it replaces; outside autocast a half-precision input is a
-TypeError naming the dtype. Stock computes its convolution in bfloat16, the
-fused op in float32, so they agree to bfloat16 precision (8 bits of mantissa),
+TypeError naming the dtype. Stock computes its convolution in the autocast
+dtype, the fused op in float32, so they agree to that precision (bfloat16: 8 bits of mantissa),
 measured as norms relative to the reference's: an elementwise bound would be
 flaky, since a window whose two largest values round to a tie in bfloat16
 sends its whole gradient to another pixel. Gradients are judged against the
@@ -13,11 +14,22 @@ float32 truth: the fused op's must be at least about as accurate as stock's.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_compiled_cpu
-from helpers import make_case, stock
+from op_helpers import cpu_and_cuda, cpu_isas_and_cuda, make_case, stock
 
 import fmnist_ext
 from fmnist_ext.model import FashionCNN
+
+# The autocast dtypes of each device (torch.autocast's own: cpu bfloat16; cuda float16, bfloat16).
+AUTOCAST_DTYPES = {"cpu": [torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+
+
+def autocast_cases(devices):
+    """(device, dtype) parameters: every autocast dtype of every device case."""
+    return [
+        pytest.param(p.values[0], dtype, marks=p.marks, id=f"{p.id}-{str(dtype).removeprefix('torch.')}")
+        for p in devices
+        for dtype in AUTOCAST_DTYPES[p.values[0]]
+    ]
 
 
 def rel_err(got, want):
@@ -25,7 +37,7 @@ def rel_err(got, want):
     return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
 
 
-def assert_close_bf16(got, want, tol=2e-2):
+def assert_close_low_precision(got, want, tol=2e-2):
     assert got.dtype == want.dtype
     assert rel_err(got, want) < tol, f"relative error {rel_err(got, want):.3g}"
 
@@ -37,77 +49,78 @@ def assert_as_accurate_as_stock(got, stock_got, truth):
     assert fused_err <= 1.5 * stock_err + 2e-2 and fused_err < 0.35, (fused_err, stock_err)
 
 
-@requires_compiled_cpu
 @pytest.mark.parametrize("bias", [True, False])
-def test_op_under_cpu_autocast_matches_stock(cpu_isa, bias):
-    x, w, b = make_case(8, 6, 12, 12, 12, 5, bias=bias)
+@pytest.mark.parametrize("device,dtype", autocast_cases(cpu_isas_and_cuda()))
+def test_op_under_autocast_matches_stock(device, dtype, bias):
+    x, w, b = make_case(8, 6, 12, 12, 12, 5, bias=bias, device=device)
     leaves = [t for t in (x, w, b) if t is not None]
     results = []
     for fn in (fmnist_ext.conv_relu_maxpool2d, lambda x, w, b: stock(x, w, b, 0, 2)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             y = fn(x, w, b)
         g = torch.ones_like(y)  # a fixed upstream gradient (in the output dtype)
         results.append((y, torch.autograd.grad(y, leaves, g)))
     (y, grads), (y_ref, grads_ref) = results
-    assert y.dtype == torch.bfloat16
-    assert_close_bf16(y, y_ref)
+    assert y.dtype == dtype
+    assert_close_low_precision(y, y_ref)
     y32 = stock(x, w, b, 0, 2)
     grads32 = torch.autograd.grad(y32, leaves, torch.ones_like(y32))
     for got, stock_got, truth in zip(grads, grads_ref, grads32):
         assert got.dtype == torch.float32  # gradients in the parameters' dtype
         assert_as_accurate_as_stock(got, stock_got, truth)
     # The fused op computes in float32: exactly stock's float32 result, rounded.
-    torch.testing.assert_close(y, y32.bfloat16())
+    torch.testing.assert_close(y, y32.to(dtype))
     for got, want in zip(grads, grads32):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@requires_compiled_cpu
-def test_bfloat16_inputs_under_autocast_and_direct_op_call():
-    x, w, b = make_case(2, 1, 28, 28, 6, 5, requires_grad=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fmnist_ext.conv_relu_maxpool2d(x.bfloat16(), w.bfloat16(), b.bfloat16())
-        out, idx = torch.ops.fmnist_ext.conv_relu_maxpool2d(x.bfloat16(), w, b, [0, 0], 2)
-    ref = F.max_pool2d(F.relu(F.conv2d(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())), 2)
-    assert y.dtype == out.dtype == torch.bfloat16 and idx.dtype == torch.uint8
-    torch.testing.assert_close(y, ref.bfloat16())
+@pytest.mark.parametrize("device,dtype", autocast_cases(cpu_and_cuda()))
+def test_half_inputs_under_autocast_and_direct_op_call(device, dtype):
+    x, w, b = make_case(2, 1, 28, 28, 6, 5, requires_grad=False, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y = fmnist_ext.conv_relu_maxpool2d(x.to(dtype), w.to(dtype), b.to(dtype))
+        out, idx = torch.ops.fmnist_ext.conv_relu_maxpool2d(x.to(dtype), w, b, [0, 0], 2)
+    ref = F.max_pool2d(F.relu(F.conv2d(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float())), 2)
+    assert y.dtype == out.dtype == dtype and idx.dtype == torch.uint8
+    torch.testing.assert_close(y, ref.to(dtype))
 
 
-@requires_compiled_cpu
-def test_float64_is_left_alone_under_autocast():
-    x, w, b = make_case(2, 1, 28, 28, 6, 5, dtype=torch.float64, requires_grad=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device,dtype", autocast_cases(cpu_and_cuda()))
+def test_float64_is_left_alone_under_autocast(device, dtype):
+    x, w, b = make_case(2, 1, 28, 28, 6, 5, dtype=torch.float64, requires_grad=False, device=device)
+    with torch.autocast(device, dtype=dtype):
         y = fmnist_ext.conv_relu_maxpool2d(x, w, b)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, stock(x, w, b, 0, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_input_outside_autocast_is_a_clear_type_error(dtype):
-    x, w, b = make_case(2, 1, 28, 28, 6, 5, dtype=dtype, requires_grad=False)
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_half_input_outside_autocast_is_a_clear_type_error(device, dtype):
+    x, w, b = make_case(2, 1, 28, 28, 6, 5, dtype=dtype, requires_grad=False, device=device)
     with pytest.raises(TypeError, match=f"input to be float32 or float64, got {dtype}"):
         fmnist_ext.conv_relu_maxpool2d(x, w, b)
 
 
-@requires_compiled_cpu
-def test_fashion_cnn_trains_under_cpu_autocast_like_stock():
+@pytest.mark.parametrize("device,dtype", autocast_cases(cpu_and_cuda()))
+def test_fashion_cnn_trains_under_autocast_like_stock(device, dtype):
     torch.manual_seed(0)
-    fused = FashionCNN("fused")
-    plain = FashionCNN("stock")
+    fused = FashionCNN("fused").to(device)
+    plain = FashionCNN("stock").to(device)
     plain.load_state_dict(fused.state_dict())
-    x = torch.randn(64, 1, 28, 28)
-    labels = torch.randint(0, 10, (64,))
+    x = torch.randn(64, 1, 28, 28).to(device)
+    labels = torch.randint(0, 10, (64,)).to(device)
     results = []
     for model, autocast in ((fused, True), (plain, True), (plain, False)):
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
             logits = model(x)
             loss = F.cross_entropy(logits, labels)
         grads = torch.autograd.grad(loss, list(model.parameters()))
         results.append((logits, loss, grads))
     (logits, loss, grads), (logits_ref, loss_ref, grads_ref), (_, _, grads32) = results
-    assert logits.dtype == logits_ref.dtype == torch.bfloat16
-    assert_close_bf16(logits, logits_ref, tol=3e-2)
+    assert logits.dtype == logits_ref.dtype == dtype
+    assert_close_low_precision(logits, logits_ref, tol=3e-2)
     assert abs(loss.item() - loss_ref.item()) < 2e-2 * abs(loss_ref.item())
     for got, stock_got, truth in zip(grads, grads_ref, grads32):
         assert got.dtype == torch.float32

@@ -3,14 +3,13 @@
 register_autograd alone gave forward-mode AD a None tangent (forward_ad) or
 zeros (torch.func.jacfwd) and double backward exact zeros, silently; these
 tests compare every mode with stock in float64 (the winners are the same, so
-the results agree to rounding).
+the results agree to rounding), on every device.
 """
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import requires_compiled_cpu
-from helpers import make_case, pair, stock
+from op_helpers import cpu_and_cuda, cpu_isas_and_cuda, make_case, pair, requires_compiled_cpu, stock
 
 import fmnist_ext
 
@@ -24,8 +23,8 @@ CASES = [
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def _case(n, cin, h, w, cout, k, padding, pool, bias):
-    x, wt, b = make_case(n, cin, h, w, cout, k, dtype=torch.float64, bias=bias, requires_grad=False)
+def _case(device, n, cin, h, w, cout, k, padding, pool, bias):
+    x, wt, b = make_case(n, cin, h, w, cout, k, dtype=torch.float64, bias=bias, requires_grad=False, device=device)
     args = (x, wt) if b is None else (x, wt, b)
 
     def make(fn):
@@ -37,10 +36,10 @@ def _case(n, cin, h, w, cout, k, padding, pool, bias):
     return args, make(lambda *a: fmnist_ext.conv_relu_maxpool2d(*a)), make(stock)
 
 
-@requires_compiled_cpu
 @pytest.mark.parametrize("n,cin,h,w,cout,k,padding,pool,bias", CASES)
-def test_forward_ad_dual_tensors_match_stock(cpu_isa, n, cin, h, w, cout, k, padding, pool, bias):
-    args, fused, ref = _case(n, cin, h, w, cout, k, padding, pool, bias)
+@pytest.mark.parametrize("device", cpu_isas_and_cuda())
+def test_forward_ad_dual_tensors_match_stock(device, n, cin, h, w, cout, k, padding, pool, bias):
+    args, fused, ref = _case(device, n, cin, h, w, cout, k, padding, pool, bias)
     tangents = [torch.randn_like(a) for a in args]
     results = []
     for fn in (fused, ref):
@@ -52,11 +51,11 @@ def test_forward_ad_dual_tensors_match_stock(cpu_isa, n, cin, h, w, cout, k, pad
     torch.testing.assert_close(results[0], results[1], **TOL)
 
 
-@requires_compiled_cpu
-def test_forward_ad_tangent_on_one_argument_only():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_forward_ad_tangent_on_one_argument_only(device):
     # Only the weight carries a tangent, nothing requires grad: the case that
     # used to return None.
-    args, fused, ref = _case(2, 2, 10, 10, 3, 3, 0, 2, True)
+    args, fused, ref = _case(device, 2, 2, 10, 10, 3, 3, 0, 2, True)
     x, wt, b = args
     tw = torch.randn_like(wt)
     got, want = [], []
@@ -66,10 +65,10 @@ def test_forward_ad_tangent_on_one_argument_only():
     torch.testing.assert_close(got[0], want[0], **TOL)
 
 
-@requires_compiled_cpu
 @pytest.mark.parametrize("n,cin,h,w,cout,k,padding,pool,bias", CASES[1:3])
-def test_jacfwd_and_jacrev_match_stock(n, cin, h, w, cout, k, padding, pool, bias):
-    args, fused, ref = _case(n, cin, h, w, cout, k, padding, pool, bias)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_jacfwd_and_jacrev_match_stock(device, n, cin, h, w, cout, k, padding, pool, bias):
+    args, fused, ref = _case(device, n, cin, h, w, cout, k, padding, pool, bias)
     argnums = tuple(range(len(args)))
     want = torch.func.jacfwd(ref, argnums=argnums)(*args)
     for jac in (torch.func.jacfwd, torch.func.jacrev):
@@ -79,18 +78,18 @@ def test_jacfwd_and_jacrev_match_stock(n, cin, h, w, cout, k, padding, pool, bia
             torch.testing.assert_close(a, e, **TOL)
 
 
-@requires_compiled_cpu
 @pytest.mark.parametrize("n,cin,h,w,cout,k,padding,pool,bias", CASES[1:3])
-def test_gradgradcheck(n, cin, h, w, cout, k, padding, pool, bias):
-    args, fused, _ = _case(n, cin, h, w, cout, k, padding, pool, bias)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gradgradcheck(device, n, cin, h, w, cout, k, padding, pool, bias):
+    args, fused, _ = _case(device, n, cin, h, w, cout, k, padding, pool, bias)
     args = [a.requires_grad_() for a in args]
     assert torch.autograd.gradgradcheck(fused, args, eps=1e-6, atol=1e-6)
 
 
-@requires_compiled_cpu
-def test_gradient_penalty_matches_stock(cpu_isa):
+@pytest.mark.parametrize("device", cpu_isas_and_cuda())
+def test_gradient_penalty_matches_stock(device):
     # create_graph=True, then the gradient of a function of the gradients.
-    args, fused, ref = _case(3, 2, 12, 12, 4, 3, 1, 2, True)
+    args, fused, ref = _case(device, 3, 2, 12, 12, 4, 3, 1, 2, True)
     results = []
     for fn in (fused, ref):
         leaves = [a.clone().requires_grad_() for a in args]
@@ -102,9 +101,9 @@ def test_gradient_penalty_matches_stock(cpu_isa):
         torch.testing.assert_close(a, e, **TOL)
 
 
-@requires_compiled_cpu
-def test_hessian_and_forward_over_reverse_match_stock():
-    args, fused, ref = _case(1, 1, 8, 8, 2, 3, 0, 2, True)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_hessian_and_forward_over_reverse_match_stock(device):
+    args, fused, ref = _case(device, 1, 1, 8, 8, 2, 3, 0, 2, True)
     x, wt, b = args
     for argnum in (0, 1, 2):
         got = torch.func.hessian(lambda *a: fused(*a).square().sum(), argnums=argnum)(x, wt, b)
@@ -113,9 +112,9 @@ def test_hessian_and_forward_over_reverse_match_stock():
         torch.testing.assert_close(got, want, **TOL)
 
 
-@requires_compiled_cpu
-def test_third_order_matches_stock():
-    args, fused, ref = _case(1, 1, 8, 8, 2, 3, 0, 2, True)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_third_order_matches_stock(device):
+    args, fused, ref = _case(device, 1, 1, 8, 8, 2, 3, 0, 2, True)
     results = []
     for fn in (fused, ref):
         x = args[0].clone().requires_grad_()
@@ -125,25 +124,25 @@ def test_third_order_matches_stock():
     torch.testing.assert_close(results[0][0], results[1][0], **TOL)
 
 
-@requires_compiled_cpu
-def test_func_grad_and_vmap_match_stock():
-    args, fused, ref = _case(2, 2, 10, 10, 3, 3, 0, 2, True)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_func_grad_and_vmap_match_stock(device):
+    args, fused, ref = _case(device, 2, 2, 10, 10, 3, 3, 0, 2, True)
     x, wt, b = args
     for argnum in (0, 1, 2):
         got = torch.func.grad(lambda *a: fused(*a).square().sum(), argnums=argnum)(x, wt, b)
         want = torch.func.grad(lambda *a: ref(*a).square().sum(), argnums=argnum)(x, wt, b)
         torch.testing.assert_close(got, want, **TOL)
-    xs = torch.randn(3, *x.shape, dtype=x.dtype)
-    ws = torch.randn(3, *wt.shape, dtype=wt.dtype)
+    xs = torch.randn(3, *x.shape, dtype=x.dtype, device=x.device)
+    ws = torch.randn(3, *wt.shape, dtype=wt.dtype, device=wt.device)
     for in_dims, batch in (((0, None, None), (xs, wt, b)), ((None, 0, None), (x, ws, b))):
         torch.testing.assert_close(
             torch.vmap(fused, in_dims=in_dims)(*batch), torch.vmap(ref, in_dims=in_dims)(*batch), **TOL
         )
 
 
-@requires_compiled_cpu
-def test_inference_mode_and_no_grad():
-    args, fused, ref = _case(2, 2, 10, 10, 3, 3, 0, 2, True)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_inference_mode_and_no_grad(device):
+    args, fused, ref = _case(device, 2, 2, 10, 10, 3, 3, 0, 2, True)
     with torch.inference_mode():
         torch.testing.assert_close(fused(*args), ref(*args), **TOL)
     leaves = [a.clone().requires_grad_() for a in args]

@@ -8,7 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import requires_compiled_cpu
+import pytest
+from op_helpers import cpu_and_cuda, requires_compiled_cpu
 
 import fmnist_ext
 
@@ -134,42 +135,45 @@ def test_source_checkout_uses_the_installed_library():
 
 MODES_PROBE = textwrap.dedent(
     """
-    import json, torch, fmnist_ext
+    import json, sys, torch, fmnist_ext
     import torch.autograd.forward_ad as fwAD
+    device = sys.argv[1]
     torch.manual_seed(0)
-    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
-    b = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64).to(device)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64).to(device)
+    b = torch.randn(3, dtype=torch.float64).to(device)
     f = lambda x, w, b: fmnist_ext.conv_relu_maxpool2d(x, w, b, 1, 2)
     with fwAD.dual_level():
         t = fwAD.unpack_dual(f(fwAD.make_dual(x, torch.ones_like(x)), w, b)).tangent
     leaves = [v.clone().requires_grad_() for v in (x, w, b)]
     grads = torch.autograd.grad(f(*leaves).square().sum(), leaves, create_graph=True)
     second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = f(x.float(), w.float(), b.float())
-    print(json.dumps({"cpu": fmnist_ext.kernels_status()["cpu"], "tangent": float(t.abs().sum()),
+    print(json.dumps({"kernels": fmnist_ext.kernels_status()[device], "tangent": float(t.abs().sum()),
                       "second": [float(s.abs().sum()) for s in second], "autocast": str(y.dtype)}))
     """
 )
 
 
-def _modes(env_extra):
+def _modes(device, env_extra):
     env = dict(os.environ)
     env.pop("FMNIST_REQUIRE_COMPILED", None)
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", MODES_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MODES_PROBE, device], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@requires_compiled_cpu
-def test_reference_fallback_supports_the_same_autodiff_modes_as_the_kernels():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_reference_fallback_supports_the_same_autodiff_modes_as_the_kernels(device):
     # Forward AD, double backward and autocast give the same answers whether
     # the compiled kernels or the reference run.
-    compiled = _modes({})
-    reference = _modes({"FMNIST_DISABLE_EXTENSION": "1"})
-    assert compiled["cpu"] == "compiled" and reference["cpu"] == "reference"
+    compiled = _modes(device, {})
+    reference = _modes(device, {"FMNIST_DISABLE_EXTENSION": "1"})
+    assert compiled["kernels"] == "compiled" and reference["kernels"] == "reference"
     assert compiled["tangent"] > 0 and all(s > 0 for s in compiled["second"])
     assert abs(compiled["tangent"] - reference["tangent"]) < 1e-9 * reference["tangent"]
     for a, e in zip(compiled["second"], reference["second"]):

@@ -1,11 +1,13 @@
-"""Random shapes against the stock sequence (property-based)."""
+"""Random shapes against the stock sequence (property-based), on every device."""
 
+import pytest
 import torch
-from helpers import assert_matches_stock, make_case
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from op_helpers import assert_matches_stock, cpu_and_cuda, make_case
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(0, 3),
@@ -21,8 +23,8 @@ from hypothesis import strategies as st
     bias=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_random_shapes_match_stock(n, cin, cout, h, w, kh, kw, ph, pw, pool, bias, dtype):
+def test_random_shapes_match_stock(device, n, cin, cout, h, w, kh, kw, ph, pw, pool, bias, dtype):
     oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
     assume(oh >= pool and ow >= pool)
-    x, wt, b = make_case(n, cin, h, w, cout, (kh, kw), dtype=dtype, bias=bias)
+    x, wt, b = make_case(n, cin, h, w, cout, (kh, kw), dtype=dtype, bias=bias, device=device)
     assert_matches_stock(x, wt, b, (ph, pw), pool, dtype)

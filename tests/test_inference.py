@@ -4,7 +4,9 @@ The source models have non-trivial BatchNorm statistics and affine parameters
 (a few Adam steps in training mode), so the folding is really exercised.
 With the compiled library the CPU forward is the single C++ op
 fmnist_ext::fashion_cnn_inference; FMNIST_REQUIRE_COMPILED=1 makes the tests
-insist on it.
+insist on it. On cuda the folded model runs operator by operator through the
+fused CUDA kernels: the tests of what the inference form computes run on every
+device, those of the whole-model C++ op on the CPU only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from op_helpers import cpu_and_cuda, cpu_isas_and_cuda
 
 from fmnist_ext import inference
 from fmnist_ext.model import FashionCNN
@@ -22,8 +25,9 @@ from fmnist_ext.op import _library
 REQUIRE_COMPILED = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")
 
 
-def trained_model(kernels: str = "fused", dtype=torch.float32, steps: int = 3) -> FashionCNN:
-    """A FashionCNN after a few training steps: BN running stats, gamma, beta all moved."""
+def trained_model(kernels: str = "fused", dtype=torch.float32, steps: int = 3, device: str = "cpu") -> FashionCNN:
+    """A FashionCNN after a few training steps (on the CPU, so every device
+    gets the same model): BN running stats, gamma, beta all moved."""
     torch.manual_seed(0)
     model = FashionCNN(kernels).to(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -35,7 +39,7 @@ def trained_model(kernels: str = "fused", dtype=torch.float32, steps: int = 3) -
         F.cross_entropy(model(x), y).backward()
         opt.step()
     model.eval()
-    return model
+    return model.to(device)
 
 
 def eval_logits(model: FashionCNN, x: torch.Tensor) -> torch.Tensor:
@@ -61,54 +65,59 @@ def test_uses_the_compiled_op_on_cpu():
 
 @pytest.mark.parametrize("kernels", ["fused", "stock"])
 @pytest.mark.parametrize("batch", [1, 7, 256])
-def test_float32_equals_the_eval_model(kernels, batch, cpu_isa):
-    model = trained_model(kernels)
+@pytest.mark.parametrize("device", cpu_isas_and_cuda(compiled=False))
+def test_float32_equals_the_eval_model(device, kernels, batch):
+    model = trained_model(kernels, device=device)
     net = model.for_inference()
-    x = torch.randn(batch, 1, 28, 28) * 1.2 + 0.2
+    x = (torch.randn(batch, 1, 28, 28) * 1.2 + 0.2).to(device)
     want = eval_logits(model, x)
     got = net(x)
-    assert got.shape == (batch, 10) and got.dtype == torch.float32
+    assert got.shape == (batch, 10) and got.dtype == torch.float32 and got.device == x.device
     # float32 rounding only: the folded weights round differently from BN's
     # separate multiply-add, so compare against the scale of the logits.
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
     # and about as close to the float64 truth as the eval model itself
-    truth = eval_logits(trained_model(kernels, torch.float64), x.double())
+    truth = eval_logits(trained_model(kernels, torch.float64, device=device), x.double())
     err_net = (got.double() - truth).abs().max().item()
     err_eval = (want.double() - truth).abs().max().item()
     assert err_net <= 4 * err_eval + 1e-6, (err_net, err_eval)
 
 
-def test_float64_equals_the_eval_model():
-    model = trained_model(dtype=torch.float64)
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_float64_equals_the_eval_model(device):
+    model = trained_model(dtype=torch.float64, device=device)
     net = model.for_inference()
-    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64).to(device)
     got = net(x)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, eval_logits(model, x), rtol=1e-10, atol=1e-12)
 
 
 def test_the_operator_path_equals_the_operator_by_operator_path():
+    # CPU only: elsewhere the operator-by-operator path is the only one.
     net = trained_model().for_inference()
     x = torch.randn(9, 1, 28, 28)
     torch.testing.assert_close(net(x), net._forward_ops(x), rtol=1e-5, atol=1e-6)
 
 
-def test_batch_zero_and_noncontiguous_input():
-    model = trained_model()
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_batch_zero_and_noncontiguous_input(device):
+    model = trained_model(device=device)
     net = model.for_inference()
-    assert net(torch.empty(0, 1, 28, 28)).shape == (0, 10)
-    x = torch.randn(6, 1, 28, 56)[..., ::2]  # strided
+    assert net(torch.empty(0, 1, 28, 28, device=device)).shape == (0, 10)
+    x = torch.randn(6, 1, 28, 56).to(device)[..., ::2]  # strided
     assert not x.is_contiguous()
     torch.testing.assert_close(net(x), eval_logits(model, x.contiguous()), rtol=1e-4, atol=1e-5)
 
 
-def test_is_a_snapshot_and_leaves_the_model_alone():
-    model = trained_model()
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_is_a_snapshot_and_leaves_the_model_alone(device):
+    model = trained_model(device=device)
     model.train()
     net = model.for_inference()
     assert model.training  # for_inference does not switch the model's mode
-    x = torch.randn(3, 1, 28, 28)
+    x = torch.randn(3, 1, 28, 28, device=device)
     before = net(x)
     with torch.no_grad():
         model.fc1.weight.add_(1.0)
@@ -116,15 +125,16 @@ def test_is_a_snapshot_and_leaves_the_model_alone():
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)
 
 
-def test_no_gradients_and_no_training_mode():
-    net = trained_model().for_inference()
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_no_gradients_and_no_training_mode(device):
+    net = trained_model(device=device).for_inference()
     assert not net.training and list(net.parameters()) == []
-    out = net(torch.randn(2, 1, 28, 28))
+    out = net(torch.randn(2, 1, 28, 28, device=device))
     assert not out.requires_grad
     with pytest.raises(RuntimeError, match="inference form"):
         net.train()
     assert net.eval() is net
-    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    x = torch.randn(2, 1, 28, 28, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match="requires grad"):
         net(x)
     with torch.no_grad():
@@ -134,19 +144,20 @@ def test_no_gradients_and_no_training_mode():
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: torch.randn(2, 28, 28), ValueError, r"input of shape \[N, 1, 28, 28\]"),
-        (lambda: torch.randn(2, 3, 28, 28), ValueError, r"input of shape \[N, 1, 28, 28\]"),
-        (lambda: torch.randn(2, 1, 32, 32), ValueError, r"input of shape \[N, 1, 28, 28\]"),
-        (lambda: torch.randn(2, 1, 28, 28, dtype=torch.float64), TypeError, "dtype torch.float32"),
-        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.uint8), TypeError, "dtype torch.float32"),
-        (lambda: torch.randn(2, 1, 28, 28, device="meta"), ValueError, "expected input on cpu"),
-        (lambda: [[0.0]], TypeError, "expected input to be a Tensor"),
+        (lambda d: torch.randn(2, 28, 28, device=d), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda d: torch.randn(2, 3, 28, 28, device=d), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda d: torch.randn(2, 1, 32, 32, device=d), ValueError, r"input of shape \[N, 1, 28, 28\]"),
+        (lambda d: torch.randn(2, 1, 28, 28, dtype=torch.float64, device=d), TypeError, "dtype torch.float32"),
+        (lambda d: torch.zeros(2, 1, 28, 28, dtype=torch.uint8, device=d), TypeError, "dtype torch.float32"),
+        (lambda d: torch.randn(2, 1, 28, 28, device="meta"), ValueError, "expected input on {device}"),
+        (lambda d: [[0.0]], TypeError, "expected input to be a Tensor"),
     ],
 )
-def test_bad_inputs_name_the_argument(make, exc, match):
-    net = trained_model().for_inference()
-    with pytest.raises(exc, match=match):
-        net(make())
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+def test_bad_inputs_name_the_argument(device, make, exc, match):
+    net = trained_model(device=device).for_inference()
+    with pytest.raises(exc, match=match.format(device=device)):
+        net(make(device))
 
 
 def test_batchnorm_without_running_stats_is_refused():

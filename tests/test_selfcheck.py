@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import requires_compiled_cpu
+from op_helpers import requires_compiled_cpu
 
 from fmnist_ext import info, selfcheck
 from fmnist_ext.op import reference
