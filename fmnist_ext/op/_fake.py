@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _library
-from ._args import check_args, index_dtype
+from ._args import check_args, check_backward_args, index_dtype
 
 
 def register() -> None:
@@ -19,7 +19,7 @@ def register() -> None:
 
     @torch.library.register_fake(_library.BACKWARD_OP)
     def _conv_relu_maxpool2d_backward_fake(grad_output, input, weight, indices, padding, pool, output_mask):
-        check_args(input, weight, None, tuple(padding), pool)
+        check_backward_args(grad_output, input, weight, indices, tuple(padding), pool)
         grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
         grad_weight = weight.new_empty(weight.shape if output_mask[1] else (0,))
         grad_bias = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
