@@ -231,7 +231,7 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
         assert torch.equal(ind, want_ind), f"{name}: winner indices differ from the CPU kernels"
         ref = stock(x, w, b, pad, pool)
         torch.testing.assert_close(
-            out, ref, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name} forward vs stock: {m}"
+            out, ref, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m, name=name: f"{name} forward vs stock: {m}"
         )
         gen = torch.Generator().manual_seed(7)
         go = _dyadic(out.shape, gen, x.dtype) if not name.startswith("randn") else torch.randn(out.shape, generator=gen)
@@ -265,7 +265,7 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
                 assert g_.shape == (0,), what
                 continue
             if bname.startswith("randn"):
-                torch.testing.assert_close(g_, e_, rtol=1e-4, atol=1e-4, msg=lambda s: f"{what}: {s}")
+                torch.testing.assert_close(g_, e_, rtol=1e-4, atol=1e-4, msg=lambda s, what=what: f"{what}: {s}")
             else:
                 _exact(g_, e_, what + " vs CPU kernels")
         if seed == 2:
@@ -280,7 +280,9 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
             ref = stock(params[0], params[1], params[2] if b is not None else None, pad, pool)
             grads = torch.autograd.grad(ref, params, go)
             for g_, e_ in zip(got, grads):
-                torch.testing.assert_close(g_, e_, rtol=1e-4, atol=1e-4, msg=lambda s: f"{bname} vs stock: {s}")
+                torch.testing.assert_close(
+                    g_, e_, rtol=1e-4, atol=1e-4, msg=lambda s, bname=bname: f"{bname} vs stock: {s}"
+                )
 
     # The repeat of randn_f can only see an order dependence with >= 3 blocks.
     wk = [ln for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines() if "backward_weight_kernel" in ln]
