@@ -262,7 +262,7 @@ def test_the_device_goes_into_every_worker_spec_and_the_report(monkeypatch):
     assert specs and all(spec["device"] == "cpu" for spec in specs)
     assert {spec["task"] for spec in specs} == {"train", "infer", "profile"}
     cfg = sec["config"]
-    assert cfg["device"] == "cpu" and cfg["gpu"] is None and cfg["allocators_not_run"] == []
+    assert cfg["device"] == "cpu" and cfg["gpu"] is None and cfg["allocators_not_for_device"] == []
     md = bench_model.render(sec)
     assert "\nDevice: cpu.\n" in md and "| target (issue 10) |" in md
 
@@ -280,7 +280,7 @@ def test_a_cuda_section_runs_every_worker_on_cuda_with_one_allocator(monkeypatch
     assert {a for a, _, _ in calls} == {"default"}  # glibc's malloc settings: not on cuda
     cfg = sec["config"]
     assert cfg["device"] == "cuda" and cfg["gpu"] == "Fake GPU 80GB"
-    assert cfg["allocators"] == ["default"] and cfg["allocators_not_run"] == ["tuned"]
+    assert cfg["allocators"] == ["default"] and cfg["allocators_not_for_device"] == ["tuned"]
     md = bench_model.render(sec)
     assert "Device: cuda (Fake GPU 80GB)" in md and "Allocator setting `tuned` not run" in md
     assert "| target (issue 10) |" not in md and "CPU targets: not judged" in md

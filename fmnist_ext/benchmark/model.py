@@ -234,7 +234,7 @@ def run_section(
             **cfg,
             "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "allocators_not_run": [a for a in ALLOCATORS if a not in DEVICE_ALLOCATORS[device]],
+            "allocators_not_for_device": [a for a in ALLOCATORS if a not in DEVICE_ALLOCATORS[device]],
             "rounds": rounds,
             "threads": threads,
             "allocators": allocators,

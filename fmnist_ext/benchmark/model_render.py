@@ -58,7 +58,7 @@ def _device_line(cfg: dict) -> str:
     if device == "cpu":
         return "Device: cpu."
     text = f"Device: {device} ({cfg['gpu']}); every time read after torch.cuda.synchronize(), TF32 off."
-    skipped = ", ".join(f"`{a}`" for a in cfg.get("allocators_not_run", []))
+    skipped = ", ".join(f"`{a}`" for a in cfg["allocators_not_for_device"])
     if skipped:
         text += f" Allocator setting {skipped} not run: it changes glibc's malloc, which holds no {device} tensors."
     return text
