@@ -11,7 +11,9 @@
 # against stock on this GPU), runs tests/test_cuda.py and the cuda cases of the
 # rest of the suite (the op tests run for every device), the benchmark on the GPU (python/benchmark.py: both seed
 # blocks, fused vs cuDNN stock vs torch.compile, batch 1/64/1000/10000,
-# forward and forward+backward), a 2-epoch training run, and, when
+# forward and forward+backward; then its whole-model section's quick form on
+# the GPU, the training step and epoch of stock and fused, each in its own
+# process, into bench.log), a 2-epoch training run, and, when
 # compute-sanitizer is on PATH or under $CUDA_HOME/bin, a small CUDA test
 # selection under memcheck and racecheck.
 #
@@ -112,8 +114,10 @@ run_step build 300 build.log env FMNIST_CUDA=ON \
 
 # ---- benchmark -----------------------------------------------------------------
 if [[ -f "$ROOT/python/benchmark.py" ]]; then
-  run_step bench 150 bench.log "$PY" "$ROOT/python/benchmark.py" --device cuda \
+  # The per-block rows here; the whole-model section (minutes in full) in its quick form below.
+  run_step bench 150 bench.log "$PY" "$ROOT/python/benchmark.py" --device cuda --no-model \
     --batch-sizes 1,64,1000,10000 --json "$OUT/bench_cuda.json" --png "$OUT/bench_cuda.png"
+  (cd "$WORK" && run_step bench_model 90 bench.log "$PY" -m fmnist_ext.benchmark.model --device cuda --quick)
 else
   skip_step bench bench.log "python/benchmark.py is absent"
 fi

@@ -99,6 +99,8 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
             assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
 
     # the whole model: the whole-model section's quick form (training step and epoch, one process each)
+    assert report["whole_model"]["config"]["device"] == "cpu" and report["whole_model"]["config"]["gpu"] is None
+    assert cfg["whole_model"].startswith("python -m fmnist_ext.benchmark.model --device cpu --quick")
     train = report["whole_model"]["allocators"]["default"]["train"]
     assert set(train) == {"fused", "stock"}
     assert train["fused"]["status"] == "ok", train["fused"]
@@ -112,7 +114,7 @@ def test_quick_run_writes_markdown_json_png(tmp_path):
     md = out_md.read_text()
     assert md == proc.stdout
     assert "| batch | pass | impl | median ms | vs stock |" in md
-    assert "## Whole model" in md and "REFUSED" not in md
+    assert "## Whole model" in md and "\nDevice: cpu.\n" in md and "REFUSED" not in md
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -20,12 +20,12 @@ What it measures, all in one run:
   F.max_pool2d in eager mode; also what fmnist_ext's pure-PyTorch fallback
   computes) and ``compile`` (torch.compile of the stock sequence; compile
   time reported separately);
-* on the CPU, the whole seed CNN: the whole-model section
-  (``python -m fmnist_ext.benchmark.model``; each implementation in its own
-  process: training step and epoch, eval inference at batch 1 and 1000
-  including FashionCNN.for_inference(), torch.compile, a per-layer profile
-  of the fused step, both allocator settings; with --quick, the training
-  step and epoch of stock and fused only, at batch 256).
+* on the same device, the whole seed CNN: the whole-model section
+  (``python -m fmnist_ext.benchmark.model --device ...``; each implementation
+  in its own process: training step and epoch, eval inference at batch 1 and
+  1000 including FashionCNN.for_inference(), torch.compile, a per-layer
+  profile of the fused step, both allocator settings on the CPU; with
+  --quick, the training step and epoch of stock and fused only, at batch 256).
 
 Before any timing, each implementation is checked against stock on the very
 inputs that are then timed, and refused if it does not match. Every figure

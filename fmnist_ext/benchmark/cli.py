@@ -18,7 +18,7 @@ import torch
 
 from .. import atomic, clirun, outputs
 from .. import cli as app_cli
-from . import render, runner
+from . import model, render, runner
 from .blocks import BLOCKS
 from .chart import render_png
 from .impls import IMPLS, NOT_IMPLS
@@ -57,7 +57,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Before any timing (one line, exit 2): every output path must be writable (and --png a
     format matplotlib writes), no two the same file, so the results of a long run are not
     lost; --impls names no retired implementation (NOT_IMPLS, with why); --device cuda needs
-    a CUDA device. (The numbers are checked by their argparse types.)"""
+    a CUDA device, and, unless --no-model, the fused op's compiled CUDA kernels (the
+    whole-model section would otherwise time the reference as "fused"). (The numbers
+    are checked by their argparse types.)"""
     seen: dict[Path, str] = {}
     try:
         for name in OUTPUTS:
@@ -78,6 +80,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             app_cli.fail(parser, f"argument --impls: {name!r} {NOT_IMPLS[name]}; choose from {','.join(IMPLS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         app_cli.fail(parser, "argument --device: cuda requested but torch sees no CUDA device")
+    refusal = None if args.no_model else model.device_refusal(args.device)
+    if refusal:
+        app_cli.fail(parser, f"argument --device: {refusal} (--no-model times the per-block rows only)")
 
 
 def write_outputs(args: argparse.Namespace, report: dict, md: str) -> list[str]:
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fmnist-benchmark",
         description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch and torch.compile, "
-        "per conv block and batch size, plus (on the CPU) the whole-model section: training "
+        "per conv block and batch size, plus the whole-model section on the same device: training "
         "step and epoch, eval inference, each implementation in its own process.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

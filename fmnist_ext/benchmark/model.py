@@ -1,6 +1,6 @@
 """Whole-model section of the benchmark: training step, epoch, inference.
 
-    python -m fmnist_ext.benchmark.model [--quick] [--allocators default,tuned]
+    python -m fmnist_ext.benchmark.model [--device cpu|cuda] [--quick] [--allocators default,tuned]
         [--rounds N] [--threads N] [--no-compile] [--json PATH] [--markdown PATH]
 
 (also part of `python python/benchmark.py`, which calls run_section; the
@@ -26,6 +26,14 @@ state one model leaves behind skews whichever model is timed after it.
   timed in the first allocator setting only, in one round (its compile time
   dominates the section's run time).
 
+`--device cuda` runs all of it on the GPU (model, data and the stock
+references there; every clock reading after torch.cuda.synchronize()), except
+that the `tuned` allocator setting is not run: glibc's malloc holds only host
+memory, the GPU's tensors live in torch's CUDA caching allocator. The profile
+stays self CPU time (on CUDA: the host's Python, dispatch and launch time, not
+the GPU's). A CUDA run needs a visible GPU and the fused op's compiled CUDA
+kernels (device_refusal); otherwise it is a one-line error before any timing.
+
 Each process checks its implementation against the stock model in float32
 and float64 (loss and all gradients, or logits) before timing; a mismatch is
 reported as REFUSED and not timed.
@@ -44,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, cli
+from .. import atomic, cli, kernels_status, uses_compiled_kernels
 from .model_render import TARGETS, render
 from .model_worker import INFER_IMPLS, TRAIN_IMPLS
 
@@ -52,7 +60,25 @@ ALLOCATORS = {
     "default": {},
     "tuned": {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"},
 }
+# glibc's malloc settings change only host memory: on CUDA the tensors are in torch's caching allocator
+DEVICE_ALLOCATORS = {"cpu": tuple(ALLOCATORS), "cuda": ("default",)}
+DEVICES = tuple(DEVICE_ALLOCATORS)
 WORKER_TIMEOUT_S = 600
+
+
+def device_refusal(device: str) -> str | None:
+    """Why the section cannot run on `device` (None: it can). On CUDA: no visible
+    GPU, or no compiled CUDA kernels (the "fused" figures would be the reference's)."""
+    if device not in DEVICES:
+        return f"unknown device {device!r}; choose from {','.join(DEVICES)}"
+    if device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return "cuda requested but torch sees no CUDA device"
+    if not uses_compiled_kernels("cuda"):
+        why = kernels_status()["not_loaded_reason"] or "the library was built without the CUDA kernels"
+        return f"cuda: the fused op has no compiled CUDA kernels here ({why}), so 'fused' would time the reference"
+    return None
 
 
 def settings(quick: bool) -> dict:
@@ -179,14 +205,22 @@ def run_section(
     compile_: bool = True,
     log=None,
     training_only: bool = False,
+    device: str = "cpu",
 ) -> dict:
-    """Run the section; its figures as a JSON-able dict (render() makes the markdown).
+    """Run the section on `device` ("cpu" or "cuda"); its figures as a JSON-able
+    dict (render() makes the markdown).
 
     `training_only` (the per-block benchmark's --quick run) times only the
     training step and epoch of stock and fused: no inference, no profile."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
-    allocators = allocators or (["default"] if quick else ["default", "tuned"])
+    refusal = device_refusal(device)
+    if refusal:
+        raise ValueError(f"device: {refusal}")
+    allocators = allocators or (["default"] if quick else list(DEVICE_ALLOCATORS[device]))
+    not_here = [a for a in allocators if a not in DEVICE_ALLOCATORS[device]]
+    if not_here:
+        raise ValueError(f"allocators: {not_here} change glibc's malloc, which holds no {device} tensors")
     rounds = rounds or (1 if quick else 2)
     threads = threads or torch.get_num_threads()
     cfg = settings(quick)
@@ -198,6 +232,9 @@ def run_section(
     section: dict = {
         "config": {
             **cfg,
+            "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "allocators_not_for_device": [a for a in ALLOCATORS if a not in DEVICE_ALLOCATORS[device]],
             "rounds": rounds,
             "threads": threads,
             "allocators": allocators,
@@ -221,6 +258,7 @@ def run_section(
                 spec = {
                     "task": "train",
                     "impl": impl,
+                    "device": device,
                     "threads": threads,
                     **{k: cfg[k] for k in ("batch", "epoch_steps", "warmup_steps", "timed_steps", "epoch_reps")},
                 }
@@ -234,6 +272,7 @@ def run_section(
                 spec = {
                     "task": "infer",
                     "impl": impl,
+                    "device": device,
                     "threads": threads,
                     "batches": cfg["infer_batches"],
                     "min_time_s": cfg["min_time_s"],
@@ -249,7 +288,13 @@ def run_section(
         prof = None
         if not training_only:
             prof = run_worker(
-                {"task": "profile", "threads": threads, "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]},
+                {
+                    "task": "profile",
+                    "device": device,
+                    "threads": threads,
+                    "batch": cfg["batch"],
+                    "profile_steps": cfg["profile_steps"],
+                },
                 alloc,
             )
         section["allocators"][alloc] = _summarise(train_runs, infer_runs, prof, cfg["infer_batches"])
@@ -293,9 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Whole-model benchmark of FashionCNN: training step and epoch, eval "
         "inference at batch 1 and 1000, one process per implementation.",
     )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where model and data live (cuda: needs a GPU and the compiled CUDA kernels; one allocator setting)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: batch 256, 3-step epoch, batch 1/64, no compile")
     p.add_argument(
-        "--allocators", default=None, help="comma-separated from default,tuned (default: both; --quick: default)"
+        "--allocators",
+        default=None,
+        help="comma-separated from default,tuned (default: both on cpu; --quick or cuda: default)",
     )
     p.add_argument("--rounds", type=int, default=None, help="rounds per implementation (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -305,13 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_allocators(parser: argparse.ArgumentParser, text: str | None) -> list[str] | None:
+def parse_allocators(parser: argparse.ArgumentParser, text: str | None, device: str = "cpu") -> list[str] | None:
     if text is None:
         return None
     vals = [t.strip() for t in text.split(",") if t.strip()]
     bad = [v for v in vals if v not in ALLOCATORS]
     if bad or not vals:
         parser.error(f"argument --allocators: unknown {bad or text!r}; choose from {','.join(ALLOCATORS)}")
+    not_here = [v for v in vals if v not in DEVICE_ALLOCATORS[device]]
+    if not_here:
+        parser.error(
+            f"argument --allocators: {','.join(not_here)} changes glibc's malloc, which holds no {device} tensors; "
+            f"on {device} choose from {','.join(DEVICE_ALLOCATORS[device])}"
+        )
     return vals
 
 
@@ -319,11 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_bad_cpu_isa(parser)
-    allocators = parse_allocators(parser, args.allocators)
+    allocators = parse_allocators(parser, args.allocators, args.device)
     for name in ("rounds", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"argument --{name}: must be >= 1")
-    section = run_section(args.quick, allocators, args.rounds, args.threads, not args.no_compile)
+    refusal = device_refusal(args.device)
+    if refusal:
+        cli.fail(parser, f"argument --device: {refusal}")
+    section = run_section(args.quick, allocators, args.rounds, args.threads, not args.no_compile, device=args.device)
     md = render(section)
     sys.stdout.write(md)
     # atomic: an interrupted run never leaves a half-written file in place of an old one

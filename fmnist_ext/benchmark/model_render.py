@@ -1,6 +1,7 @@
-"""Markdown of the whole-model section (model.py): per allocator setting, the
-training and eval tables with ratios to stock, issue 10's targets, and the
-profile of the fused step by phase and layer.
+"""Markdown of the whole-model section (model.py): the device it ran on, then
+per allocator setting the training and eval tables with ratios to stock,
+issue 10's targets (CPU targets: judged on the CPU only), and the profile of
+the fused step by phase and layer.
 """
 
 from __future__ import annotations
@@ -52,10 +53,24 @@ def _targets(a: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _device_line(cfg: dict) -> str:
+    device = cfg.get("device", "cpu")  # sections recorded before the device was a setting ran on the CPU
+    if device == "cpu":
+        return "Device: cpu."
+    text = f"Device: {device} ({cfg['gpu']}); every time read after torch.cuda.synchronize(), TF32 off."
+    skipped = ", ".join(f"`{a}`" for a in cfg["allocators_not_for_device"])
+    if skipped:
+        text += f" Allocator setting {skipped} not run: it changes glibc's malloc, which holds no {device} tensors."
+    return text
+
+
 def render(section: dict) -> str:
     cfg = section["config"]
+    on_cpu = cfg.get("device", "cpu") == "cpu"
     lines = [
         "## Whole model (FashionCNN, separate process per implementation)",
+        "",
+        _device_line(cfg),
         "",
         f"Best of {cfg['rounds']} rounds (each round: one process per implementation, order rotated); "
         f"{cfg['threads']} threads; training batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 data "
@@ -101,8 +116,11 @@ def render(section: dict) -> str:
                     cells += [_ms(row["forward"]["median_s"]), _x(row.get("vs_stock"))]
             name = "for_inference()" if impl == "inference" else impl
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| target (issue 10) | measured | met? |", "|---|---:|---|"]
-        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in _targets(a)]
+        if on_cpu:
+            lines += ["", "| target (issue 10) | measured | met? |", "|---|---:|---|"]
+            lines += [f"| {t} | {m} | {ok} |" for t, m, ok in _targets(a)]
+        else:
+            lines += ["", "Issue 10's targets are CPU targets: not judged on this device."]
         prof = a["profile"]
         if prof is None:
             lines += ["", "Profile: not run (training step and epoch only)."]
@@ -111,9 +129,10 @@ def render(section: dict) -> str:
         else:
             per = prof["self_cpu_s_per_step"]
             total = sum(per.values())
+            host = "" if on_cpu else "; on the GPU: the host's Python, dispatch and launch time, not the GPU's"
             lines += [
                 "",
-                f"Fused training step by phase and layer (torch.profiler self CPU time per step, "
+                f"Fused training step by phase and layer (torch.profiler self CPU time per step{host}, "
                 f"{prof['steps']} steps; profiled wall time {_ms(prof['wall_per_step_s'])}/step):",
                 "",
                 "| phase \\| layer | ms/step | share |",

@@ -7,6 +7,11 @@ one such process per implementation and round: an allocator that has served
 one model's buffers is in a different state for the next model, so timing
 several models in one process skews whichever comes later.
 
+The spec's "device" (``cpu`` or ``cuda``) is where the model, the data and
+the stock references live; on CUDA every clock reading is preceded by
+torch.cuda.synchronize(), so a time covers the GPU work it launched, and
+TF32 is off (float32 means float32, as in the per-block rows).
+
 Tasks (the spec's "impl" picks the implementation):
 
 * ``train``: training steps of FashionCNN at batch B (zero_grad, forward,
@@ -22,6 +27,8 @@ Tasks (the spec's "impl" picks the implementation):
   the stock eval model).
 * ``profile``: torch.profiler over fused training steps; self CPU time per
   step by phase (zero_grad, forward, loss, backward, optimizer) and layer.
+  CPU activity only, on CUDA too: there it is the host's time (Python,
+  dispatch, kernel launches), not the GPU's, and the report says so.
 
 Before timing, each implementation is checked against the stock model in
 float32 and float64 on the very first batch (loss and every gradient, or the
@@ -53,22 +60,39 @@ def _stats(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
 
 
-def _data(batch: int, steps: int):
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _device(spec: dict) -> torch.device:
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        # float32 means float32: TF32 would not pass the gate against the float64 reference
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
+def _data(batch: int, steps: int, device: torch.device):
+    """Synthetic uint8 images and labels, drawn on the CPU (the same on every device), kept on `device`."""
     gen = torch.Generator().manual_seed(1234)
     images = torch.randint(0, 256, (steps, batch, 1, 28, 28), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (steps, batch), generator=gen)
-    return images, labels
+    return images.to(device), labels.to(device)
 
 
 def _normalise(u8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return u8.to(dtype).div_(255).sub_(FMNIST_MEAN).div_(FMNIST_STD)
 
 
-def _model(kernels: str, dtype=torch.float32):
+def _model(kernels: str, device: torch.device, dtype=torch.float32):
     from ..model import FashionCNN
 
-    torch.manual_seed(0)  # same initial weights for every implementation
-    return FashionCNN(kernels).to(dtype)
+    torch.manual_seed(0)  # same initial weights for every implementation (drawn on the CPU)
+    return FashionCNN(kernels).to(device, dtype)
 
 
 def _gate(got: list[torch.Tensor], names: list[str], stock32: list[torch.Tensor], stock64: list[torch.Tensor]) -> dict:
@@ -96,32 +120,32 @@ def _loss_and_grads(model, x, y) -> list[torch.Tensor]:
     return out
 
 
-def _train_model(impl: str):
+def _train_model(impl: str, device: torch.device):
     """(model to train, the module whose parameters Adam updates, Adam kwargs)."""
     if impl == "compile":
         _cold_compile()
-        base = _model("stock")
+        base = _model("stock", device)
         return torch.compile(base), base, {}
     kernels = "stock" if impl == "stock" else "fused"
-    model = _model(kernels)
+    model = _model(kernels, device)
     adam = {"fused-adam-foreach": {"foreach": True}, "fused-adam-fused": {"fused": True}}.get(impl, {})
     return model, model, adam
 
 
 def train_task(spec: dict) -> dict:
-    impl, batch = spec["impl"], spec["batch"]
+    impl, batch, device = spec["impl"], spec["batch"], _device(spec)
     steps, warmup, timed = spec["epoch_steps"], spec["warmup_steps"], spec["timed_steps"]
-    images, labels = _data(batch, steps)
+    images, labels = _data(batch, steps, device)
     x0, y0 = _normalise(images[0]), labels[0]
 
-    model, base, adam_kwargs = _train_model(impl)
+    model, base, adam_kwargs = _train_model(impl, device)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     names = ["loss"] + [n for n, _ in base.named_parameters()]
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     got = _loss_and_grads(model, x0, y0)  # also compiles, for impl == compile
-    first_call_s = time.perf_counter() - t0
-    ref32 = _loss_and_grads(_model("stock"), x0, y0)
-    ref64 = _loss_and_grads(_model("stock", torch.float64), x0.double(), y0)
+    first_call_s = _clock(device) - t0
+    ref32 = _loss_and_grads(_model("stock", device), x0, y0)
+    ref64 = _loss_and_grads(_model("stock", device, torch.float64), x0.double(), y0)
     check = _gate(got, names, ref32, ref64)
     result = {"check": check, "first_call_s": first_call_s, "adam": adam_kwargs or "default"}
     if not check["ok"]:
@@ -139,16 +163,16 @@ def train_task(spec: dict) -> dict:
         step(i)
     times = []
     for i in range(timed):
-        t = time.perf_counter()
+        t = _clock(device)
         step(i)
-        times.append(time.perf_counter() - t)
+        times.append(_clock(device) - t)
     result["step"] = _stats(times)
     epochs = []
     for _ in range(spec["epoch_reps"]):
-        t = time.perf_counter()
+        t = _clock(device)
         for i in range(steps):
             step(i)
-        epochs.append(time.perf_counter() - t)
+        epochs.append(_clock(device) - t)
     result["epoch"] = _stats(epochs)
     return result
 
@@ -158,9 +182,9 @@ def train_task(spec: dict) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def _eval_model(kernels: str, dtype=torch.float32):
-    """A model with non-trivial BatchNorm statistics, in eval mode."""
-    m = _model(kernels, dtype)
+def _eval_model(kernels: str, device: torch.device, dtype=torch.float32):
+    """A model with non-trivial BatchNorm statistics, in eval mode, on `device`."""
+    m = _model(kernels, torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for bn in (m.bn1, m.bn2):
@@ -170,45 +194,46 @@ def _eval_model(kernels: str, dtype=torch.float32):
             bn.running_var.copy_(r[1] + 0.5)
             bn.weight.copy_(r[2] + 0.5)
             bn.bias.copy_(r[3] * 0.2 - 0.1)
-    return m.eval()
+    return m.to(device).eval()
 
 
-def _infer_model(impl: str):
+def _infer_model(impl: str, device: torch.device):
     if impl == "inference":
-        return _eval_model("fused").for_inference()
+        # on CUDA, whatever for_inference() does there (the folded model, op by op)
+        return _eval_model("fused", device).for_inference()
     if impl == "compile":
         _cold_compile()
-        return torch.compile(_eval_model("stock"))
-    return _eval_model(impl)
+        return torch.compile(_eval_model("stock", device))
+    return _eval_model(impl, device)
 
 
 def _time_calls(fn, x, min_time: float, blocks: int) -> list[float]:
     """Per-call times: `blocks` blocks of k calls each (k sized so a block lasts ~min_time / blocks)."""
-    t = time.perf_counter()
+    t = _clock(x.device)
     fn(x)
-    one = max(time.perf_counter() - t, 1e-7)
+    one = max(_clock(x.device) - t, 1e-7)
     k = max(1, int(min_time / blocks / one))
     out = []
     for _ in range(blocks):
-        t = time.perf_counter()
+        t = _clock(x.device)
         for _ in range(k):
             fn(x)
-        out.append((time.perf_counter() - t) / k)
+        out.append((_clock(x.device) - t) / k)
     return out
 
 
 def infer_task(spec: dict) -> dict:
-    impl = spec["impl"]
-    model = _infer_model(impl)
-    ref32, ref64 = _eval_model("stock"), _eval_model("stock", torch.float64)
+    impl, device = spec["impl"], _device(spec)
+    model = _infer_model(impl, device)
+    ref32, ref64 = _eval_model("stock", device), _eval_model("stock", device, torch.float64)
     result: dict = {"batches": {}}
     gen = torch.Generator().manual_seed(99)
     with torch.no_grad():
         for batch in spec["batches"]:
-            x = _normalise(torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=gen))
-            t0 = time.perf_counter()
+            x = _normalise(torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device))
+            t0 = _clock(device)
             got = model(x)  # compiles for this shape, for impl == compile
-            first_call_s = time.perf_counter() - t0
+            first_call_s = _clock(device) - t0
             check = _gate([got], ["logits"], [ref32(x)], [ref64(x.double())])
             row: dict = {"check": check, "first_call_s": first_call_s}
             if check["ok"]:
@@ -280,9 +305,9 @@ def _charge(ev) -> str:
 def profile_task(spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    batch, steps = spec["batch"], spec["profile_steps"]
-    images, labels = _data(batch, 4)
-    model = _model("fused")
+    batch, steps, device = spec["batch"], spec["profile_steps"], _device(spec)
+    images, labels = _data(batch, 4, device)
+    model = _model("fused", device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 
     def step(i: int):
@@ -301,11 +326,11 @@ def profile_task(spec: dict) -> dict:
 
     for i in range(3):
         step(i)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             step(i)
-    wall = (time.perf_counter() - t0) / steps
+    wall = (_clock(device) - t0) / steps
     per: dict[str, float] = defaultdict(float)
     for ev in prof.events():
         if ev.name.startswith("phase:"):
@@ -315,7 +340,12 @@ def profile_task(spec: dict) -> dict:
             )
             continue
         per[_charge(ev)] += ev.self_cpu_time_total / 1e6 / steps
-    return {"steps": steps, "wall_per_step_s": wall, "self_cpu_s_per_step": dict(sorted(per.items()))}
+    return {
+        "steps": steps,
+        "device": device.type,
+        "wall_per_step_s": wall,
+        "self_cpu_s_per_step": dict(sorted(per.items())),
+    }
 
 
 TASKS = {"train": train_task, "infer": infer_task, "profile": profile_task}
@@ -332,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     result["spec"] = spec
     import fmnist_ext
 
-    result["fused_compiled"] = fmnist_ext.uses_compiled_kernels("cpu")
+    result["fused_compiled"] = fmnist_ext.uses_compiled_kernels(spec["device"])
     print(json.dumps(result, allow_nan=False))
     return 0
 
