@@ -11,7 +11,7 @@ TARGETS = {
     "train_step": 7.0,  # fused training step at batch 1000
     "infer_1": 8.0,  # for_inference() at batch 1
     "infer_1000": 12.0,  # for_inference() at batch 1000
-    "epoch_s": 0.5,  # seconds per 60-step epoch (the CLI's seed recipe; here synthetic data)
+    "epoch_s": 0.5,  # seconds per 60-step epoch (the CLI's baseline recipe; here synthetic data)
 }
 
 
