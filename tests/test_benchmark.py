@@ -1,4 +1,6 @@
 """Smoke tests of the benchmark script (python/benchmark.py, fmnist_ext.benchmark).
+One file for the one command: its flags, outputs, refusals and gate (over
+400 lines for that reason; the whole-model section is test_bench_model.py).
 
 They check that a --quick run produces the markdown, JSON and PNG with the
 documented structure, and that the correctness gate refuses an implementation

@@ -1,5 +1,6 @@
 """What only CUDA has: registration and build checks, the execution harness,
-and the GPU checks with no CPU analogue.
+and the GPU checks with no CPU analogue. (Over 400 lines because the
+harness test builds and checks its whole case grid in one place.)
 
 Every behaviour the CPU and CUDA kernels share (forward and gradients against
 stock, layouts, gradcheck, opcheck, torch.compile, autodiff modes, autocast,

@@ -1,4 +1,6 @@
-"""IDX reading and checking, the lookup order, the atomic download, the real files."""
+"""IDX reading and checking, the lookup order, the atomic download, the real
+files: the data layer (data.py, idxfiles.py, download.py) in one file,
+slightly over 400 lines, since its tests share the synthetic-file fixtures."""
 
 from __future__ import annotations
 
