@@ -146,9 +146,7 @@ def _on(devices, cases):
     return [pytest.param(d.values[0], *c[1:], marks=d.marks, id=f"{d.id}-{c[0]}") for d in devices for c in cases]
 
 
-@pytest.mark.parametrize(
-    "device,make,exc,fragment", _on(cpu_and_cuda(), BACKWARD + BACKWARD_OTHER_DEVICE)
-)
+@pytest.mark.parametrize("device,make,exc,fragment", _on(cpu_and_cuda(), BACKWARD + BACKWARD_OTHER_DEVICE))
 def test_cpp_backward_checks_reject(device, make, exc, fragment):
     x, w, b = ok(device)
     out, idx = torch.ops.fmnist_ext.conv_relu_maxpool2d(x, w, b, [0, 0], 2)

@@ -101,13 +101,17 @@ def check_backward_args(grad_output, input, weight, indices, padding: tuple[int,
     n, cout, ph, pw = check_args(input, weight, None, padding, pool)
     op = "_conv_relu_maxpool2d_backward"
     if tuple(grad_output.shape) != (n, cout, ph, pw):
-        raise ValueError(f"{op}: expected grad_output of shape [{n}, {cout}, {ph}, {pw}], got {list(grad_output.shape)}")
+        raise ValueError(
+            f"{op}: expected grad_output of shape [{n}, {cout}, {ph}, {pw}], got {list(grad_output.shape)}"
+        )
     if indices.shape != grad_output.shape:
         raise ValueError(f"{op}: expected indices of shape {list(grad_output.shape)}, got {list(indices.shape)}")
     if indices.dtype != index_dtype(pool):
         raise TypeError(f"{op}: expected indices of dtype {index_dtype(pool)}, got {indices.dtype}")
     if grad_output.dtype != input.dtype:
-        raise TypeError(f"{op}: expected grad_output to have the dtype of input ({input.dtype}), got {grad_output.dtype}")
+        raise TypeError(
+            f"{op}: expected grad_output to have the dtype of input ({input.dtype}), got {grad_output.dtype}"
+        )
     if grad_output.device != input.device or indices.device != input.device:
         raise ValueError(
             f"{op}: expected grad_output and indices on the device of input ({input.device}), "
