@@ -191,11 +191,8 @@ void run_case(const std::string& base, std::map<std::string, std::vector<std::st
   const int pad_h = std::stoi(m.at("pad").at(0)), pad_w = std::stoi(m.at("pad").at(1));
   const HostTensor x = read_tensor(base + ".x");
   const HostTensor w = read_tensor(base + ".w");
-  const int64_t oh = conv_out_size(x.sizes[2], w.sizes[2], pad_h);
-  const int64_t ow = conv_out_size(x.sizes[3], w.sizes[3], pad_w);
-  const Geom g = make_geom(x.sizes[0], x.sizes[1], x.sizes[2], x.sizes[3], w.sizes[0], w.sizes[2],
-                           w.sizes[3], pad_h, pad_w, pool, pool_out_size(oh, pool),
-                           pool_out_size(ow, pool));
+  const ConvPoolGeometry g = make_geometry(x.sizes[0], x.sizes[1], x.sizes[2], x.sizes[3],
+                                           w.sizes[0], w.sizes[2], w.sizes[3], pad_h, pad_w, pool);
   if (m.at("op").at(0) == "fwd") {
     HostTensor b;
     const bool has_b = m.count("bias") && m["bias"].at(0) == "1";
