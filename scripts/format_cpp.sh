@@ -54,14 +54,23 @@ fi
 
 style="--style=file:$PWD/.clang-format"
 if [ "$mode" = format ]; then
-  "$cf" "$style" -i "${files[@]}"
+  if ! "$cf" "$style" -i "${files[@]}"; then
+    echo "format_cpp.sh: $cf failed" >&2
+    exit 2
+  fi
   echo "formatted ${#files[@]} files"
   exit 0
 fi
 
+tmp="$(mktemp)"
+trap 'rm -f "$tmp"' EXIT
 bad=()
 for f in "${files[@]}"; do
-  if ! "$cf" "$style" "$f" | cmp -s - "$f"; then bad+=("$f"); fi
+  if ! "$cf" "$style" "$f" >"$tmp"; then
+    echo "format_cpp.sh: $cf failed on $f" >&2
+    exit 2
+  fi
+  if ! cmp -s "$tmp" "$f"; then bad+=("$f"); fi
 done
 if [ "${#bad[@]}" -gt 0 ]; then
   echo "format_cpp.sh: ${#bad[@]} file(s) differ from .clang-format (run scripts/format_cpp.sh):" >&2
