@@ -8,8 +8,9 @@
 #
 # Needs clang-format 19.1.7 (`pip install clang-format==19.1.7`): other
 # versions format some constructs differently, so the version is pinned and
-# checked. It is looked up as $CLANG_FORMAT, then the active or the
-# repository's .venv, then PATH. Exit 2 when it is missing or another version.
+# checked. It is looked up as $CLANG_FORMAT, then in the active venv, then in
+# $FMNIST_VENV (default .venv, as scripts/test.sh), then on PATH. Exit 2 when
+# it is missing, another version, or fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ mode=format
 case "${1:-}" in
   "") ;;
   --check) mode=check ;;
-  -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "format_cpp.sh: unknown argument '$1' (expected --check or nothing)" >&2; exit 2 ;;
 esac
 if [ $# -gt 1 ]; then
@@ -28,7 +29,7 @@ fi
 
 cf="${CLANG_FORMAT:-}"
 if [ -z "$cf" ]; then
-  for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/clang-format}" .venv/bin/clang-format \
+  for cand in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/clang-format}" "${FMNIST_VENV:-.venv}/bin/clang-format" \
               "$(command -v clang-format || true)"; do
     if [ -n "$cand" ] && [ -x "$cand" ]; then cf="$cand"; break; fi
   done
