@@ -35,9 +35,9 @@ using ConvPoolGeometry = ConvPoolGeometryOf<int64_t>;
 // The geometry of input [n, cin, h, w] and weight [cout, cin, kh, kw] with
 // the given padding and pool window; the output sizes follow index_math.h.
 // No checks: the caller has validated the sizes (checks.h) or built them.
-FMNIST_HD ConvPoolGeometry make_geometry(int64_t n, int64_t cin, int64_t h, int64_t w,
-                                         int64_t cout, int64_t kh, int64_t kw, int64_t pad_h,
-                                         int64_t pad_w, int64_t pool) {
+FMNIST_HD ConvPoolGeometry make_geometry(int64_t n, int64_t cin, int64_t h, int64_t w, int64_t cout,
+                                         int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                                         int64_t pool) {
   ConvPoolGeometry g;
   g.n = n;
   g.cin = cin;

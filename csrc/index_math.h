@@ -26,14 +26,10 @@ FMNIST_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t pad) {
 }
 
 // Output size of max pooling with window k and stride k (floor mode).
-FMNIST_HD int64_t pool_out_size(int64_t conv_out, int64_t k) {
-  return conv_out / k;
-}
+FMNIST_HD int64_t pool_out_size(int64_t conv_out, int64_t k) { return conv_out / k; }
 
 // The saved-index value meaning "this window passes no gradient".
-FMNIST_HD int32_t no_grad_index(int64_t pool) {
-  return static_cast<int32_t>(pool * pool);
-}
+FMNIST_HD int32_t no_grad_index(int64_t pool) { return static_cast<int32_t>(pool * pool); }
 
 // True when a saved index names a position inside the pool window (0 ..
 // pool*pool - 1). The no-gradient marker and anything else (an indices tensor

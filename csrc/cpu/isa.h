@@ -16,31 +16,33 @@ namespace cpu {
 template <typename T, typename I>
 struct ForwardArgs {
   ConvPoolGeometry g;
-  const T* input;     // strided: any layout
+  const T* input;            // strided: any layout
   int64_t input_strides[4];  // of input (N, C, H, W), in elements
-  const T* weight;    // [cout, cin, kh, kw] contiguous
-  const T* bias;      // [cout] or nullptr
-  T* out;             // [N, cout, ph, pw] contiguous
-  I* indices;         // [N, cout, ph, pw] contiguous
+  const T* weight;           // [cout, cin, kh, kw] contiguous
+  const T* bias;             // [cout] or nullptr
+  T* out;                    // [N, cout, ph, pw] contiguous
+  I* indices;                // [N, cout, ph, pw] contiguous
 };
 
 template <typename T, typename I>
 struct BackwardArgs {
   ConvPoolGeometry g;
-  const T* input;        // strided: any layout
+  const T* input;            // strided: any layout
   int64_t input_strides[4];  // of input (N, C, H, W), in elements
-  const T* weight;       // [cout, cin, kh, kw] contiguous
-  const T* grad_out;     // [N, cout, ph, pw] contiguous
-  const I* indices;      // [N, cout, ph, pw] contiguous
-  T* grad_input;         // [N, cin, h, w] contiguous, or nullptr
+  const T* weight;           // [cout, cin, kh, kw] contiguous
+  const T* grad_out;         // [N, cout, ph, pw] contiguous
+  const I* indices;          // [N, cout, ph, pw] contiguous
+  T* grad_input;             // [N, cin, h, w] contiguous, or nullptr
   // Per-worker partial sums, each owned by one worker at a time:
-  T* grad_weight_part;   // [cout, cin, kh, padded_kw(kw)]  (nullptr: not needed)
-  T* grad_bias_part;     // [cout]               (nullptr: not needed)
+  T* grad_weight_part;  // [cout, cin, kh, padded_kw(kw)]  (nullptr: not needed)
+  T* grad_bias_part;    // [cout]               (nullptr: not needed)
 };
 
 // The kernels work on 32-byte vectors (8 floats / 4 doubles) in every build.
 template <typename T>
-static constexpr int64_t vector_lanes() { return 32 / sizeof(T); }
+static constexpr int64_t vector_lanes() {
+  return 32 / sizeof(T);
+}
 
 // Filter rows of the grad_weight partial sums are padded to whole vectors, so
 // the kernels add whole vectors (no partly overlapping stores).

@@ -66,13 +66,16 @@ constexpr int kNv = FMNIST_NV;    // max 32-byte column vectors per row kernel
 // 32-byte SIMD vectors through the GCC/Clang vector extension: the compiler
 // emits AVX/AVX-512VL instructions where this file is compiled for them and
 // pairs of SSE2 instructions otherwise.
-template <typename T> struct Simd;
-template <> struct Simd<float> {
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
   typedef float V __attribute__((vector_size(32)));
   typedef int32_t M __attribute__((vector_size(32)));
   typedef int32_t MElem;
 };
-template <> struct Simd<double> {
+template <>
+struct Simd<double> {
   typedef double V __attribute__((vector_size(32)));
   typedef int64_t M __attribute__((vector_size(32)));
   typedef int64_t MElem;
@@ -117,8 +120,8 @@ struct Scratch {
 // for r < hp, c < ws (zero outside the image); `strides` are input's (N, C,
 // H, W) strides.
 template <typename T>
-void load_padded_image(const ConvPoolGeometry& g, const T* input, const int64_t* strides,
-                       int64_t n, T* xp, int64_t hp, int64_t ws) {
+void load_padded_image(const ConvPoolGeometry& g, const T* input, const int64_t* strides, int64_t n,
+                       T* xp, int64_t hp, int64_t ws) {
   std::memset(xp, 0, sizeof(T) * static_cast<size_t>(g.cin * hp * ws));
   const int64_t sn = strides[0], sc = strides[1];
   const int64_t sh = strides[2], sw = strides[3];
@@ -143,9 +146,9 @@ void load_padded_image(const ConvPoolGeometry& g, const T* input, const int64_t*
 // All kCob*NR*NV accumulators live in registers; per filter tap the tile
 // costs NR*NV input loads and kCob broadcasts for kCob*NR*NV FMAs.
 template <typename T, int NR, int NV, int KW>
-inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
-                      int64_t kh, int64_t kw_rt, const T* wt, const T* bt, T* dst,
-                      int64_t dst_rstride, int64_t dst_cstride) {
+inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin, int64_t kh,
+                      int64_t kw_rt, const T* wt, const T* bt, T* dst, int64_t dst_rstride,
+                      int64_t dst_cstride) {
   const int64_t kw = KW > 0 ? KW : kw_rt;  // compile-time width unrolls the taps
   using V = typename Simd<T>::V;
   constexpr int64_t L = vector_lanes<T>();
@@ -199,15 +202,15 @@ inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
 // dst[c][r][...]: narrow rows (one vector) are computed two rows per tile,
 // wide rows in tiles of up to kNv vectors.
 template <typename T, int KW>
-void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
-                  int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
-                  const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws, int64_t plane,
+                  int64_t cin, int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst, int64_t rs,
+                  int64_t dst_cstride) {
   constexpr int64_t L = vector_lanes<T>();
   int64_t r = 0;
   if (nvec == 1) {
     for (; r + 2 <= nrows; r += 2) {
-      conv_tile<T, 2, 1, KW>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt,
-                         dst + r * rs, rs, dst_cstride);
+      conv_tile<T, 2, 1, KW>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt, dst + r * rs, rs,
+                             dst_cstride);
     }
   }
   for (; r < nrows; ++r) {
@@ -215,27 +218,31 @@ void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t 
     T* d = dst + r * rs;
     int64_t v0 = 0;
     for (; v0 + kNv <= nvec; v0 += kNv) {
-      conv_tile<T, 1, kNv, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, kNv, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                               dst_cstride);
     }
     const int64_t rest = nvec - v0;
     if (rest >= 2 && kNv > 2) {
-      conv_tile<T, 1, 2, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 2, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
       v0 += 2;
     } else if (rest >= 1) {
-      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
       v0 += 1;
     }
     if (v0 < nvec) {
-      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
     }
   }
 }
 
 // Filter widths of 3 and 5 (the common ones) get fully unrolled tap loops.
 template <typename T>
-void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
-               int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
-               const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws, int64_t plane,
+               int64_t cin, int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst, int64_t rs,
+               int64_t dst_cstride) {
   if (kw == 5) {
     conv_rows_kw<T, 5>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs, dst_cstride);
   } else if (kw == 3) {
@@ -294,8 +301,8 @@ inline void pool_rows_2(const T* src, int64_t rs, int64_t pw, T* out, I* idx) {
 // scan rule of index_math.h; the loops over q are branch-free so the
 // compiler can vectorize them.
 template <typename T, typename I>
-inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
-                      T* best, int32_t* best_j, T* out, I* idx) {
+inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw, T* best, int32_t* best_j,
+                      T* out, I* idx) {
   const T neg_inf = -static_cast<T>(__builtin_huge_val());
   for (int64_t q = 0; q < pw; ++q) {
     best[q] = neg_inf;
@@ -323,8 +330,8 @@ inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
 // g * the input segment at the winner. Four independent sums hide the FMA
 // latency.
 template <typename T>
-inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs,
-                            const T* gvals, int64_t m, T* gw) {
+inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs, const T* gvals,
+                            int64_t m, T* gw) {
   using V = typename Simd<T>::V;
   constexpr int64_t L = vector_lanes<T>();
   for (int64_t q = 0; q < nq; ++q) {
@@ -364,9 +371,8 @@ inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t*
 }
 
 template <typename T>
-inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh,
-                                  const int64_t* offs, const T* gvals, int64_t m,
-                                  T* gw, int64_t kwp) {
+inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const int64_t* offs,
+                                  const T* gvals, int64_t m, T* gw, int64_t kwp) {
   switch (kh) {
     case 1: return weight_grad_rows_tile_kh<T, 1>(xplane, ws, offs, gvals, m, gw, kwp);
     case 2: return weight_grad_rows_tile_kh<T, 2>(xplane, ws, offs, gvals, m, gw, kwp);
@@ -378,7 +384,8 @@ inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh,
     case 8: return weight_grad_rows_tile_kh<T, 8>(xplane, ws, offs, gvals, m, gw, kwp);
     default: break;
   }
-  for (int64_t i = 0; i < kh; ++i) weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
+  for (int64_t i = 0; i < kh; ++i)
+    weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
 }
 
 }  // namespace
@@ -431,16 +438,15 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
       const T* bcb = bt + cb * kCob;
       const int64_t cvalid = imin(kCob, g.cout - cb * kCob);
       for (int64_t ph = 0; ph < g.ph; ++ph) {
-        conv_rows(xp, ph * pool, pool, nvec, ws, plane, g.cin, g.kh, g.kw, wcb, bcb,
-                  rows, rs, pool * rs);
+        conv_rows(xp, ph * pool, pool, nvec, ws, plane, g.cin, g.kh, g.kw, wcb, bcb, rows, rs,
+                  pool * rs);
         // ReLU + max-pool the `pool` rows of each channel of the block.
         for (int64_t c = 0; c < cvalid; ++c) {
           const int64_t o = ((n * g.cout + cb * kCob + c) * g.ph + ph) * g.pw;
           if (pool == 2) {
             pool_rows_2<T, I>(rows + c * pool * rs, rs, g.pw, a.out + o, a.indices + o);
           } else {
-            pool_rows(rows + c * pool * rs, rs, pool, g.pw, best, best_j, a.out + o,
-                      a.indices + o);
+            pool_rows(rows + c * pool * rs, rs, pool, g.pw, best, best_j, a.out + o, a.indices + o);
           }
         }
       }
@@ -461,7 +467,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t hp = ohu + g.kh - 1;
   const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + nq * L);
   const int64_t plane = hp * ws;
-  const int64_t gws = g.w + 2 * g.pad_w;      // grad_input buffer row length
+  const int64_t gws = g.w + 2 * g.pad_w;    // grad_input buffer row length
   const int64_t cinp = round_up(g.cin, L);  // channels padded to vectors
   const int64_t cells = g.ph * g.pw;
   const int32_t no_grad = no_grad_index(pool);
@@ -483,8 +489,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   T* wt = gxp + gxp_size;
   T* xp = wt + wt_size;
   T* gvals = xp + xp_size;
-  int64_t* offs = offsets.p;          // winner position in xp
-  int64_t* pix = offsets.p + cells;   // winner pixel in gxp
+  int64_t* offs = offsets.p;         // winner position in xp
+  int64_t* pix = offsets.p + cells;  // winner pixel in gxp
   int64_t* win_off = pix + cells;
   int64_t* win_pix = win_off + pool * pool;
 
@@ -587,8 +593,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
 }
 
 // Explicit instantiations: {float, double} x {uint8 indices, int32 indices}.
-#define FMNIST_INSTANTIATE(T, I)                                                      \
-  template void forward_images<T, I>(const ForwardArgs<T, I>&, int64_t, int64_t);  \
+#define FMNIST_INSTANTIATE(T, I)                                                  \
+  template void forward_images<T, I>(const ForwardArgs<T, I>&, int64_t, int64_t); \
   template void backward_images<T, I>(const BackwardArgs<T, I>&, int64_t, int64_t);
 FMNIST_INSTANTIATE(float, uint8_t)
 FMNIST_INSTANTIATE(float, int32_t)

@@ -121,7 +121,9 @@ struct AtenBackend {
   }
   Tensor contiguous(const Tensor& t) const { return t.contiguous(); }
   template <typename E>
-  E* ptr(const Tensor& t) const { return static_cast<E*>(t.data_ptr()); }
+  E* ptr(const Tensor& t) const {
+    return static_cast<E*>(t.data_ptr());
+  }
   int64_t numel(const Tensor& t) const { return t.numel(); }
   int num_sms() const { return cuda::num_sms(device); }
   void check(bool ok, const char* message) const { TORCH_CHECK(ok, message); }
@@ -154,8 +156,8 @@ AtenBackend backend_for(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
-    const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::IntArrayRef padding, int64_t pool) {
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef padding, int64_t pool) {
   const ConvPoolGeometry g = check_conv_relu_maxpool2d_args(input, weight, bias, padding, pool);
   check_cuda(input, "input", input);
   check_cuda(weight, "weight", input);
@@ -196,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
-      result = backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices,
-                                               output_mask);
+      result =
+          backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices, output_mask);
     });
   });
   return result;

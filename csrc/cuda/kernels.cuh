@@ -132,13 +132,13 @@ FMNIST_HD FwdSmem<E> fwd_smem(const FwdArgs<T, I>& a, E* smem) {
 
 FMNIST_HD size_t fwd_smem_bytes(const KernelGeometry& g, int imgs, int cgp, size_t elem) {
   const size_t taps = static_cast<size_t>(g.cin) * g.kh * g.kw;
-  return elem * (taps * cgp + cgp +
-                 static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g));
+  return elem *
+         (taps * cgp + cgp + static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g));
 }
 
 template <typename T, typename I>
-FMNIST_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem,
-                              int tid, int nthreads) {
+FMNIST_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem, int tid,
+                         int nthreads) {
   const KernelGeometry& g = a.g;
   const int taps = g.cin * g.kh * g.kw;
   const int cg0 = by * a.cgp;
@@ -166,13 +166,17 @@ FMNIST_HD void load_vec(const T* p, T (&v)[N]) {
 #pragma unroll
     for (int k = 0; k < N; k += 4) {
       const float4 f = *reinterpret_cast<const float4*>(p + k);
-      v[k] = f.x; v[k + 1] = f.y; v[k + 2] = f.z; v[k + 3] = f.w;
+      v[k] = f.x;
+      v[k + 1] = f.y;
+      v[k + 2] = f.z;
+      v[k + 3] = f.w;
     }
   } else if constexpr (sizeof(T) == 8 && N % 2 == 0) {
 #pragma unroll
     for (int k = 0; k < N; k += 2) {
       const double2 d = *reinterpret_cast<const double2*>(p + k);
-      v[k] = d.x; v[k + 1] = d.y;
+      v[k] = d.x;
+      v[k + 1] = d.y;
     }
   } else {
 #pragma unroll
@@ -184,8 +188,8 @@ FMNIST_HD void load_vec(const T* p, T (&v)[N]) {
 }
 
 template <typename T, typename acc_t, typename I, int P>
-FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* smem,
-                             int tid, int nthreads) {
+FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* smem, int tid,
+                        int nthreads) {
   const KernelGeometry& g = a.g;
   const int pool = P > 0 ? P : g.pool;
   const int quads = a.cgp / kCob;
@@ -244,7 +248,10 @@ FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* sme
 #pragma unroll
         for (int c = 0; c < kCob; ++c) {
           const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c][k]));
-          if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+          if (pool_takes(v, best[c])) {
+            best[c] = v;
+            best_j[c] = k;
+          }
         }
       }
     } else {
@@ -270,7 +277,10 @@ FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* sme
 #pragma unroll
           for (int c = 0; c < kCob; ++c) {
             const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c]));
-            if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+            if (pool_takes(v, best[c])) {
+              best[c] = v;
+              best_j[c] = k;
+            }
           }
         }
       }
@@ -321,7 +331,10 @@ FMNIST_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
         }
       }
       const acc_t v = static_cast<acc_t>(static_cast<T>(acc));
-      if (pool_takes(v, best)) { best = v; best_j = r * pool + s; }
+      if (pool_takes(v, best)) {
+        best = v;
+        best_j = r * pool + s;
+      }
     }
   }
   a.out[o] = static_cast<T>(pool_output(best));
@@ -384,7 +397,7 @@ FMNIST_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
 
 template <typename T, typename I>
 FMNIST_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, unsigned char* smem,
-                                    int tid, int nthreads) {
+                               int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const int khw = g.kh * g.kw;
   const int cells = g.ph * g.pw;
@@ -414,7 +427,7 @@ FMNIST_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, unsigned
 
 template <typename T, typename acc_t, typename I, int CB>
 FMNIST_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, const unsigned char* smem,
-                                   int tid, int nthreads) {
+                              int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const int khw = g.kh * g.kw;
   const int cells = g.ph * g.pw;
@@ -559,8 +572,8 @@ FMNIST_HD BwdWeightSmem<T, acc_t> bwd_weight_smem(const BwdWeightArgs<T, acc_t, 
   return sm;
 }
 
-FMNIST_HD size_t bwd_weight_smem_bytes(const KernelGeometry& g, int imgs, int slices,
-                                       size_t elem, size_t acc_elem) {
+FMNIST_HD size_t bwd_weight_smem_bytes(const KernelGeometry& g, int imgs, int slices, size_t elem,
+                                       size_t acc_elem) {
   const size_t cells = static_cast<size_t>(g.ph) * g.pw;
   return acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g) +
          elem * (static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g) +
@@ -569,15 +582,15 @@ FMNIST_HD size_t bwd_weight_smem_bytes(const KernelGeometry& g, int imgs, int sl
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
-                               int tid, int nthreads) {
+FMNIST_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, int tid,
+                               int nthreads) {
   const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) sm.slice_sum[e] = acc_t(0);
 }
 
 template <typename T, typename acc_t, typename I>
 FMNIST_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk,
-                                     unsigned char* smem, int tid, int nthreads) {
+                                unsigned char* smem, int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int64_t n0 = chunk * a.imgs;
@@ -608,7 +621,7 @@ FMNIST_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chu
 
 template <typename T, typename acc_t, typename I>
 FMNIST_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
-                                          int tid, int nthreads) {
+                                     int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int khw = g.kh * g.kw;
@@ -646,7 +659,7 @@ FMNIST_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsign
 // The block's row of partials: its slices added up in slice order.
 template <typename T, typename acc_t, typename I>
 FMNIST_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_t bx,
-                                     unsigned char* smem, int tid, int nthreads) {
+                                unsigned char* smem, int tid, int nthreads) {
   const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int ne = bwd_weight_elems(a.g);
   acc_t* row = a.partials + bx * ne;
@@ -682,7 +695,10 @@ FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64
       const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
       if (!winner_in_window(jw, no_grad_index(g.pool))) continue;
       const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
-      if (!is_w) { acc += gv; continue; }
+      if (!is_w) {
+        acc += gv;
+        continue;
+      }
       const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;
       const int64_t x = winner_col(cell % g.pw, jw, g.pool) + j - g.pad_w;
       if (y < 0 || y >= g.h || x < 0 || x >= g.w) continue;

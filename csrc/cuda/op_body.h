@@ -37,9 +37,11 @@ unsigned grid_x(B& be, int64_t blocks) {
 }
 
 template <typename T, typename acc_t, typename I, typename B>
-std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
-    B& be, const ConvPoolGeometry& geometry, const typename B::Tensor& input,
-    const typename B::Tensor& weight, const typename B::Tensor* bias) {
+std::tuple<typename B::Tensor, typename B::Tensor> forward_op(B& be,
+                                                              const ConvPoolGeometry& geometry,
+                                                              const typename B::Tensor& input,
+                                                              const typename B::Tensor& weight,
+                                                              const typename B::Tensor* bias) {
   using Tensor = typename B::Tensor;
   const KernelGeometry g = kernel_geometry(geometry);
   // Every element of out and indices is written by the kernel.
@@ -61,16 +63,17 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
                         plan.imgs,
                         plan.cgp};
   if (!plan.fast) {
-    be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>, dim3(grid_x(be, plan.blocks)),
-              plan.threads, 0, a, be.numel(out));
+    be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>,
+              dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, be.numel(out));
     return {out, indices};
   }
   be.check(plan.groups <= 65535,
            "conv_relu_maxpool2d: too many output channels for the CUDA kernel grid");
   const dim3 grid(grid_x(be, plan.blocks), static_cast<unsigned>(plan.groups));
   if constexpr (std::is_same_v<I, uint8_t>) {  // pool 2 always has uint8 indices
-    if (g.pool == 2) {  // the window unrolled at compile time
-      be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem, a);
+    if (g.pool == 2) {                         // the window unrolled at compile time
+      be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem,
+                a);
       return {out, indices};
     }
   }

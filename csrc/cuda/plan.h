@@ -98,7 +98,8 @@ inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, in
   p.fast = true;
   const int64_t items_per_img = static_cast<int64_t>(p.cinp / p.cb) * g.h * g.w;
   int64_t imgs = std::max<int64_t>(1, kMaxThreads / std::max<int64_t>(items_per_img, 1));
-  imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / std::max<int64_t>(img_bytes, 1));
+  imgs = std::min<int64_t>(
+      imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / std::max<int64_t>(img_bytes, 1));
   imgs = std::min<int64_t>(imgs, std::max<int64_t>(1, g.n / num_sms));
   imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
   p.imgs = static_cast<int>(imgs);
@@ -124,7 +125,8 @@ inline BwdWeightPlan plan_backward_weight(const KernelGeometry& g, size_t elem, 
       (static_cast<int64_t>(g.cin) * staged_rows(g) * staged_cols(g) + g.cout * cells) * elem +
       g.cout * cells * static_cast<int64_t>(sizeof(int32_t));
   const int64_t max_slices = std::max<int64_t>(1, kMaxThreads / ne);
-  if (!small_geometry(g) || ne * static_cast<int64_t>(acc_elem) > static_cast<int64_t>(kSmemBudget / 2) ||
+  if (!small_geometry(g) ||
+      ne * static_cast<int64_t>(acc_elem) > static_cast<int64_t>(kSmemBudget / 2) ||
       img_bytes > static_cast<int64_t>(kSmemBudget) - ne * static_cast<int64_t>(acc_elem)) {
     p.fast = false;
     // Slices of the batch so that about 4 waves of threads run.
@@ -138,11 +140,16 @@ inline BwdWeightPlan plan_backward_weight(const KernelGeometry& g, size_t elem, 
   const int64_t want_blocks = 2 * int64_t(num_sms);
   int64_t fit = 1;
   for (int64_t s = max_slices; s >= 1; --s) {
-    const int64_t room = static_cast<int64_t>(kSmemBudget) - s * ne * static_cast<int64_t>(acc_elem);
+    const int64_t room =
+        static_cast<int64_t>(kSmemBudget) - s * ne * static_cast<int64_t>(acc_elem);
     fit = room / img_bytes;
-    if (fit >= 1) { p.slices = static_cast<int>(s); break; }
+    if (fit >= 1) {
+      p.slices = static_cast<int>(s);
+      break;
+    }
   }
-  int64_t imgs = std::min<int64_t>({fit, int64_t(32), std::max<int64_t>(1, ceil_div(g.n, want_blocks))});
+  int64_t imgs =
+      std::min<int64_t>({fit, int64_t(32), std::max<int64_t>(1, ceil_div(g.n, want_blocks))});
   imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
   p.imgs = static_cast<int>(imgs);
   p.slices = static_cast<int>(std::min<int64_t>(p.slices, imgs));
