@@ -70,8 +70,10 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(B& be,
   be.check(plan.groups <= 65535,
            "conv_relu_maxpool2d: too many output channels for the CUDA kernel grid");
   const dim3 grid(grid_x(be, plan.blocks), static_cast<unsigned>(plan.groups));
-  if constexpr (std::is_same_v<I, uint8_t>) {  // pool 2 always has uint8 indices
-    if (g.pool == 2) {                         // the window unrolled at compile time
+  // Pool 2 (whose indices are always uint8) runs the kernel with the window
+  // unrolled at compile time.
+  if constexpr (std::is_same_v<I, uint8_t>) {
+    if (g.pool == 2) {
       be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem,
                 a);
       return {out, indices};
