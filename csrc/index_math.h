@@ -1,8 +1,8 @@
 // Index math shared by the CPU and CUDA kernels of conv_relu_maxpool2d.
 //
-// Everything here is a __host__ __device__ inline function of plain integers,
-// so the CPU build (and therefore the CPU test suite) exercises exactly the
-// code the CUDA kernels use.
+// Everything here is a __host__ __device__ inline function (FMNIST_HD, see
+// host_device.h) of plain integers, so the CPU build (and therefore the CPU
+// test suite) exercises exactly the code the CUDA kernels use.
 //
 // Conventions (the same as the stock conv2d -> relu -> max_pool2d sequence):
 //   conv output size  O = (n + 2p - f) / 1 + 1          (stride 1, dilation 1)
@@ -16,15 +16,7 @@
 
 #include <cstdint>
 
-// `static` gives every function internal linkage: the CPU kernels are compiled
-// several times with different instruction-set flags (see cpu/isa_*.cpp), and
-// a shared inline definition could otherwise be merged across them by the
-// linker and run AVX-512 code on a CPU without it.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FMNIST_HD static __host__ __device__ __forceinline__
-#else
-#define FMNIST_HD static inline
-#endif
+#include "host_device.h"
 
 namespace fmnist_ext {
 
@@ -34,14 +26,10 @@ FMNIST_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t pad) {
 }
 
 // Output size of max pooling with window k and stride k (floor mode).
-FMNIST_HD int64_t pool_out_size(int64_t conv_out, int64_t k) {
-  return conv_out / k;
-}
+FMNIST_HD int64_t pool_out_size(int64_t conv_out, int64_t k) { return conv_out / k; }
 
 // The saved-index value meaning "this window passes no gradient".
-FMNIST_HD int32_t no_grad_index(int64_t pool) {
-  return static_cast<int32_t>(pool * pool);
-}
+FMNIST_HD int32_t no_grad_index(int64_t pool) { return static_cast<int32_t>(pool * pool); }
 
 // True when a saved index names a position inside the pool window (0 ..
 // pool*pool - 1). The no-gradient marker and anything else (an indices tensor
@@ -72,10 +60,6 @@ FMNIST_HD bool pool_takes(T v, T best) {
   return (v > best) | (v != v);
 }
 
-// ReLU applied after the scan gives exactly relu-then-pool: when the maximum
-// is > 0 or NaN the ReLU changed nothing the scan compared; when it is <= 0
-// the output is 0 and relu's backward passes no gradient (NaN <= 0 is false,
-// so a NaN maximum passes its gradient, like stock).
 // The pool cells whose convolution rows (or columns) can read padded input
 // row (or column) `yp` through a filter of size `k`: the convolution rows
 // yp - k + 1 .. yp lie in cells first_cell_reaching .. last_cell_reaching
@@ -89,6 +73,10 @@ FMNIST_HD int32_t last_cell_reaching(int64_t yp, int64_t pool) {
   return static_cast<int32_t>(yp / pool);
 }
 
+// ReLU applied after the scan gives exactly relu-then-pool: when the maximum
+// is > 0 or NaN the ReLU changed nothing the scan compared; when it is <= 0
+// the output is 0 and relu's backward passes no gradient (NaN <= 0 is false,
+// so a NaN maximum passes its gradient, like stock).
 template <typename T>
 FMNIST_HD bool pool_passes_gradient(T best) {
   return !(best <= T(0));

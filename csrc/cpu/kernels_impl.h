@@ -47,6 +47,7 @@
 #include <cstring>
 #include <new>
 
+#include "../host_device.h"
 #include "../index_math.h"
 #include "isa.h"
 
@@ -65,20 +66,20 @@ constexpr int kNv = FMNIST_NV;    // max 32-byte column vectors per row kernel
 // 32-byte SIMD vectors through the GCC/Clang vector extension: the compiler
 // emits AVX/AVX-512VL instructions where this file is compiled for them and
 // pairs of SSE2 instructions otherwise.
-template <typename T> struct Simd;
-template <> struct Simd<float> {
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
   typedef float V __attribute__((vector_size(32)));
   typedef int32_t M __attribute__((vector_size(32)));
   typedef int32_t MElem;
 };
-template <> struct Simd<double> {
+template <>
+struct Simd<double> {
   typedef double V __attribute__((vector_size(32)));
   typedef int64_t M __attribute__((vector_size(32)));
   typedef int64_t MElem;
 };
-
-template <typename T>
-constexpr int64_t lanes() { return 32 / sizeof(T); }
 
 template <typename V, typename T>
 inline V loadu(const T* p) {
@@ -92,16 +93,12 @@ inline void storeu(T* p, V v) {
 }
 template <typename V, typename T>
 inline V splat(T s) {
-  if constexpr (lanes<T>() == 8) {
+  if constexpr (vector_lanes<T>() == 8) {
     return V{s, s, s, s, s, s, s, s};
   } else {
     return V{s, s, s, s};
   }
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Scratch memory for one call, released on scope exit. The sizes are small
 // (a few images' worth), so one allocation per call is enough.
@@ -110,7 +107,7 @@ struct Scratch {
   T* p = nullptr;
   explicit Scratch(int64_t n) {
     // 64-byte aligned, so vectors at multiples of 32 bytes never split a cache line.
-    const size_t bytes = (sizeof(T) * static_cast<size_t>(imax(n, 1)) + 64 + 63) / 64 * 64;
+    const size_t bytes = round_up(sizeof(T) * static_cast<size_t>(imax(n, 1)) + 64, size_t{64});
     p = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (!p) throw std::bad_alloc();
   }
@@ -120,13 +117,14 @@ struct Scratch {
 };
 
 // Zero-padded copy of image n: xp[ci][r][c] = input[n][ci][r - pad_h][c - pad_w]
-// for r < hp, c < ws (zero outside the image).
+// for r < hp, c < ws (zero outside the image); `strides` are input's (N, C,
+// H, W) strides.
 template <typename T>
-void load_padded_image(const Geometry& g, const T* input, int64_t n, T* xp,
-                       int64_t hp, int64_t ws) {
+void load_padded_image(const ConvPoolGeometry& g, const T* input, const int64_t* strides, int64_t n,
+                       T* xp, int64_t hp, int64_t ws) {
   std::memset(xp, 0, sizeof(T) * static_cast<size_t>(g.cin * hp * ws));
-  const int64_t sn = g.in_strides[0], sc = g.in_strides[1];
-  const int64_t sh = g.in_strides[2], sw = g.in_strides[3];
+  const int64_t sn = strides[0], sc = strides[1];
+  const int64_t sh = strides[2], sw = strides[3];
   const int64_t r_end = imin(hp, g.h + g.pad_h);
   for (int64_t ci = 0; ci < g.cin; ++ci) {
     const T* src_c = input + n * sn + ci * sc;
@@ -148,12 +146,12 @@ void load_padded_image(const Geometry& g, const T* input, int64_t n, T* xp,
 // All kCob*NR*NV accumulators live in registers; per filter tap the tile
 // costs NR*NV input loads and kCob broadcasts for kCob*NR*NV FMAs.
 template <typename T, int NR, int NV, int KW>
-inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
-                      int64_t kh, int64_t kw_rt, const T* wt, const T* bt, T* dst,
-                      int64_t dst_rstride, int64_t dst_cstride) {
+inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin, int64_t kh,
+                      int64_t kw_rt, const T* wt, const T* bt, T* dst, int64_t dst_rstride,
+                      int64_t dst_cstride) {
   const int64_t kw = KW > 0 ? KW : kw_rt;  // compile-time width unrolls the taps
   using V = typename Simd<T>::V;
-  constexpr int64_t L = lanes<T>();
+  constexpr int64_t L = vector_lanes<T>();
   V acc[kCob][NR][NV];
 #pragma GCC unroll 16
   for (int c = 0; c < kCob; ++c) {
@@ -204,15 +202,15 @@ inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin,
 // dst[c][r][...]: narrow rows (one vector) are computed two rows per tile,
 // wide rows in tiles of up to kNv vectors.
 template <typename T, int KW>
-void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
-                  int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
-                  const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
-  constexpr int64_t L = lanes<T>();
+void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws, int64_t plane,
+                  int64_t cin, int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst, int64_t rs,
+                  int64_t dst_cstride) {
+  constexpr int64_t L = vector_lanes<T>();
   int64_t r = 0;
   if (nvec == 1) {
     for (; r + 2 <= nrows; r += 2) {
-      conv_tile<T, 2, 1, KW>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt,
-                         dst + r * rs, rs, dst_cstride);
+      conv_tile<T, 2, 1, KW>(xp + (oh + r) * ws, ws, plane, cin, kh, kw, wt, bt, dst + r * rs, rs,
+                             dst_cstride);
     }
   }
   for (; r < nrows; ++r) {
@@ -220,27 +218,31 @@ void conv_rows_kw(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t 
     T* d = dst + r * rs;
     int64_t v0 = 0;
     for (; v0 + kNv <= nvec; v0 += kNv) {
-      conv_tile<T, 1, kNv, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, kNv, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                               dst_cstride);
     }
     const int64_t rest = nvec - v0;
     if (rest >= 2 && kNv > 2) {
-      conv_tile<T, 1, 2, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 2, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
       v0 += 2;
     } else if (rest >= 1) {
-      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
       v0 += 1;
     }
     if (v0 < nvec) {
-      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs, dst_cstride);
+      conv_tile<T, 1, 1, KW>(x + v0 * L, ws, plane, cin, kh, kw, wt, bt, d + v0 * L, rs,
+                             dst_cstride);
     }
   }
 }
 
 // Filter widths of 3 and 5 (the common ones) get fully unrolled tap loops.
 template <typename T>
-void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws,
-               int64_t plane, int64_t cin, int64_t kh, int64_t kw, const T* wt,
-               const T* bt, T* dst, int64_t rs, int64_t dst_cstride) {
+void conv_rows(const T* xp, int64_t oh, int64_t nrows, int64_t nvec, int64_t ws, int64_t plane,
+               int64_t cin, int64_t kh, int64_t kw, const T* wt, const T* bt, T* dst, int64_t rs,
+               int64_t dst_cstride) {
   if (kw == 5) {
     conv_rows_kw<T, 5>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs, dst_cstride);
   } else if (kw == 3) {
@@ -260,7 +262,7 @@ template <typename T, typename I>
 inline void pool_rows_2(const T* src, int64_t rs, int64_t pw, T* out, I* idx) {
   using V = typename Simd<T>::V;
   using M = typename Simd<T>::M;
-  constexpr int64_t L = lanes<T>();
+  constexpr int64_t L = vector_lanes<T>();
   const V zero{};
   const M no_grad = M{} + static_cast<typename Simd<T>::MElem>(no_grad_index(2));
   for (int64_t q0 = 0; q0 < pw; q0 += L) {
@@ -299,8 +301,8 @@ inline void pool_rows_2(const T* src, int64_t rs, int64_t pw, T* out, I* idx) {
 // scan rule of index_math.h; the loops over q are branch-free so the
 // compiler can vectorize them.
 template <typename T, typename I>
-inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
-                      T* best, int32_t* best_j, T* out, I* idx) {
+inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw, T* best, int32_t* best_j,
+                      T* out, I* idx) {
   const T neg_inf = -static_cast<T>(__builtin_huge_val());
   for (int64_t q = 0; q < pw; ++q) {
     best[q] = neg_inf;
@@ -328,10 +330,10 @@ inline void pool_rows(const T* src, int64_t rs, int64_t pool, int64_t pw,
 // g * the input segment at the winner. Four independent sums hide the FMA
 // latency.
 template <typename T>
-inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs,
-                            const T* gvals, int64_t m, T* gw) {
+inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs, const T* gvals,
+                            int64_t m, T* gw) {
   using V = typename Simd<T>::V;
-  constexpr int64_t L = lanes<T>();
+  constexpr int64_t L = vector_lanes<T>();
   for (int64_t q = 0; q < nq; ++q) {
     const T* xq = xrow + q * L;
     V acc0{}, acc1{}, acc2{}, acc3{};
@@ -369,26 +371,29 @@ inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t*
 }
 
 template <typename T>
-inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh,
-                                  const int64_t* offs, const T* gvals, int64_t m,
-                                  T* gw, int64_t kwp) {
+inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const int64_t* offs,
+                                  const T* gvals, int64_t m, T* gw, int64_t kwp) {
   switch (kh) {
-#define FMNIST_KH_CASE(K) \
-    case K: return weight_grad_rows_tile_kh<T, K>(xplane, ws, offs, gvals, m, gw, kwp);
-    FMNIST_KH_CASE(1) FMNIST_KH_CASE(2) FMNIST_KH_CASE(3) FMNIST_KH_CASE(4)
-    FMNIST_KH_CASE(5) FMNIST_KH_CASE(6) FMNIST_KH_CASE(7) FMNIST_KH_CASE(8)
-#undef FMNIST_KH_CASE
+    case 1: return weight_grad_rows_tile_kh<T, 1>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 2: return weight_grad_rows_tile_kh<T, 2>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 3: return weight_grad_rows_tile_kh<T, 3>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 4: return weight_grad_rows_tile_kh<T, 4>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 5: return weight_grad_rows_tile_kh<T, 5>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 6: return weight_grad_rows_tile_kh<T, 6>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 7: return weight_grad_rows_tile_kh<T, 7>(xplane, ws, offs, gvals, m, gw, kwp);
+    case 8: return weight_grad_rows_tile_kh<T, 8>(xplane, ws, offs, gvals, m, gw, kwp);
     default: break;
   }
-  for (int64_t i = 0; i < kh; ++i) weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
+  for (int64_t i = 0; i < kh; ++i)
+    weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
 }
 
 }  // namespace
 
 template <typename T, typename I>
 void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
-  const Geometry& g = a.g;
-  constexpr int64_t L = lanes<T>();
+  const ConvPoolGeometry& g = a.g;
+  constexpr int64_t L = vector_lanes<T>();
   const int64_t pool = g.pool;
   const int64_t owu = g.pw * pool;  // convolution columns that reach the pool
   const int64_t ohu = g.ph * pool;  // convolution rows that reach the pool
@@ -427,22 +432,21 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   }
 
   for (int64_t n = n0; n < n1; ++n) {
-    load_padded_image(g, a.input, n, xp, hp, ws);
+    load_padded_image(g, a.input, a.input_strides, n, xp, hp, ws);
     for (int64_t cb = 0; cb < ncb; ++cb) {
       const T* wcb = wt + cb * taps * kCob;
       const T* bcb = bt + cb * kCob;
       const int64_t cvalid = imin(kCob, g.cout - cb * kCob);
       for (int64_t ph = 0; ph < g.ph; ++ph) {
-        conv_rows(xp, ph * pool, pool, nvec, ws, plane, g.cin, g.kh, g.kw, wcb, bcb,
-                  rows, rs, pool * rs);
+        conv_rows(xp, ph * pool, pool, nvec, ws, plane, g.cin, g.kh, g.kw, wcb, bcb, rows, rs,
+                  pool * rs);
         // ReLU + max-pool the `pool` rows of each channel of the block.
         for (int64_t c = 0; c < cvalid; ++c) {
           const int64_t o = ((n * g.cout + cb * kCob + c) * g.ph + ph) * g.pw;
           if (pool == 2) {
             pool_rows_2<T, I>(rows + c * pool * rs, rs, g.pw, a.out + o, a.indices + o);
           } else {
-            pool_rows(rows + c * pool * rs, rs, pool, g.pw, best, best_j, a.out + o,
-                      a.indices + o);
+            pool_rows(rows + c * pool * rs, rs, pool, g.pw, best, best_j, a.out + o, a.indices + o);
           }
         }
       }
@@ -453,8 +457,8 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
 template <typename T, typename I>
 void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   using V = typename Simd<T>::V;
-  const Geometry& g = a.g;
-  constexpr int64_t L = lanes<T>();
+  const ConvPoolGeometry& g = a.g;
+  constexpr int64_t L = vector_lanes<T>();
   const int64_t pool = g.pool;
   const int64_t owu = g.pw * pool;
   const int64_t ohu = g.ph * pool;
@@ -463,8 +467,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t hp = ohu + g.kh - 1;
   const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + nq * L);
   const int64_t plane = hp * ws;
-  const int64_t gws = g.w + 2 * g.pad_w;      // grad_input buffer row length
-  const int64_t cinp = ceil_div(g.cin, L) * L;  // channels padded to vectors
+  const int64_t gws = g.w + 2 * g.pad_w;    // grad_input buffer row length
+  const int64_t cinp = round_up(g.cin, L);  // channels padded to vectors
   const int64_t cells = g.ph * g.pw;
   const int32_t no_grad = no_grad_index(pool);
   const bool need_gw = a.grad_weight_part != nullptr;
@@ -485,8 +489,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   T* wt = gxp + gxp_size;
   T* xp = wt + wt_size;
   T* gvals = xp + xp_size;
-  int64_t* offs = offsets.p;          // winner position in xp
-  int64_t* pix = offsets.p + cells;   // winner pixel in gxp
+  int64_t* offs = offsets.p;         // winner position in xp
+  int64_t* pix = offsets.p + cells;  // winner pixel in gxp
   int64_t* win_off = pix + cells;
   int64_t* win_pix = win_off + pool * pool;
 
@@ -509,7 +513,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   }
 
   for (int64_t n = n0; n < n1; ++n) {
-    if (need_gw) load_padded_image(g, a.input, n, xp, hp, ws);
+    if (need_gw) load_padded_image(g, a.input, a.input_strides, n, xp, hp, ws);
     if (need_gi) std::memset(gxp, 0, sizeof(T) * static_cast<size_t>(gxp_size));
     for (int64_t co = 0; co < g.cout; ++co) {
       // Gather the windows of this channel that pass a gradient.
@@ -589,8 +593,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
 }
 
 // Explicit instantiations: {float, double} x {uint8 indices, int32 indices}.
-#define FMNIST_INSTANTIATE(T, I)                                                      \
-  template void forward_images<T, I>(const ForwardArgs<T, I>&, int64_t, int64_t);  \
+#define FMNIST_INSTANTIATE(T, I)                                                  \
+  template void forward_images<T, I>(const ForwardArgs<T, I>&, int64_t, int64_t); \
   template void backward_images<T, I>(const BackwardArgs<T, I>&, int64_t, int64_t);
 FMNIST_INSTANTIATE(float, uint8_t)
 FMNIST_INSTANTIATE(float, int32_t)

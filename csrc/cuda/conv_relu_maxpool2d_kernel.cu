@@ -12,7 +12,9 @@
 // op_body.h (allocation, output_mask, contiguity, kernel variant and launch;
 // shared with the execution harness in tests/cuda_emulation, which runs these
 // very kernels on CPU threads), this file (ATen checks, dtype dispatch, the
-// device guard and the stream).
+// device guard and the stream). The call's sizes travel as the
+// ConvPoolGeometry the checks fill (../geometry.h), narrowed once to int for
+// the kernels (kernel_geometry in kernels.cuh).
 //
 // Forward (conv_relu_maxpool2d_forward_kernel), fast path:
 //   grid.x = tiles of `imgs` images, grid.y = groups of output channels whose
@@ -119,7 +121,9 @@ struct AtenBackend {
   }
   Tensor contiguous(const Tensor& t) const { return t.contiguous(); }
   template <typename E>
-  E* ptr(const Tensor& t) const { return static_cast<E*>(t.data_ptr()); }
+  E* ptr(const Tensor& t) const {
+    return static_cast<E*>(t.data_ptr());
+  }
   int64_t numel(const Tensor& t) const { return t.numel(); }
   int num_sms() const { return cuda::num_sms(device); }
   void check(bool ok, const char* message) const { TORCH_CHECK(ok, message); }
@@ -137,18 +141,14 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& input) 
                     " on the device of input (", input.device(), "), got ", t.device());
 }
 
-void check_sizes_fit(const ConvPoolShape& s) {
-  // Per-image sizes are int in the kernels; the batch is int64.
+void check_sizes_fit(const ConvPoolGeometry& g) {
+  // Per-image sizes are int in the kernels (kernel_geometry in kernels.cuh);
+  // the batch is int64.
   const int64_t big = INT_MAX / 4;
-  TORCH_CHECK_VALUE(s.cin * s.h * s.w < big && s.cout * s.oh * s.ow < big &&
-                        s.cout * s.cin * s.kh * s.kw < big && s.pad_h < big && s.pad_w < big,
+  TORCH_CHECK_VALUE(g.cin * g.h * g.w < big && g.cout * g.oh * g.ow < big &&
+                        g.cout * g.cin * g.kh * g.kw < big && g.pad_h < big && g.pad_w < big,
                     "conv_relu_maxpool2d: a single image or filter bank is too large for "
                     "the CUDA kernels");
-}
-
-Geom geom_of(const ConvPoolShape& s) {
-  return make_geom(s.n, s.cin, s.h, s.w, s.cout, s.kh, s.kw, s.pad_h, s.pad_w, s.pool,
-                   s.ph, s.pw);
 }
 
 AtenBackend backend_for(const at::Tensor& input) {
@@ -156,18 +156,17 @@ AtenBackend backend_for(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
-    const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::IntArrayRef padding, int64_t pool) {
-  const ConvPoolShape s = check_conv_relu_maxpool2d_args(input, weight, bias, padding, pool);
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef padding, int64_t pool) {
+  const ConvPoolGeometry g = check_conv_relu_maxpool2d_args(input, weight, bias, padding, pool);
   check_cuda(input, "input", input);
   check_cuda(weight, "weight", input);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_cuda(*bias, "bias", input);
-  check_sizes_fit(s);
+  check_sizes_fit(g);
 
   const c10::cuda::CUDAGuard guard(input.device());
   AtenBackend be = backend_for(input);
-  const Geom g = geom_of(s);
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_forward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -183,25 +182,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& indices, c10::IntArrayRef padding, int64_t pool,
     std::array<bool, 3> output_mask) {
-  const ConvPoolShape s =
+  const ConvPoolGeometry g =
       check_conv_relu_maxpool2d_args(input, weight, std::nullopt, padding, pool);
-  check_backward_args(grad_output, indices, s, input);
+  check_backward_args(grad_output, indices, g, input);
   check_cuda(input, "input", input);
   check_cuda(weight, "weight", input);
   check_cuda(grad_output, "grad_output", input);
   check_cuda(indices, "indices", input);
-  check_sizes_fit(s);
+  check_sizes_fit(g);
 
   const c10::cuda::CUDAGuard guard(input.device());
   AtenBackend be = backend_for(input);
-  const Geom g = geom_of(s);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
-      result = backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices,
-                                               output_mask);
+      result =
+          backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices, output_mask);
     });
   });
   return result;

@@ -11,33 +11,53 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
+#include "../geometry.h"
+#include "../host_device.h"
 #include "../index_math.h"
-
-#if defined(__CUDACC__)
-#define FMNIST_CUDA_HD __host__ __device__ __forceinline__
-#else
-#define FMNIST_CUDA_HD inline
-#endif
 
 namespace fmnist_ext {
 namespace cuda {
 
-// Geometry of one call. Sizes fit int (checked by the host code); products
-// that index global memory are formed in int64_t.
-struct Geom {
-  int64_t n;                 // batch
-  int cin, h, w;             // input image
-  int cout, kh, kw;          // filter bank
-  int pad_h, pad_w, pool;
-  int ph, pw;                // pooled output
-  int hs, ws;                // staged (zero-padded) image: rows/cols read by
-                             // the convolution rows/cols that reach the pool
-};
+// The geometry the kernels and launch plans work with: the call's
+// ConvPoolGeometry with the per-image sizes narrowed to int. The work-item
+// decompositions below do several integer divisions and remainders per item,
+// and 32-bit ones cost a fraction of 64-bit ones on the GPU (and half the
+// registers). The host code checks that one image, one convolution output
+// and one filter bank fit (check_sizes_fit in conv_relu_maxpool2d_kernel.cu);
+// the batch stays int64_t, and every offset into global memory is formed in
+// int64_t. This is the only place the narrowing happens.
+using KernelGeometry = ConvPoolGeometryOf<int>;
 
-FMNIST_CUDA_HD int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-FMNIST_CUDA_HD int imin(int a, int b) { return a < b ? a : b; }
-FMNIST_CUDA_HD int imax(int a, int b) { return a > b ? a : b; }
+FMNIST_HD KernelGeometry kernel_geometry(const ConvPoolGeometry& g) {
+  KernelGeometry k;
+  k.n = g.n;
+  k.cin = static_cast<int>(g.cin);
+  k.h = static_cast<int>(g.h);
+  k.w = static_cast<int>(g.w);
+  k.cout = static_cast<int>(g.cout);
+  k.kh = static_cast<int>(g.kh);
+  k.kw = static_cast<int>(g.kw);
+  k.pad_h = static_cast<int>(g.pad_h);
+  k.pad_w = static_cast<int>(g.pad_w);
+  k.pool = static_cast<int>(g.pool);
+  k.oh = static_cast<int>(g.oh);
+  k.ow = static_cast<int>(g.ow);
+  k.ph = static_cast<int>(g.ph);
+  k.pw = static_cast<int>(g.pw);
+  return k;
+}
+
+// The staged (zero-padded) image of the fast paths: the rows and columns of
+// the padded input that the convolution outputs reaching the pool read.
+FMNIST_HD int staged_rows(const KernelGeometry& g) { return g.ph * g.pool + g.kh - 1; }
+FMNIST_HD int staged_cols(const KernelGeometry& g) { return g.pw * g.pool + g.kw - 1; }
+
+// A pointer to E in shared memory carved from `Byte* smem`: const when the
+// phase only reads (Byte = const unsigned char).
+template <typename Byte, typename E>
+using SmemPtr = std::conditional_t<std::is_const_v<Byte>, const E*, E*>;
 
 // Threads per block never exceed this (launch plans in plan.h; also the
 // kernels' __launch_bounds__).
@@ -48,16 +68,18 @@ constexpr int kCob = 4;
 constexpr int kCib = 4;
 
 // Zero-padded staging of images [n0, n0 + imgs) into smem:
-//   xs[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
-// for r < hs, c < ws; input is contiguous NCHW. Images past the batch are 0.
+//   image[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
+// for r < staged_rows(g), c < staged_cols(g); input is contiguous NCHW.
+// Images past the batch are 0.
 template <typename T>
-FMNIST_CUDA_HD void stage_images(const Geom& g, const T* __restrict__ input,
-                                 int64_t n0, int imgs, T* xs, int tid, int nthreads) {
-  const int plane = g.hs * g.ws;
+FMNIST_HD void stage_images(const KernelGeometry& g, const T* __restrict__ input, int64_t n0,
+                            int imgs, T* image, int tid, int nthreads) {
+  const int rows = staged_rows(g), cols = staged_cols(g);
+  const int plane = rows * cols;
   const int total = imgs * g.cin * plane;
   for (int e = tid; e < total; e += nthreads) {
-    const int c = e % g.ws;
-    const int r = (e / g.ws) % g.hs;
+    const int c = e % cols;
+    const int r = (e / cols) % rows;
     const int ic = e / plane;  // img * cin + ci
     const int64_t n = n0 + ic / g.cin;
     const int y = r - g.pad_h, x = c - g.pad_w;
@@ -65,19 +87,20 @@ FMNIST_CUDA_HD void stage_images(const Geom& g, const T* __restrict__ input,
     if (n < g.n && y >= 0 && y < g.h && x >= 0 && x < g.w) {
       v = input[((n0 * g.cin + ic) * g.h + y) * g.w + x];
     }
-    xs[e] = v;
+    image[e] = v;
   }
 }
 
 // ---------------------------------------------------------------------------
 // Forward, fast path: one block = `imgs` images x `cgp` output channels.
-// smem: ws_[taps][cgp] | bs_[cgp] | xs_[imgs][cin][hs][ws]
+// Shared memory (FwdSmem): weight[taps][cgp] | bias[cgp] |
+//   image[imgs][cin][staged_rows][staged_cols], all T.
 // Work item = (img, channel quad, ph, pw), pw fastest (coalesced stores).
 // P > 0: pool window known at compile time (all P*P window positions are
 // accumulated together, reusing each weight load P*P times); P == 0: runtime.
 template <typename T, typename I>
 struct FwdArgs {
-  Geom g;
+  KernelGeometry g;
   const T* input;   // contiguous NCHW
   const T* weight;  // contiguous [cout][cin][kh][kw]
   const T* bias;    // [cout] or nullptr
@@ -87,52 +110,73 @@ struct FwdArgs {
   int cgp;          // channels per block (multiple of kCob)
 };
 
+// The block's shared memory, carved as laid out above; fwd_smem_bytes is its
+// size (the launch plan's).
 template <typename T>
-FMNIST_CUDA_HD size_t fwd_smem_elems(const Geom& g, int imgs, int cgp) {
-  const int taps = g.cin * g.kh * g.kw;
-  return static_cast<size_t>(taps) * cgp + cgp +
-         static_cast<size_t>(imgs) * g.cin * g.hs * g.ws;
+struct FwdSmem {
+  T* weight;
+  T* bias;
+  T* image;
+};
+
+// (E is T, or const T for the phases that only read.)
+template <typename E, typename T, typename I>
+FMNIST_HD FwdSmem<E> fwd_smem(const FwdArgs<T, I>& a, E* smem) {
+  const int taps = a.g.cin * a.g.kh * a.g.kw;
+  FwdSmem<E> sm;
+  sm.weight = smem;
+  sm.bias = sm.weight + taps * a.cgp;
+  sm.image = sm.bias + a.cgp;
+  return sm;
+}
+
+FMNIST_HD size_t fwd_smem_bytes(const KernelGeometry& g, int imgs, int cgp, size_t elem) {
+  const size_t taps = static_cast<size_t>(g.cin) * g.kh * g.kw;
+  return elem *
+         (taps * cgp + cgp + static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g));
 }
 
 template <typename T, typename I>
-FMNIST_CUDA_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem,
-                              int tid, int nthreads) {
-  const Geom& g = a.g;
+FMNIST_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem, int tid,
+                         int nthreads) {
+  const KernelGeometry& g = a.g;
   const int taps = g.cin * g.kh * g.kw;
   const int cg0 = by * a.cgp;
-  T* ws_ = smem;
-  T* bs_ = ws_ + taps * a.cgp;
-  T* xs_ = bs_ + a.cgp;
+  const FwdSmem<T> sm = fwd_smem(a, smem);
   // Weights transposed to [tap][channel] (zero past cout): the kCob weights a
   // thread needs for one tap are adjacent (one vector load, a broadcast).
   for (int e = tid; e < a.cgp * taps; e += nthreads) {
     const int c = e / taps, t = e % taps;
     const int co = cg0 + c;
-    ws_[t * a.cgp + c] = co < g.cout ? a.weight[static_cast<int64_t>(co) * taps + t] : T(0);
+    sm.weight[t * a.cgp + c] = co < g.cout ? a.weight[static_cast<int64_t>(co) * taps + t] : T(0);
   }
   for (int c = tid; c < a.cgp; c += nthreads) {
     const int co = cg0 + c;
-    bs_[c] = (a.bias != nullptr && co < g.cout) ? a.bias[co] : T(0);
+    sm.bias[c] = (a.bias != nullptr && co < g.cout) ? a.bias[co] : T(0);
   }
-  stage_images(g, a.input, bx * a.imgs, a.imgs, xs_, tid, nthreads);
+  stage_images(g, a.input, bx * a.imgs, a.imgs, sm.image, tid, nthreads);
 }
 
 // Loads N adjacent shared-memory values (16-byte vector loads on the GPU;
 // p is 16-byte aligned whenever N is a multiple of the vector width).
 template <typename T, int N>
-FMNIST_CUDA_HD void load_vec(const T* p, T (&v)[N]) {
+FMNIST_HD void load_vec(const T* p, T (&v)[N]) {
 #if defined(__CUDA_ARCH__)
   if constexpr (sizeof(T) == 4 && N % 4 == 0) {
 #pragma unroll
     for (int k = 0; k < N; k += 4) {
       const float4 f = *reinterpret_cast<const float4*>(p + k);
-      v[k] = f.x; v[k + 1] = f.y; v[k + 2] = f.z; v[k + 3] = f.w;
+      v[k] = f.x;
+      v[k + 1] = f.y;
+      v[k + 2] = f.z;
+      v[k + 3] = f.w;
     }
   } else if constexpr (sizeof(T) == 8 && N % 2 == 0) {
 #pragma unroll
     for (int k = 0; k < N; k += 2) {
       const double2 d = *reinterpret_cast<const double2*>(p + k);
-      v[k] = d.x; v[k + 1] = d.y;
+      v[k] = d.x;
+      v[k + 1] = d.y;
     }
   } else {
 #pragma unroll
@@ -144,18 +188,16 @@ FMNIST_CUDA_HD void load_vec(const T* p, T (&v)[N]) {
 }
 
 template <typename T, typename acc_t, typename I, int P>
-FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* smem,
-                             int tid, int nthreads) {
-  const Geom& g = a.g;
-  const int taps = g.cin * g.kh * g.kw;
+FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* smem, int tid,
+                        int nthreads) {
+  const KernelGeometry& g = a.g;
   const int pool = P > 0 ? P : g.pool;
   const int quads = a.cgp / kCob;
   const int cells = g.ph * g.pw;
   const int items = a.imgs * quads * cells;
-  const int plane = g.hs * g.ws;
-  const T* ws_ = smem;
-  const T* bs_ = ws_ + taps * a.cgp;
-  const T* xs_ = bs_ + a.cgp;
+  const int cols = staged_cols(g);
+  const int plane = staged_rows(g) * cols;
+  const FwdSmem<const T> sm = fwd_smem(a, smem);
   for (int item = tid; item < items; item += nthreads) {
     const int cell = item % cells;
     const int q = (item / cells) % quads;
@@ -164,7 +206,7 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
     if (n >= g.n) continue;
     const int oph = cell / g.pw, opw = cell % g.pw;
     const int c0 = q * kCob;
-    const T* xb = xs_ + img * g.cin * plane + (oph * pool) * g.ws + opw * pool;
+    const T* xb = sm.image + img * g.cin * plane + (oph * pool) * cols + opw * pool;
     acc_t best[kCob];
     int32_t best_j[kCob];
 #pragma unroll
@@ -177,20 +219,20 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
 #pragma unroll
       for (int c = 0; c < kCob; ++c) {
 #pragma unroll
-        for (int k = 0; k < P * P; ++k) acc[c][k] = static_cast<acc_t>(bs_[c0 + c]);
+        for (int k = 0; k < P * P; ++k) acc[c][k] = static_cast<acc_t>(sm.bias[c0 + c]);
       }
       int t = 0;
       for (int ci = 0; ci < g.cin; ++ci) {
         for (int i = 0; i < g.kh; ++i) {
-          const T* xr = xb + ci * plane + i * g.ws;
+          const T* xr = xb + ci * plane + i * cols;
           for (int j = 0; j < g.kw; ++j, ++t) {
             T wv[kCob];
-            load_vec(ws_ + t * a.cgp + c0, wv);
+            load_vec(sm.weight + t * a.cgp + c0, wv);
 #pragma unroll
             for (int r = 0; r < P; ++r) {
 #pragma unroll
               for (int s = 0; s < P; ++s) {
-                const acc_t xv = static_cast<acc_t>(xr[r * g.ws + s + j]);
+                const acc_t xv = static_cast<acc_t>(xr[r * cols + s + j]);
 #pragma unroll
                 for (int c = 0; c < kCob; ++c) {
                   acc[c][r * P + s] += static_cast<acc_t>(wv[c]) * xv;
@@ -206,7 +248,10 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
 #pragma unroll
         for (int c = 0; c < kCob; ++c) {
           const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c][k]));
-          if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+          if (pool_takes(v, best[c])) {
+            best[c] = v;
+            best_j[c] = k;
+          }
         }
       }
     } else {
@@ -214,14 +259,14 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
         for (int s = 0; s < pool; ++s) {
           acc_t acc[kCob];
 #pragma unroll
-          for (int c = 0; c < kCob; ++c) acc[c] = static_cast<acc_t>(bs_[c0 + c]);
+          for (int c = 0; c < kCob; ++c) acc[c] = static_cast<acc_t>(sm.bias[c0 + c]);
           int t = 0;
           for (int ci = 0; ci < g.cin; ++ci) {
             for (int i = 0; i < g.kh; ++i) {
-              const T* xr = xb + ci * plane + (r + i) * g.ws + s;
+              const T* xr = xb + ci * plane + (r + i) * cols + s;
               for (int j = 0; j < g.kw; ++j, ++t) {
                 T wv[kCob];
-                load_vec(ws_ + t * a.cgp + c0, wv);
+                load_vec(sm.weight + t * a.cgp + c0, wv);
                 const acc_t xv = static_cast<acc_t>(xr[j]);
 #pragma unroll
                 for (int c = 0; c < kCob; ++c) acc[c] += static_cast<acc_t>(wv[c]) * xv;
@@ -232,7 +277,10 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
 #pragma unroll
           for (int c = 0; c < kCob; ++c) {
             const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c]));
-            if (pool_takes(v, best[c])) { best[c] = v; best_j[c] = k; }
+            if (pool_takes(v, best[c])) {
+              best[c] = v;
+              best_j[c] = k;
+            }
           }
         }
       }
@@ -253,8 +301,8 @@ FMNIST_CUDA_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T
 // Forward, direct path (any size): one thread per pooled output, reading
 // global memory. `o` is the flat output index.
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
-  const Geom& g = a.g;
+FMNIST_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
+  const KernelGeometry& g = a.g;
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
   const int64_t cell = o % cells;
   const int co = static_cast<int>((o / cells) % g.cout);
@@ -283,7 +331,10 @@ FMNIST_CUDA_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
         }
       }
       const acc_t v = static_cast<acc_t>(static_cast<T>(acc));
-      if (pool_takes(v, best)) { best = v; best_j = r * pool + s; }
+      if (pool_takes(v, best)) {
+        best = v;
+        best_j = r * pool + s;
+      }
     }
   }
   a.out[o] = static_cast<T>(pool_output(best));
@@ -292,16 +343,18 @@ FMNIST_CUDA_HD void fwd_direct_item(const FwdArgs<T, I>& a, int64_t o) {
 
 // ---------------------------------------------------------------------------
 // Backward, grad_input (gather, no atomics): one block = `imgs` images.
-// smem: wt_[cout][kh][kw][cinp] | win_[imgs][cout][cells] (packed winner
-// row/col, -1: no gradient) | gs_[imgs][cout][cells]
+// Shared memory (BwdInputSmem): weight[cout][kh][kw][cinp] (T) |
+//   grad[imgs][cout][cells] (T) | winner[imgs][cout][cells] (int32: packed
+//   winner row/col, -1: no gradient). The int32 array comes last, so every
+//   array starts aligned for its type.
 // Work item = (img, input-channel block of CB, y, x), x fastest: the thread
 // visits, per output channel, the pool cells whose windows can contain a
-// convolution position that reads (y, x) (cell_range in index_math.h) and
-// adds g * w for each cell whose winner does; every grad_input element is
-// written exactly once.
+// convolution position that reads (y, x) (first_cell_reaching ..
+// last_cell_reaching in index_math.h) and adds g * w for each cell whose
+// winner does; every grad_input element is written exactly once.
 template <typename T, typename I>
 struct BwdInputArgs {
-  Geom g;
+  KernelGeometry g;
   const T* weight;    // contiguous
   const T* grad_out;  // contiguous [n][cout][ph][pw]
   const I* indices;   // contiguous [n][cout][ph][pw]
@@ -310,35 +363,51 @@ struct BwdInputArgs {
   int cinp;           // cin rounded up to the channel block CB
 };
 
-template <typename T>
-FMNIST_CUDA_HD size_t bwd_input_smem_bytes(const Geom& g, int imgs, int cinp) {
+// The block's shared memory, carved as laid out above; bwd_input_smem_bytes
+// is its size (the launch plan's).
+template <typename T, typename Byte>
+struct BwdInputSmem {
+  SmemPtr<Byte, T> weight;
+  SmemPtr<Byte, T> grad;
+  SmemPtr<Byte, int32_t> winner;
+};
+
+template <typename T, typename I, typename Byte>
+FMNIST_HD BwdInputSmem<T, Byte> bwd_input_smem(const BwdInputArgs<T, I>& a, Byte* smem) {
+  const KernelGeometry& g = a.g;
+  BwdInputSmem<T, Byte> sm;
+  sm.weight = reinterpret_cast<SmemPtr<Byte, T>>(smem);
+  sm.grad = sm.weight + g.cout * g.kh * g.kw * a.cinp;
+  sm.winner = reinterpret_cast<SmemPtr<Byte, int32_t>>(sm.grad + a.imgs * g.cout * g.ph * g.pw);
+  return sm;
+}
+
+FMNIST_HD size_t bwd_input_smem_bytes(const KernelGeometry& g, int imgs, int cinp, size_t elem) {
   const size_t cells = static_cast<size_t>(g.ph) * g.pw;
-  return sizeof(T) * (static_cast<size_t>(g.cout) * g.kh * g.kw * cinp +
-                      static_cast<size_t>(imgs) * g.cout * cells) +
+  return elem * (static_cast<size_t>(g.cout) * g.kh * g.kw * cinp +
+                 static_cast<size_t>(imgs) * g.cout * cells) +
          sizeof(int32_t) * static_cast<size_t>(imgs) * g.cout * cells;
 }
 
 // Packs the winner (conv row, conv col) of a cell; -1 = no gradient.
-FMNIST_CUDA_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
+FMNIST_HD int32_t pack_winner(int32_t j, int oph, int opw, int pool) {
   if (!winner_in_window(j, no_grad_index(pool))) return -1;
   return static_cast<int32_t>((winner_row(oph, j, pool) << 16) | winner_col(opw, j, pool));
 }
 
 template <typename T, typename I>
-FMNIST_CUDA_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, unsigned char* smem,
-                                    int tid, int nthreads) {
-  const Geom& g = a.g;
+FMNIST_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, unsigned char* smem,
+                               int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
   const int khw = g.kh * g.kw;
   const int cells = g.ph * g.pw;
-  T* wt_ = reinterpret_cast<T*>(smem);
-  T* gs_ = wt_ + g.cout * khw * a.cinp;
-  int32_t* win_ = reinterpret_cast<int32_t*>(gs_ + a.imgs * g.cout * cells);
+  const BwdInputSmem<T, unsigned char> sm = bwd_input_smem(a, smem);
   // Weights to [co][i][j][ci] (zero past cin): the CB weights of a tap are adjacent.
   for (int e = tid; e < g.cout * khw * a.cinp; e += nthreads) {
     const int ci = e % a.cinp;
     const int t = (e / a.cinp) % khw;
     const int co = e / (a.cinp * khw);
-    wt_[e] = ci < g.cin ? a.weight[(static_cast<int64_t>(co) * g.cin + ci) * khw + t] : T(0);
+    sm.weight[e] = ci < g.cin ? a.weight[(static_cast<int64_t>(co) * g.cin + ci) * khw + t] : T(0);
   }
   const int64_t n0 = bx * a.imgs;
   for (int e = tid; e < a.imgs * g.cout * cells; e += nthreads) {
@@ -351,22 +420,20 @@ FMNIST_CUDA_HD void bwd_input_stage(const BwdInputArgs<T, I>& a, int64_t bx, uns
       packed = pack_winner(static_cast<int32_t>(a.indices[src]), cell / g.pw, cell % g.pw, g.pool);
       gv = a.grad_out[src];
     }
-    win_[e] = packed;
-    gs_[e] = gv;
+    sm.winner[e] = packed;
+    sm.grad[e] = gv;
   }
 }
 
 template <typename T, typename acc_t, typename I, int CB>
-FMNIST_CUDA_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, const unsigned char* smem,
-                                   int tid, int nthreads) {
-  const Geom& g = a.g;
+FMNIST_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, const unsigned char* smem,
+                              int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
   const int khw = g.kh * g.kw;
   const int cells = g.ph * g.pw;
   const int cblocks = a.cinp / CB;
   const int hw = g.h * g.w;
-  const T* wt_ = reinterpret_cast<const T*>(smem);
-  const T* gs_ = wt_ + g.cout * khw * a.cinp;
-  const int32_t* win_ = reinterpret_cast<const int32_t*>(gs_ + a.imgs * g.cout * cells);
+  const BwdInputSmem<T, const unsigned char> sm = bwd_input_smem(a, smem);
   const int items = a.imgs * cblocks * hw;
   for (int item = tid; item < items; item += nthreads) {
     const int pix = item % hw;
@@ -384,17 +451,17 @@ FMNIST_CUDA_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, cons
     for (int c = 0; c < CB; ++c) acc[c] = acc_t(0);
     for (int co = 0; co < g.cout; ++co) {
       const int base = (img * g.cout + co) * cells;
-      const T* wc = wt_ + co * khw * a.cinp + cb * CB;
+      const T* wc = sm.weight + co * khw * a.cinp + cb * CB;
       for (int oph = ph_lo; oph <= ph_hi; ++oph) {
         for (int opw = pw_lo; opw <= pw_hi; ++opw) {
-          const int32_t packed = win_[base + oph * g.pw + opw];
+          const int32_t packed = sm.winner[base + oph * g.pw + opw];
           if (packed < 0) continue;
           const int di = yp - (packed >> 16), dj = xp - (packed & 0xffff);
           if (static_cast<unsigned>(di) >= static_cast<unsigned>(g.kh) ||
               static_cast<unsigned>(dj) >= static_cast<unsigned>(g.kw)) {
             continue;
           }
-          const acc_t gv = static_cast<acc_t>(gs_[base + oph * g.pw + opw]);
+          const acc_t gv = static_cast<acc_t>(sm.grad[base + oph * g.pw + opw]);
           T wv[CB];
           load_vec(wc + (di * g.kw + dj) * a.cinp, wv);
 #pragma unroll
@@ -412,8 +479,8 @@ FMNIST_CUDA_HD void bwd_input_work(const BwdInputArgs<T, I>& a, int64_t bx, cons
 
 // grad_input, direct path (any size): one thread per input element.
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
-  const Geom& g = a.g;
+FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
+  const KernelGeometry& g = a.g;
   const int64_t hw = static_cast<int64_t>(g.h) * g.w;
   const int64_t pix = e % hw;
   const int ci = static_cast<int>((e / hw) % g.cin);
@@ -461,11 +528,13 @@ FMNIST_CUDA_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e
 // No atomics: the summation order depends only on the launch plan (batch,
 // shape, SM count), never on scheduling, so a run repeats bitwise on the same
 // GPU (what torch.use_deterministic_algorithms asks for).
-// smem: part_[S][E] (acc_t) | xs_[imgs][cin][hs][ws] | gs_[imgs][cout][cells]
-//       | win_[imgs][cout][cells] (int32)
+// Shared memory (BwdWeightSmem): slice_sum[S][E] (acc_t) |
+//   image[imgs][cin][staged_rows][staged_cols] (T) | grad[imgs][cout][cells] (T)
+//   | winner[imgs][cout][cells] (int32: winner offset in image, -1: none).
+//   acc_t comes first (its alignment is the largest), int32 last.
 template <typename T, typename acc_t, typename I>
 struct BwdWeightArgs {
-  Geom g;
+  KernelGeometry g;
   const T* input;     // contiguous NCHW, or nullptr when grad_weight is not wanted
   const T* grad_out;  // contiguous
   const I* indices;   // contiguous
@@ -477,52 +546,58 @@ struct BwdWeightArgs {
   int64_t chunks;     // ceil(n / imgs)
 };
 
-FMNIST_CUDA_HD int bwd_weight_elems(const Geom& g) {
+FMNIST_HD int bwd_weight_elems(const KernelGeometry& g) {
   return g.cout * g.cin * g.kh * g.kw + g.cout;
 }
 
+// The block's shared memory, carved as laid out above; bwd_weight_smem_bytes
+// is its size (the launch plan's).
 template <typename T, typename acc_t>
-FMNIST_CUDA_HD size_t bwd_weight_smem_bytes(const Geom& g, int imgs, int slices) {
+struct BwdWeightSmem {
+  acc_t* slice_sum;
+  T* image;
+  T* grad;
+  int32_t* winner;
+};
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD BwdWeightSmem<T, acc_t> bwd_weight_smem(const BwdWeightArgs<T, acc_t, I>& a,
+                                                  unsigned char* smem) {
+  const KernelGeometry& g = a.g;
+  BwdWeightSmem<T, acc_t> sm;
+  sm.slice_sum = reinterpret_cast<acc_t*>(smem);
+  sm.image = reinterpret_cast<T*>(sm.slice_sum + a.slices * bwd_weight_elems(g));
+  sm.grad = sm.image + a.imgs * g.cin * staged_rows(g) * staged_cols(g);
+  sm.winner = reinterpret_cast<int32_t*>(sm.grad + a.imgs * g.cout * g.ph * g.pw);
+  return sm;
+}
+
+FMNIST_HD size_t bwd_weight_smem_bytes(const KernelGeometry& g, int imgs, int slices, size_t elem,
+                                       size_t acc_elem) {
   const size_t cells = static_cast<size_t>(g.ph) * g.pw;
-  return sizeof(T) * (static_cast<size_t>(imgs) * g.cin * g.hs * g.ws +
-                      static_cast<size_t>(imgs) * g.cout * cells) +
-         sizeof(acc_t) * static_cast<size_t>(slices) * bwd_weight_elems(g) +
+  return acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g) +
+         elem * (static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g) +
+                 static_cast<size_t>(imgs) * g.cout * cells) +
          sizeof(int32_t) * static_cast<size_t>(imgs) * g.cout * cells;
 }
 
 template <typename T, typename acc_t, typename I>
-struct BwdWeightSmem {
-  T* xs;
-  T* gs;
-  acc_t* part;
-  int32_t* win;
-  FMNIST_CUDA_HD BwdWeightSmem(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem) {
-    const Geom& g = a.g;
-    const int cells = g.ph * g.pw;
-    // acc_t first: its alignment is the largest.
-    part = reinterpret_cast<acc_t*>(smem);
-    xs = reinterpret_cast<T*>(part + a.slices * bwd_weight_elems(g));
-    gs = xs + a.imgs * g.cin * g.hs * g.ws;
-    win = reinterpret_cast<int32_t*>(gs + a.imgs * g.cout * cells);
-  }
-};
-
-template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
-                                    int tid, int nthreads) {
-  BwdWeightSmem<T, acc_t, I> s(a, smem);
-  for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) s.part[e] = acc_t(0);
+FMNIST_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, int tid,
+                               int nthreads) {
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
+  for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) sm.slice_sum[e] = acc_t(0);
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk,
-                                     unsigned char* smem, int tid, int nthreads) {
-  const Geom& g = a.g;
-  BwdWeightSmem<T, acc_t, I> s(a, smem);
+FMNIST_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk,
+                                unsigned char* smem, int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int64_t n0 = chunk * a.imgs;
-  if (a.grad_weight != nullptr) stage_images(g, a.input, n0, a.imgs, s.xs, tid, nthreads);
+  if (a.grad_weight != nullptr) stage_images(g, a.input, n0, a.imgs, sm.image, tid, nthreads);
   const int cells = g.ph * g.pw;
-  const int plane = g.hs * g.ws;
+  const int cols = staged_cols(g);
+  const int plane = staged_rows(g) * cols;
   for (int e = tid; e < a.imgs * g.cout * cells; e += nthreads) {
     const int cell = e % cells;
     const int img = e / (g.cout * cells);
@@ -534,27 +609,28 @@ FMNIST_CUDA_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_
       const int32_t j = static_cast<int32_t>(a.indices[src]);
       if (winner_in_window(j, no_grad_index(g.pool))) {
         off = img * g.cin * plane +
-              static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * g.ws +
+              static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * cols +
               static_cast<int32_t>(winner_col(cell % g.pw, j, g.pool));
       }
       gv = a.grad_out[src];
     }
-    s.win[e] = off;
-    s.gs[e] = gv;
+    sm.winner[e] = off;
+    sm.grad[e] = gv;
   }
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
-                                          int tid, int nthreads) {
-  const Geom& g = a.g;
-  BwdWeightSmem<T, acc_t, I> s(a, smem);
+FMNIST_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
+                                     int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int khw = g.kh * g.kw;
   const int taps = g.cin * khw;
   const int nw = g.cout * taps;
   const int ne = bwd_weight_elems(g);
   const int cells = g.ph * g.pw;
-  const int plane = g.hs * g.ws;
+  const int cols = staged_cols(g);
+  const int plane = staged_rows(g) * cols;
   const bool want_w = a.grad_weight != nullptr, want_b = a.grad_bias != nullptr;
   for (int se = tid; se < a.slices * ne; se += nthreads) {
     const int e = se % ne, sl = se / ne;
@@ -564,32 +640,32 @@ FMNIST_CUDA_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, u
     int off = 0;
     if (is_w) {
       const int t = e % taps;
-      off = (t / khw) * plane + ((t % khw) / g.kw) * g.ws + t % g.kw;
+      off = (t / khw) * plane + ((t % khw) / g.kw) * cols + t % g.kw;
     }
     acc_t acc = acc_t(0);
     for (int img = sl; img < a.imgs; img += a.slices) {
       const int base = (img * g.cout + co) * cells;
       for (int cell = 0; cell < cells; ++cell) {
-        const int32_t wofs = s.win[base + cell];
+        const int32_t wofs = sm.winner[base + cell];
         if (wofs < 0) continue;
-        const acc_t gv = static_cast<acc_t>(s.gs[base + cell]);
-        acc += is_w ? gv * static_cast<acc_t>(s.xs[wofs + off]) : gv;
+        const acc_t gv = static_cast<acc_t>(sm.grad[base + cell]);
+        acc += is_w ? gv * static_cast<acc_t>(sm.image[wofs + off]) : gv;
       }
     }
-    s.part[se] += acc;
+    sm.slice_sum[se] += acc;
   }
 }
 
 // The block's row of partials: its slices added up in slice order.
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_t bx,
-                                     unsigned char* smem, int tid, int nthreads) {
-  BwdWeightSmem<T, acc_t, I> s(a, smem);
+FMNIST_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_t bx,
+                                unsigned char* smem, int tid, int nthreads) {
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
   const int ne = bwd_weight_elems(a.g);
   acc_t* row = a.partials + bx * ne;
   for (int e = tid; e < ne; e += nthreads) {
     acc_t sum = acc_t(0);
-    for (int sl = 0; sl < a.slices; ++sl) sum += s.part[sl * ne + e];
+    for (int sl = 0; sl < a.slices; ++sl) sum += sm.slice_sum[sl * ne + e];
     row[e] = sum;
   }
 }
@@ -598,8 +674,8 @@ FMNIST_CUDA_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_
 // sums over the images n = slice, slice + slices, ... reading global memory
 // into partials[slice][element].
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t se) {
-  const Geom& g = a.g;
+FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t se) {
+  const KernelGeometry& g = a.g;
   const int ne = bwd_weight_elems(g);
   const int khw = g.kh * g.kw;
   const int taps = g.cin * khw;
@@ -619,7 +695,10 @@ FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, 
       const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
       if (!winner_in_window(jw, no_grad_index(g.pool))) continue;
       const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
-      if (!is_w) { acc += gv; continue; }
+      if (!is_w) {
+        acc += gv;
+        continue;
+      }
       const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;
       const int64_t x = winner_col(cell % g.pw, jw, g.pool) + j - g.pad_w;
       if (y < 0 || y >= g.h || x < 0 || x >= g.w) continue;
@@ -634,7 +713,7 @@ FMNIST_CUDA_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, 
 // Step 2: element e of grad_weight (e < nw) or grad_bias = the rows of
 // partials added in row order.
 template <typename T, typename acc_t, typename I>
-FMNIST_CUDA_HD void reduce_partials_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows, int e) {
+FMNIST_HD void reduce_partials_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows, int e) {
   const int ne = bwd_weight_elems(a.g);
   const int nw = ne - a.g.cout;
   T* dst = e < nw ? a.grad_weight : a.grad_bias;

@@ -22,8 +22,8 @@ namespace fmnist_ext {
 namespace cuda {
 
 template <typename T, typename acc_t, typename I, int P>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_forward_kernel(const FwdArgs<T, I> a) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_forward_kernel(
+    const FwdArgs<T, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t bx = blockIdx.x;
@@ -33,8 +33,8 @@ conv_relu_maxpool2d_forward_kernel(const FwdArgs<T, I> a) {
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_forward_direct_kernel(const FwdArgs<T, I> a, int64_t total) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_forward_direct_kernel(
+    const FwdArgs<T, I> a, int64_t total) {
   for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
        o += int64_t(gridDim.x) * blockDim.x) {
     fwd_direct_item<T, acc_t, I>(a, o);
@@ -42,8 +42,8 @@ conv_relu_maxpool2d_forward_direct_kernel(const FwdArgs<T, I> a, int64_t total) 
 }
 
 template <typename T, typename acc_t, typename I, int CB>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_backward_input_kernel(const BwdInputArgs<T, I> a) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_kernel(
+    const BwdInputArgs<T, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
   const int64_t bx = blockIdx.x;
   bwd_input_stage(a, bx, smem_raw, threadIdx.x, blockDim.x);
@@ -52,8 +52,8 @@ conv_relu_maxpool2d_backward_input_kernel(const BwdInputArgs<T, I> a) {
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_backward_input_direct_kernel(const BwdInputArgs<T, I> a, int64_t total) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_direct_kernel(
+    const BwdInputArgs<T, I> a, int64_t total) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     bwd_input_direct_item<T, acc_t, I>(a, e);
@@ -61,8 +61,8 @@ conv_relu_maxpool2d_backward_input_direct_kernel(const BwdInputArgs<T, I> a, int
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_backward_weight_kernel(const BwdWeightArgs<T, acc_t, I> a) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_kernel(
+    const BwdWeightArgs<T, acc_t, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
   bwd_weight_init<T, acc_t, I>(a, smem_raw, threadIdx.x, blockDim.x);
   for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
@@ -76,9 +76,8 @@ conv_relu_maxpool2d_backward_weight_kernel(const BwdWeightArgs<T, acc_t, I> a) {
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_backward_weight_direct_kernel(const BwdWeightArgs<T, acc_t, I> a,
-                                                  int64_t total) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_direct_kernel(
+    const BwdWeightArgs<T, acc_t, I> a, int64_t total) {
   for (int64_t se = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; se < total;
        se += int64_t(gridDim.x) * blockDim.x) {
     bwd_weight_direct_item<T, acc_t, I>(a, se);
@@ -86,8 +85,8 @@ conv_relu_maxpool2d_backward_weight_direct_kernel(const BwdWeightArgs<T, acc_t, 
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads)
-conv_relu_maxpool2d_reduce_partials_kernel(const BwdWeightArgs<T, acc_t, I> a, int64_t rows) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_reduce_partials_kernel(
+    const BwdWeightArgs<T, acc_t, I> a, int64_t rows) {
   const int ne = bwd_weight_elems(a.g);
   for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < ne; e += gridDim.x * blockDim.x) {
     reduce_partials_item<T, acc_t, I>(a, rows, e);

@@ -37,10 +37,13 @@ unsigned grid_x(B& be, int64_t blocks) {
 }
 
 template <typename T, typename acc_t, typename I, typename B>
-std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
-    B& be, const Geom& g, const typename B::Tensor& input, const typename B::Tensor& weight,
-    const typename B::Tensor* bias) {
+std::tuple<typename B::Tensor, typename B::Tensor> forward_op(B& be,
+                                                              const ConvPoolGeometry& geometry,
+                                                              const typename B::Tensor& input,
+                                                              const typename B::Tensor& weight,
+                                                              const typename B::Tensor* bias) {
   using Tensor = typename B::Tensor;
+  const KernelGeometry g = kernel_geometry(geometry);
   // Every element of out and indices is written by the kernel.
   Tensor out = be.template empty<T>({g.n, g.cout, g.ph, g.pw});
   Tensor indices = be.template empty<I>({g.n, g.cout, g.ph, g.pw});
@@ -60,16 +63,19 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
                         plan.imgs,
                         plan.cgp};
   if (!plan.fast) {
-    be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>, dim3(grid_x(be, plan.blocks)),
-              plan.threads, 0, a, be.numel(out));
+    be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>,
+              dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, be.numel(out));
     return {out, indices};
   }
   be.check(plan.groups <= 65535,
            "conv_relu_maxpool2d: too many output channels for the CUDA kernel grid");
   const dim3 grid(grid_x(be, plan.blocks), static_cast<unsigned>(plan.groups));
-  if constexpr (std::is_same_v<I, uint8_t>) {  // pool 2 always has uint8 indices
-    if (g.pool == 2) {  // the window unrolled at compile time
-      be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem, a);
+  // Pool 2 (whose indices are always uint8) runs the kernel with the window
+  // unrolled at compile time.
+  if constexpr (std::is_same_v<I, uint8_t>) {
+    if (g.pool == 2) {
+      be.launch(&conv_relu_maxpool2d_forward_kernel<T, acc_t, I, 2>, grid, plan.threads, plan.smem,
+                a);
       return {out, indices};
     }
   }
@@ -79,10 +85,11 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(
 
 template <typename T, typename acc_t, typename I, typename B>
 std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_op(
-    B& be, const Geom& g, const typename B::Tensor& grad_output, const typename B::Tensor& input,
-    const typename B::Tensor& weight, const typename B::Tensor& indices,
-    std::array<bool, 3> output_mask) {
+    B& be, const ConvPoolGeometry& geometry, const typename B::Tensor& grad_output,
+    const typename B::Tensor& input, const typename B::Tensor& weight,
+    const typename B::Tensor& indices, std::array<bool, 3> output_mask) {
   using Tensor = typename B::Tensor;
+  const KernelGeometry g = kernel_geometry(geometry);
   // The kernels write every element of each requested gradient, so those
   // are allocated uninitialised; with no image or no output channel the sums
   // are empty and nothing is launched: zeros. Unrequested gradients are
@@ -152,7 +159,7 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                 dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, int64_t(ne) * plan.slices);
     }
     be.launch(&conv_relu_maxpool2d_reduce_partials_kernel<T, acc_t, I>,
-              dim3(grid_x(be, ceil_div64(ne, kMaxThreads))), kMaxThreads, 0, a, rows);
+              dim3(grid_x(be, ceil_div(ne, kMaxThreads))), kMaxThreads, 0, a, rows);
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -73,7 +73,7 @@ def build_all(
         cmd = _build_cmd(san, exe, src, csrc)
         jobs[san] = (exe, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     errors = []
-    for san, (exe, cmd, proc) in jobs.items():
+    for _exe, cmd, proc in jobs.values():
         log, _ = proc.communicate()
         if proc.returncode != 0:
             errors.append(f"harness build failed ({' '.join(cmd)}):\n{log}")

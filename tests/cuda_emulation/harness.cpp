@@ -58,7 +58,10 @@ struct HostTensor {
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& sizes) {
   std::vector<int64_t> st(sizes.size());
   int64_t s = 1;
-  for (size_t d = sizes.size(); d-- > 0;) { st[d] = s; s *= sizes[d]; }
+  for (size_t d = sizes.size(); d-- > 0;) {
+    st[d] = s;
+    s *= sizes[d];
+  }
   return st;
 }
 
@@ -95,9 +98,13 @@ struct HostBackend {
   // Uninitialised memory is 0x7F bytes: a kernel that leaves an element of
   // an `empty` output unwritten shows up as a huge value.
   template <typename E>
-  Tensor empty(std::vector<int64_t> sizes) { return alloc(sizes, sizeof(E), 0x7F); }
+  Tensor empty(std::vector<int64_t> sizes) {
+    return alloc(sizes, sizeof(E), 0x7F);
+  }
   template <typename E>
-  Tensor zeros(std::vector<int64_t> sizes) { return alloc(sizes, sizeof(E), 0); }
+  Tensor zeros(std::vector<int64_t> sizes) {
+    return alloc(sizes, sizeof(E), 0);
+  }
   Tensor contiguous(const Tensor& t) {
     if (t.is_contiguous()) return t;
     Tensor c = alloc(t.sizes, t.elem, 0x7F);
@@ -114,7 +121,9 @@ struct HostBackend {
     return c;
   }
   template <typename E>
-  E* ptr(const Tensor& t) { return reinterpret_cast<E*>(t.data.get()); }
+  E* ptr(const Tensor& t) {
+    return reinterpret_cast<E*>(t.data.get());
+  }
   int64_t numel(const Tensor& t) { return t.numel(); }
   int num_sms() { return sms; }
   void check(bool ok, const char* message) {
@@ -124,8 +133,8 @@ struct HostBackend {
   void launch(void (*kernel)(P...), dim3 grid, int threads, size_t smem, const A&... args) {
     ++launches;
     log += std::to_string(grid.x) + " " + std::to_string(grid.y) + " " + std::to_string(threads) +
-           " " + std::to_string(smem) + " " +
-           symbol_name(reinterpret_cast<const void*>(kernel)) + "\n";
+           " " + std::to_string(smem) + " " + symbol_name(reinterpret_cast<const void*>(kernel)) +
+           "\n";
     fmnist_emu::run_grid(grid, static_cast<unsigned>(threads), smem, seed * 1000 + launches,
                          [&] { kernel(args...); });
   }
@@ -191,11 +200,8 @@ void run_case(const std::string& base, std::map<std::string, std::vector<std::st
   const int pad_h = std::stoi(m.at("pad").at(0)), pad_w = std::stoi(m.at("pad").at(1));
   const HostTensor x = read_tensor(base + ".x");
   const HostTensor w = read_tensor(base + ".w");
-  const int64_t oh = conv_out_size(x.sizes[2], w.sizes[2], pad_h);
-  const int64_t ow = conv_out_size(x.sizes[3], w.sizes[3], pad_w);
-  const Geom g = make_geom(x.sizes[0], x.sizes[1], x.sizes[2], x.sizes[3], w.sizes[0], w.sizes[2],
-                           w.sizes[3], pad_h, pad_w, pool, pool_out_size(oh, pool),
-                           pool_out_size(ow, pool));
+  const ConvPoolGeometry g = make_geometry(x.sizes[0], x.sizes[1], x.sizes[2], x.sizes[3],
+                                           w.sizes[0], w.sizes[2], w.sizes[3], pad_h, pad_w, pool);
   if (m.at("op").at(0) == "fwd") {
     HostTensor b;
     const bool has_b = m.count("bias") && m["bias"].at(0) == "1";
@@ -248,10 +254,14 @@ int main(int argc, char** argv) {
       auto m = read_meta(base + ".meta");
       const bool f64 = m.at("dtype").at(0) == "f64";
       const bool u8 = std::stoi(m.at("pool").at(0)) <= kMaxPoolForUint8Index;
-      if (f64 && u8) run_case<double, uint8_t>(base, m);
-      else if (f64) run_case<double, int32_t>(base, m);
-      else if (u8) run_case<float, uint8_t>(base, m);
-      else run_case<float, int32_t>(base, m);
+      if (f64 && u8)
+        run_case<double, uint8_t>(base, m);
+      else if (f64)
+        run_case<double, int32_t>(base, m);
+      else if (u8)
+        run_case<float, uint8_t>(base, m);
+      else
+        run_case<float, int32_t>(base, m);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "%s: %s\n", argv[i], e.what());
       return 1;
