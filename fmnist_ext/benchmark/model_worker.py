@@ -248,7 +248,6 @@ def infer_task(spec: dict) -> dict:
 # Profile of the fused training step
 # ----------------------------------------------------------------------------
 
-PHASES = ("data", "zero_grad", "forward", "loss", "backward", "optimizer")
 # Name fragments of the top-level operator (forward) or autograd node
 # (backward) -> layer; first match wins. Every operator's self CPU time is
 # charged to the layer of its top-level ancestor, so nothing is counted twice.
