@@ -27,13 +27,18 @@
 //
 // Backward, per image (only for the outputs asked for):
 //   For each output channel, gather the pool windows that pass a gradient
-//   (index != no-gradient marker) into a short list of (offset, gradient);
-//   every other convolution position is skipped.
+//   (index != no-gradient marker) into a short list of (offset, gradient),
+//   without branches; every other convolution position is skipped.
 //   grad_bias   += sum of those gradients.
 //   grad_weight += g * input patch, accumulated over the list in registers
 //                  (one vector covers a filter row), then added to the
 //                  worker's private partial sum; the caller adds the
 //                  partials of all workers (no atomics).
+//                  A first layer (one input channel, no grad_input asked
+//                  for, filter rows of one vector, kh <= 8: the model's
+//                  block 1) skips the list: weight_grad_cells visits every
+//                  window straight from the indices, a window without a
+//                  winner reading zero rows below the image with g = +0.
 //   grad_input  += g * filter, scattered into a padded channels-last buffer
 //                  for the image (one vector per pixel's channels, so the
 //                  read-modify-writes never partly overlap and stall), then
@@ -46,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "../host_device.h"
 #include "../index_math.h"
@@ -388,6 +394,133 @@ inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const
     weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
 }
 
+// The pool windows of one channel that pass a gradient, as a list of
+// (offset of the winner in xp, [its pixel in gxp,] gradient); returns the
+// list's length. Branch-free: every window's entry is written at the list's
+// end and the end moves on only for a winner, so the unpredictable "passes a
+// gradient?" test costs no mispredicted branch, and the offsets are carried
+// along the rows instead of recomputed.
+template <bool kPix, typename T, typename I>
+inline int64_t gather_winners(const I* ind, const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
+                              int64_t ws, int64_t gws, int32_t no_grad, const int64_t* win_off,
+                              const int64_t* win_pix, int64_t* offs, int64_t* pix, T* gvals) {
+  int64_t m = 0;
+  for (int64_t ph = 0; ph < ph_n; ++ph) {
+    const I* ind_row = ind + ph * pw_n;
+    const T* grad_row = grad + ph * pw_n;
+    int64_t off = ph * pool * ws;
+    int64_t px = ph * pool * gws;
+    for (int64_t pw = 0; pw < pw_n; ++pw, off += pool, px += pool) {
+      const int32_t j = static_cast<int32_t>(ind_row[pw]);
+      // One unsigned compare rejects both the no-gradient marker and any
+      // value outside the window (a corrupt or hand-made indices tensor,
+      // negative ones included): they pass no gradient, and no table is
+      // indexed with them (the entry written for them is overwritten or
+      // lies past the list's end).
+      const bool win = winner_in_window(j, no_grad);
+      const int32_t jj = j & -static_cast<int32_t>(win);
+      offs[m] = off + win_off[jj];
+      if constexpr (kPix) pix[m] = px + win_pix[jj];
+      gvals[m] = grad_row[pw];
+      m += win ? 1 : 0;
+    }
+  }
+  return m;
+}
+
+// `v` where `keep`, else +0, without a branch (and without arithmetic on v,
+// so a NaN or inf gradient of a window without a winner never leaks in).
+template <typename T>
+inline T keep_or_zero(T v, bool keep) {
+  using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  U bits;
+  __builtin_memcpy(&bits, &v, sizeof(T));
+  bits &= static_cast<U>(0) - static_cast<U>(keep);
+  T r;
+  __builtin_memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+
+// grad_weight (and grad_bias) of one channel x one input channel straight
+// from the saved indices, with no winner list, when no grad_input is asked
+// for and a filter row fits one vector (the model's first block): every pool
+// window of the channel is visited once; a window without a winner reads the
+// zero rows at `zoff` below the plane with g = +0, so it adds exactly +0 and
+// the sums equal the winner list's. This saves the list's separate pass
+// (a store and a reload per window) and its loop-carried length.
+template <typename T, typename I, int KH, bool kBias>
+inline void weight_grad_cells_kh(const T* xplane, int64_t ws, int64_t zoff, const I* ind,
+                                 const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
+                                 int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp,
+                                 T* gb) {
+  using V = typename Simd<T>::V;
+  V acc[KH];
+#pragma GCC unroll 8
+  for (int i = 0; i < KH; ++i) acc[i] = V{};
+  T s = 0;
+  for (int64_t ph = 0; ph < ph_n; ++ph) {
+    const I* ind_row = ind + ph * pw_n;
+    const T* grad_row = grad + ph * pw_n;
+    int64_t off = ph * pool * ws;
+    for (int64_t pw = 0; pw < pw_n; ++pw, off += pool) {
+      const int32_t j = static_cast<int32_t>(ind_row[pw]);
+      // As in gather_winners: one unsigned compare rejects the no-gradient
+      // marker and anything outside the window; the table is indexed with 0
+      // for them and their offset is the zero rows'.
+      const bool win = winner_in_window(j, no_grad);
+      const int64_t mask = -static_cast<int64_t>(win);
+      const int32_t jj = j & static_cast<int32_t>(mask);
+      const int64_t o = ((off + win_off[jj]) & mask) | (zoff & ~mask);
+      const T gs = keep_or_zero(grad_row[pw], win);
+      if constexpr (kBias) s += gs;
+      const V gv = splat<V>(gs);
+      const T* x = xplane + o;
+#pragma GCC unroll 8
+      for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < KH; ++i) storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + acc[i]);
+  if constexpr (kBias) *gb += s;
+}
+
+template <typename T, typename I, bool kBias>
+inline void weight_grad_cells_b(const T* xplane, int64_t ws, int64_t zoff, int64_t kh, const I* ind,
+                                const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
+                                int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp,
+                                T* gb) {
+#define FMNIST_CELLS_CASE(KH)                                                                   \
+  case KH:                                                                                      \
+    return weight_grad_cells_kh<T, I, KH, kBias>(xplane, ws, zoff, ind, grad, ph_n, pw_n, pool, \
+                                                 no_grad, win_off, gw, kwp, gb);
+  switch (kh) {
+    FMNIST_CELLS_CASE(1)
+    FMNIST_CELLS_CASE(2)
+    FMNIST_CELLS_CASE(3)
+    FMNIST_CELLS_CASE(4)
+    FMNIST_CELLS_CASE(5)
+    FMNIST_CELLS_CASE(6)
+    FMNIST_CELLS_CASE(7)
+    FMNIST_CELLS_CASE(8)
+    default: break;  // the caller only takes this path for kh <= kMaxKhTile
+  }
+#undef FMNIST_CELLS_CASE
+}
+
+// grad_bias is added (once per channel) when gb is not null.
+template <typename T, typename I>
+inline void weight_grad_cells(const T* xplane, int64_t ws, int64_t zoff, int64_t kh, const I* ind,
+                              const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
+                              int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp, T* gb) {
+  if (gb) {
+    weight_grad_cells_b<T, I, true>(xplane, ws, zoff, kh, ind, grad, ph_n, pw_n, pool, no_grad,
+                                    win_off, gw, kwp, gb);
+  } else {
+    weight_grad_cells_b<T, I, false>(xplane, ws, zoff, kh, ind, grad, ph_n, pw_n, pool, no_grad,
+                                     win_off, gw, kwp, gb);
+  }
+}
+
 }  // namespace
 
 template <typename T, typename I>
@@ -466,14 +599,19 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t kwp = padded_kw<T>(g.kw);
   const int64_t hp = ohu + g.kh - 1;
   const int64_t ws = imax(g.w + 2 * g.pad_w, owu - 1 + nq * L);
-  const int64_t plane = hp * ws;
+  const bool need_gw = a.grad_weight_part != nullptr;
+  const bool need_gb = a.grad_bias_part != nullptr;
+  const bool need_gi = a.grad_input != nullptr;
+  // grad_weight straight from the indices (weight_grad_cells) when there is
+  // no grad_input to scatter and a filter row fits one vector; xp then has kh
+  // zero rows below each plane for the windows without a winner.
+  const bool cells_path = need_gw && !need_gi && g.cin == 1 && nq == 1 && g.kh <= kMaxKhTile;
+  const int64_t hpx = cells_path ? hp + g.kh : hp;  // rows of an xp plane
+  const int64_t plane = hpx * ws;
   const int64_t gws = g.w + 2 * g.pad_w;    // grad_input buffer row length
   const int64_t cinp = round_up(g.cin, L);  // channels padded to vectors
   const int64_t cells = g.ph * g.pw;
   const int32_t no_grad = no_grad_index(pool);
-  const bool need_gw = a.grad_weight_part != nullptr;
-  const bool need_gb = a.grad_bias_part != nullptr;
-  const bool need_gi = a.grad_input != nullptr;
 
   // xp: zero-padded input [cin][hp][ws] (for grad_weight).
   // gxp: zero-padded grad_input, channels last [hp][gws][cinp], so that one
@@ -513,27 +651,32 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   }
 
   for (int64_t n = n0; n < n1; ++n) {
-    if (need_gw) load_padded_image(g, a.input, a.input_strides, n, xp, hp, ws);
+    if (need_gw) load_padded_image(g, a.input, a.input_strides, n, xp, hpx, ws);
+    if (cells_path) {
+      // The zero rows (load_padded_image may have copied image rows that no
+      // pooled output reaches there).
+      for (int64_t ci = 0; ci < g.cin; ++ci) {
+        std::memset(xp + ci * plane + hp * ws, 0, sizeof(T) * static_cast<size_t>(g.kh * ws));
+      }
+    }
     if (need_gi) std::memset(gxp, 0, sizeof(T) * static_cast<size_t>(gxp_size));
     for (int64_t co = 0; co < g.cout; ++co) {
       // Gather the windows of this channel that pass a gradient.
       const int64_t base = (n * g.cout + co) * cells;
-      int64_t m = 0;
-      for (int64_t ph = 0; ph < g.ph; ++ph) {
-        for (int64_t pw = 0; pw < g.pw; ++pw) {
-          const int64_t k = ph * g.pw + pw;
-          const int32_t j = static_cast<int32_t>(a.indices[base + k]);
-          // One unsigned compare skips both the no-gradient marker and any
-          // value outside the window (a corrupt or hand-made indices tensor,
-          // negative ones included): they pass no gradient, and no table or
-          // buffer is ever read or written outside its bounds.
-          if (!winner_in_window(j, no_grad)) continue;
-          offs[m] = (ph * pool) * ws + pw * pool + win_off[j];
-          pix[m] = (ph * pool) * gws + pw * pool + win_pix[j];
-          gvals[m] = a.grad_out[base + k];
-          ++m;
+      if (cells_path) {
+        T* gw_co = a.grad_weight_part + co * g.cin * g.kh * kwp;
+        for (int64_t ci = 0; ci < g.cin; ++ci) {
+          weight_grad_cells(xp + ci * plane, ws, hp * ws, g.kh, a.indices + base, a.grad_out + base,
+                            g.ph, g.pw, pool, no_grad, win_off, gw_co + ci * g.kh * kwp, kwp,
+                            (need_gb && ci == 0) ? a.grad_bias_part + co : nullptr);
         }
+        continue;
       }
+      const int64_t m =
+          need_gi ? gather_winners<true>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
+                                         gws, no_grad, win_off, win_pix, offs, pix, gvals)
+                  : gather_winners<false>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
+                                          gws, no_grad, win_off, win_pix, offs, pix, gvals);
       if (m == 0) continue;
       if (need_gb) {
         T s = 0;
