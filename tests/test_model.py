@@ -30,6 +30,10 @@ def test_conv_output_size(n, f, p, s, expected):
     assert expected == (n - f + 2 * p) // s + 1
 
 
+def test_conv_output_size_defaults_to_no_padding_and_stride_1():
+    assert conv_output_size(28, 5) == conv_output_size(28, 5, 0, 1) == 24
+
+
 def test_feature_size_is_192_and_matches_the_model():
     assert feature_size() == 192
     m = FashionCNN("stock")
