@@ -11,17 +11,25 @@
 // with private scratch, so there is no synchronisation inside.
 //
 // Forward, per image:
-//   1. copy the image (any strides: NCHW, channels_last, sliced) into a
-//      zero-padded buffer xp[cin][hp][ws]; rows are long enough that every
-//      vector load below stays inside the buffer (a few KB: L1-resident).
-//   2. for each block of COB output channels and each pooled row, compute the
-//      `pool` convolution rows it needs, NV vectors of 32 bytes wide at a time,
-//      with the COB x NV accumulators in registers: per filter tap one
-//      unaligned load per vector and one broadcast per channel feed COB*NV
-//      FMAs. The weights are pre-arranged as [block][cin][kh][kw][COB].
-//   3. ReLU + max-pool those rows straight from a small row buffer into the
-//      output and the uint8 winner index. The un-pooled convolution output is
-//      never written to memory beyond `pool` rows of one channel block.
+//   1. without padding, with unit column stride and rows wide enough for the
+//      vector loads (the model's blocks), read the image in place; otherwise
+//      copy it (any strides: NCHW, channels_last, sliced) into a
+//      zero-padded buffer xp[cin][hp][ws] whose rows are long enough that
+//      every vector load below stays inside it (a few KB: L1-resident).
+//   2. for each block of output channels and each pooled row, compute the
+//      `pool` convolution rows it needs in register tiles: per filter tap one
+//      unaligned load per vector and one broadcast per channel feed
+//      channels x vectors FMAs. The weights are pre-arranged as
+//      [block][cin][kh][kw][channels]. Two tile shapes (choose_tiles): wide
+//      (kCob channels x up to kNv vectors of one row) and row pairs (kCob2
+//      channels x 2 rows x 1 vector); the one with fewer padded channels wins
+//      (AVX2: 6-channel row pairs for the model's 6 and 12 channels, where
+//      4-channel blocks computed 8 channels for block 1's 6).
+//   3. ReLU + max-pool, writing the output and the uint8 winner index. Row
+//      pairs with pool 2 pool in the tile's registers (even/odd lanes of the
+//      two rows are a window's four values); other tiles go through a small
+//      row buffer. The un-pooled convolution output is never written to
+//      memory beyond `pool` rows of one channel block.
 //   Memory traffic: read the input once, write out + indices once (1/pool^2
 //   of the convolution size, plus a quarter of that for uint8 indices).
 //
