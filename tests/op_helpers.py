@@ -135,6 +135,9 @@ GRID = [
     pytest.param(2, 3, 10, 12, 7, (2, 5), (1, 0), 2, id="rect-kernel-padding-1-0"),
     pytest.param(2, 2, 11, 9, 3, (4, 2), (0, 1), 3, id="pool3-padding-0-1"),
     pytest.param(3, 4, 8, 8, 5, 3, 1, 1, id="pool1-3x3-padding"),
+    # CPU row-pair tiles (6-channel blocks on AVX2) with an odd pool: a row
+    # pair, then one row two vectors wide.
+    pytest.param(2, 2, 14, 17, 6, 3, 0, 3, id="pool3-6-channels"),
     pytest.param(2, 2, 20, 19, 3, (3, 2), 1, 16, id="pool16-padding"),
     pytest.param(2, 16, 40, 40, 8, 3, 1, 2, id="direct-path-16-channels-40x40"),
     pytest.param(1, 64, 9, 9, 64, 3, 0, 2, id="channel-groups-64x64"),

@@ -104,6 +104,29 @@ def test_non_contiguous_inputs_equal_contiguous(device, layout):
 
 
 @pytest.mark.parametrize("device", cpu_isas_and_cuda())
+@pytest.mark.parametrize(("cin", "size", "cout"), [(1, 28, 6), (6, 12, 12), (3, 13, 5)])
+def test_unit_column_stride_views_equal_contiguous(device, cin, size, cout):
+    # Views with unit column stride but longer rows and a channel gap (the CPU
+    # forward reads such inputs in place, without copying, when no padding is
+    # asked for and the rows are wide enough for its vector loads: the model's
+    # two block shapes are the first two cases): same bits as the contiguous
+    # copy, and each element read from the right place (the margins hold NaN).
+    torch.manual_seed(0)
+    big = torch.full((3, 2 * cin, size + 3, size + 5), float("nan"), device=device)
+    x = big[:, ::2, 1 : 1 + size, 2 : 2 + size]
+    x.copy_(torch.randn(3, cin, size, size, device=device))
+    assert x.stride(3) == 1 and not x.is_contiguous()
+    w = torch.randn(cout, cin, 5, 5, device=device)
+    b = torch.randn(cout, device=device)
+    out, idx = OP(x, w, b, [0, 0], 2)
+    ref_out, ref_idx = OP(x.contiguous(), w, b, [0, 0], 2)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    stock = F.max_pool2d(F.relu(F.conv2d(x.contiguous(), w, b)), 2)
+    torch.testing.assert_close(out, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_isas_and_cuda())
 def test_ties_first_maximum_wins(device):
     # A 1x1 identity filter makes the convolution output equal the input; small
     # integers make many windows hold several equal maxima (and many <= 0).

@@ -3,4 +3,5 @@
 #define FMNIST_ISA isa_default
 #define FMNIST_COB 4
 #define FMNIST_NV 2
+#define FMNIST_COB2 2
 #include "kernels_impl.h"
