@@ -11,6 +11,10 @@
 //     grad_x = grad_mean / M + grad_var * 2 (x - mean) / M, per channel;
 //     an absent (None) grad_mean or grad_var counts as zero.
 //
+//   _channel_moments_backward_add_(grad_x, grad_mean, grad_var, x, mean)
+//     grad_x += the same, in place: for a caller that sums this gradient with
+//     another one of x's (the next layer's) in one pass, without allocating.
+//
 // Why an op of its own: the FashionCNN's training forward folds BatchNorm2d's
 // batch statistics into the next conv block (fmnist_ext/bn_fold.py), which
 // leaves the moments as the only full-size BatchNorm work; stock
@@ -23,4 +27,7 @@ TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
   m.def(
       "_channel_moments_backward(Tensor? grad_mean, Tensor? grad_var, Tensor x, Tensor mean) "
       "-> Tensor");
+  m.def(
+      "_channel_moments_backward_add_(Tensor(a!) grad_x, Tensor? grad_mean, Tensor? grad_var, "
+      "Tensor x, Tensor mean) -> ()");
 }

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from op_helpers import requires_compiled_cpu, supported_cpu_isas
 
@@ -32,7 +33,7 @@ class FoldSpy:
 
     def __init__(self, monkeypatch, model):
         self.calls = 0
-        real = bn_fold.channel_moments
+        real = bn_fold._moments
 
         def counting(x):
             self.calls += 1
@@ -41,7 +42,7 @@ class FoldSpy:
         def bn1_must_not_run(*_args, **_kwargs):
             raise AssertionError("bn1 ran as a layer: the fold path was not taken")
 
-        monkeypatch.setattr(bn_fold, "channel_moments", counting)
+        monkeypatch.setattr(bn_fold, "_moments", counting)
         monkeypatch.setattr(model.bn1, "forward", bn1_must_not_run)
 
 
@@ -183,8 +184,8 @@ def test_double_backward_through_the_fold_matches_stock(monkeypatch):
 def test_the_plain_path_runs_where_the_fold_does_not_apply(monkeypatch):
     fused, _ = make_pair(torch.float32)
     calls = []
-    real = bn_fold.channel_moments
-    monkeypatch.setattr(bn_fold, "channel_moments", lambda x: calls.append(1) or real(x))
+    real = bn_fold._moments
+    monkeypatch.setattr(bn_fold, "_moments", lambda x: calls.append(1) or real(x))
     x = torch.randn(4, 1, 28, 28)
     fused.eval()
     with torch.no_grad():
@@ -199,3 +200,20 @@ def test_the_plain_path_runs_where_the_fold_does_not_apply(monkeypatch):
     fused(x)
     assert calls == [1]
     assert not bn_fold.applies(FashionCNN("stock").bn1, FashionCNN("stock").conv2, torch.randn(2, 6, 12, 12))
+
+
+def test_training_forward_without_grad_and_forward_mode_ad_match_stock(monkeypatch):
+    fused, stock = make_pair(torch.float64)
+    spy = FoldSpy(monkeypatch, fused)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():  # training mode, no graph: the moments op alone, stats still updated
+        torch.testing.assert_close(fused(x), stock(x))
+    assert_models_close(fused, stock, dict(rtol=1e-9, atol=1e-12))
+    t = torch.randn_like(x)
+    with torch.no_grad(), fwAD.dual_level():  # forward mode: the moments carry the tangent
+        got = [fwAD.unpack_dual(m(fwAD.make_dual(x, t))) for m in (fused, stock)]
+    torch.testing.assert_close(got[0].primal, got[1].primal, rtol=1e-8, atol=1e-9)
+    assert got[0].tangent is not None
+    torch.testing.assert_close(got[0].tangent, got[1].tangent, rtol=1e-8, atol=1e-9)
+    assert_models_close(fused, stock, dict(rtol=1e-9, atol=1e-12))
+    assert spy.calls == 2

@@ -219,3 +219,36 @@ def test_other_devices_run_var_mean():
     x = torch.randn(3, 4, 5, 5, device="meta")
     mean, var = channel_moments(x)  # no compiled kernel there: the definition runs
     assert mean.shape == var.shape == (4,) and mean.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_add_adds_in_place(dtype, layout):
+    x = torch.randn(5, 3, 4, 6, dtype=dtype)
+    mean = x.mean((0, 2, 3))
+    gm, gv = torch.randn(3, dtype=dtype), torch.randn(3, dtype=dtype)
+    start = torch.randn_like(x)
+    if layout == "channels_last":
+        start = start.contiguous(memory_format=torch.channels_last)
+    grad_x = start.clone()
+    ptr = grad_x.data_ptr()
+    torch.ops.fmnist_ext._channel_moments_backward_add_(grad_x, gm, gv, x, mean)
+    assert grad_x.data_ptr() == ptr  # in place
+    want = start + torch.ops.fmnist_ext._channel_moments_backward(gm, gv, x, mean)
+    torch.testing.assert_close(grad_x, want)
+    grad_x = start.clone()
+    torch.ops.fmnist_ext._channel_moments_backward_add_(grad_x, None, None, x, mean)
+    assert torch.equal(grad_x, start)
+
+
+def test_backward_add_opcheck_and_bad_grad_x():
+    x = torch.randn(4, 3, 5, 5)
+    mean, g = x.mean((0, 2, 3)), torch.randn(3)
+    op = torch.ops.fmnist_ext._channel_moments_backward_add_
+    torch.library.opcheck(op, (torch.randn_like(x), g, g, x, mean))
+    with pytest.raises(ValueError, match="grad_x of x's shape"):
+        op(torch.randn(4, 3, 5, 4), g, g, x, mean)
+    with pytest.raises(TypeError, match="grad_x to have the dtype of x"):
+        op(torch.randn_like(x, dtype=torch.float64), g, g, x, mean)
+    with pytest.raises(ValueError, match="grad_var to be a 1-D tensor of length C = 3"):
+        op(torch.randn_like(x), g, g[:2], x, mean)

@@ -7,16 +7,18 @@
 // float64 partial sums [2, C]; the partials are then added in chunk order.
 // So the result is deterministic and the same for any number of threads.
 // Each channel's values are shifted by the channel's first value before they
-// are summed (sum of d and of d^2, d = x - x[0, c]): with float64 sums this
-// keeps E[d^2] - E[d]^2 free of the cancellation that E[x^2] - E[x]^2 has
-// when the mean is large against the spread.
+// are summed (sum of d and of d^2, d = x - x[0, c]; per plane in two passes,
+// see accumulate_plane): with float64 sums this keeps E[d^2] - E[d]^2 free
+// of the cancellation that E[x^2] - E[x]^2 has when the mean is large
+// against the spread.
 // Memory traffic: one read of x (plus a copy first if x is not contiguous);
 // the writes are the tiny partial sums.
 //
 // Backward, parallel decomposition: at::parallel_for over images; each
 // element is grad_x = (x - mean_c) * alpha_c + g_c with alpha_c = 2 grad_var_c
 // / M and g_c = grad_mean_c / M. Memory traffic: one read of x, one write of
-// grad_x.
+// grad_x (the _add_ form: one read of x, a read and write of grad_x, and no
+// new full-size buffer).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,30 +67,46 @@ int64_t images_per_chunk(int64_t c, int64_t s) {
   return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, c * s));
 }
 
-// sum += sum_i (p[i] - k), sq += sum_i (p[i] - k)^2 over one channel plane of
-// s values. Eight independent float64 lanes so the compiler can vectorize
-// without reordering any one sum (no -ffast-math).
+// sum += sum_i (p[i] - k), sq += sum_i (p[i] - k)^2 over one channel plane
+// of s values, in two passes over the plane (it is in L1 by then): its mean
+// pm, then sum (p[i] - pm)^2, both in x's own type with eight independent
+// lanes (the compiler vectorizes them without reordering any one sum, no
+// -ffast-math; float lanes are twice as wide as double ones). Only 18-odd
+// values go into each float lane of a 144-value plane, so a lane's rounding
+// stays near float's epsilon; planes are then combined in float64 exactly as
+// sum (p - k)^2 = sum (p - pm)^2 + 2 (pm - k) sum (p - pm) + s (pm - k)^2.
 template <typename T>
 void accumulate_plane(const T* p, int64_t s, double k, double& sum, double& sq) {
   constexpr int kLanes = 8;
-  double ls[kLanes] = {}, lq[kLanes] = {};
+  T ls[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= s; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) ls[l] += p[i + l];
+  }
+  double psum = 0;
+  for (; i < s; ++i) psum += static_cast<double>(p[i]);
+  for (int l = 0; l < kLanes; ++l) psum += static_cast<double>(ls[l]);
+  const T pm = static_cast<T>(psum / static_cast<double>(s));
+
+  T lq[kLanes] = {};
+  i = 0;
+  for (; i + kLanes <= s; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const double d = static_cast<double>(p[i + l]) - k;
-      ls[l] += d;
+      const T d = p[i + l] - pm;
       lq[l] += d * d;
     }
   }
+  double m2 = 0;
   for (; i < s; ++i) {
-    const double d = static_cast<double>(p[i]) - k;
-    ls[0] += d;
-    lq[0] += d * d;
+    const double d = static_cast<double>(p[i]) - static_cast<double>(pm);
+    m2 += d * d;
   }
-  for (int l = 0; l < kLanes; ++l) {
-    sum += ls[l];
-    sq += lq[l];
-  }
+  for (int l = 0; l < kLanes; ++l) m2 += static_cast<double>(lq[l]);
+
+  const double ds = static_cast<double>(s), dpm = static_cast<double>(pm);
+  const double off = dpm - k;  // plane mean (as rounded) against the channel's shift
+  sum += psum - ds * k;
+  sq += m2 + 2.0 * off * (psum - ds * dpm) + ds * off * off;
 }
 
 // Partial sums of images [n0, n1) into part[0..c) (sums) and part[c..2c)
@@ -165,60 +183,104 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x_in) {
   return {mean, var};
 }
 
-template <typename T>
+// grad_x = (x - mean) * alpha + g per channel, or grad_x += that when Add.
+template <bool Add, typename T>
 void moments_backward_images(const T* x, int64_t n0, int64_t n1, int64_t c, int64_t s,
                              const T* mean, const T* alpha, const T* g, T* gx) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* xn = x + n * c * s;
     T* gn = gx + n * c * s;
     if (s == 1) {
-      for (int64_t ch = 0; ch < c; ++ch) gn[ch] = (xn[ch] - mean[ch]) * alpha[ch] + g[ch];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const T v = (xn[ch] - mean[ch]) * alpha[ch] + g[ch];
+        gn[ch] = Add ? gn[ch] + v : v;
+      }
     } else {
       for (int64_t ch = 0; ch < c; ++ch) {
         const T mu = mean[ch], a = alpha[ch], b = g[ch];
         const T* p = xn + ch * s;
         T* q = gn + ch * s;
-        for (int64_t i = 0; i < s; ++i) q[i] = (p[i] - mu) * a + b;
+        for (int64_t i = 0; i < s; ++i) {
+          const T v = (p[i] - mu) * a + b;
+          q[i] = Add ? q[i] + v : v;
+        }
       }
     }
   }
 }
 
-at::Tensor channel_moments_backward_cpu(const std::optional<at::Tensor>& grad_mean,
-                                        const std::optional<at::Tensor>& grad_var,
-                                        const at::Tensor& x_in, const at::Tensor& mean_in) {
-  const auto [n, c, s] = check_x(x_in, kBackwardOp);
-  check_channel_vector(mean_in, x_in, c, "mean");
+// Checks the backward's arguments; returns (N, C, S).
+std::tuple<int64_t, int64_t, int64_t> check_backward(const std::optional<at::Tensor>& grad_mean,
+                                                     const std::optional<at::Tensor>& grad_var,
+                                                     const at::Tensor& x, const at::Tensor& mean) {
+  const auto shape = check_x(x, kBackwardOp);
+  const int64_t c = std::get<1>(shape);
+  check_channel_vector(mean, x, c, "mean");
+  if (grad_mean.has_value() && grad_mean->defined())
+    check_channel_vector(*grad_mean, x, c, "grad_mean");
+  if (grad_var.has_value() && grad_var->defined())
+    check_channel_vector(*grad_var, x, c, "grad_var");
+  return shape;
+}
+
+// out (contiguous, x's shape) = or += the backward formula.
+template <bool Add>
+void run_backward(const std::optional<at::Tensor>& grad_mean,
+                  const std::optional<at::Tensor>& grad_var, const at::Tensor& x_in,
+                  const at::Tensor& mean_in, int64_t n, int64_t c, int64_t s, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const at::Tensor x = x_in.contiguous();
   const bool has_gm = grad_mean.has_value() && grad_mean->defined();
   const bool has_gv = grad_var.has_value() && grad_var->defined();
-  if (has_gm) check_channel_vector(*grad_mean, x_in, c, "grad_mean");
-  if (has_gv) check_channel_vector(*grad_var, x_in, c, "grad_var");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  const int64_t m = n * s;
-  if (grad_x.numel() == 0) return grad_x;
-
   // Per-channel coefficients, computed in float64 and rounded once.
   const auto dopts = x.options().dtype(at::kDouble);
-  const double inv_m = 1.0 / static_cast<double>(m);
+  const double inv_m = 1.0 / static_cast<double>(n * s);
   const at::Tensor alpha =
       (has_gv ? grad_var->to(at::kDouble) * (2.0 * inv_m) : at::zeros({c}, dopts))
           .to(x.scalar_type());
   const at::Tensor g =
       (has_gm ? grad_mean->to(at::kDouble) * inv_m : at::zeros({c}, dopts)).to(x.scalar_type());
   const at::Tensor mean = mean_in.contiguous();
-
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments_backward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* mp = mean.const_data_ptr<scalar_t>();
     const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, images_per_chunk(c, s), [&](int64_t n0, int64_t n1) {
-      moments_backward_images(xp, n0, n1, c, s, mp, ap, gp, out);
+      moments_backward_images<Add>(xp, n0, n1, c, s, mp, ap, gp, op);
     });
   });
+}
+
+at::Tensor channel_moments_backward_cpu(const std::optional<at::Tensor>& grad_mean,
+                                        const std::optional<at::Tensor>& grad_var,
+                                        const at::Tensor& x, const at::Tensor& mean) {
+  const auto [n, c, s] = check_backward(grad_mean, grad_var, x, mean);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  run_backward<false>(grad_mean, grad_var, x, mean, n, c, s, grad_x);
   return grad_x;
+}
+
+void channel_moments_backward_add_cpu(at::Tensor& grad_x,
+                                      const std::optional<at::Tensor>& grad_mean,
+                                      const std::optional<at::Tensor>& grad_var,
+                                      const at::Tensor& x, const at::Tensor& mean) {
+  const auto [n, c, s] = check_backward(grad_mean, grad_var, x, mean);
+  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), kBackwardOp,
+                    "_add_: expected grad_x of x's shape ", x.sizes(), ", got ", grad_x.sizes());
+  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type(), kBackwardOp,
+                   "_add_: expected grad_x to have the dtype of x (", x.scalar_type(), "), got ",
+                   grad_x.scalar_type());
+  TORCH_CHECK_VALUE(grad_x.device().is_cpu(), kBackwardOp,
+                    "_add_: expected grad_x on the CPU, got ", grad_x.device());
+  if (grad_x.is_contiguous()) {
+    run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, grad_x);
+  } else {  // any layout: add through a contiguous copy
+    at::Tensor tmp = grad_x.contiguous();
+    run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, tmp);
+    grad_x.copy_(tmp);
+  }
 }
 
 }  // namespace
@@ -228,4 +290,5 @@ at::Tensor channel_moments_backward_cpu(const std::optional<at::Tensor>& grad_me
 TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
   m.impl("channel_moments", &fmnist_ext::cpu::channel_moments_cpu);
   m.impl("_channel_moments_backward", &fmnist_ext::cpu::channel_moments_backward_cpu);
+  m.impl("_channel_moments_backward_add_", &fmnist_ext::cpu::channel_moments_backward_add_cpu);
 }

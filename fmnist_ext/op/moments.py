@@ -10,7 +10,10 @@ memory passes' worth of time on these two vectors.
 The compiled CPU kernels (csrc/cpu/channel_moments_cpu.cpp, schema in
 csrc/channel_moments.cpp) compute them in one read of x with float64 sums;
 the backward is the op ``_channel_moments_backward(grad_mean, grad_var, x,
-mean)``: grad_x = grad_mean / M + grad_var * 2 (x - mean) / M, one pass.
+mean)``: grad_x = grad_mean / M + grad_var * 2 (x - mean) / M, one pass;
+``_channel_moments_backward_add_(grad_x, ...)`` adds it into a gradient of
+x that the caller owns, in place (fmnist_ext/bn_fold.py sums the next
+layer's gradient of x with it that way: no autograd add, no new buffer).
 Elsewhere (CUDA, no compiled library) `channel_moments` runs
 torch.var_mean.
 
@@ -30,6 +33,7 @@ from . import _library
 
 FORWARD_OP = f"{_library.OP_NAMESPACE}::channel_moments"
 BACKWARD_OP = f"{_library.OP_NAMESPACE}::_channel_moments_backward"
+BACKWARD_ADD_OP = f"{_library.OP_NAMESPACE}::_channel_moments_backward_add_"
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 # Read once (the library is loaded by now): a plain bool also keeps torch.compile from breaking the graph.
 _CPU_KERNEL = _library.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CPU")
@@ -174,6 +178,15 @@ def register() -> None:
     def _channel_moments_backward_fake(grad_mean, grad_var, x, mean):
         check_backward_args(grad_mean, grad_var, x, mean)
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake(BACKWARD_ADD_OP)
+    def _channel_moments_backward_add_fake(grad_x, grad_mean, grad_var, x, mean):
+        check_backward_args(grad_mean, grad_var, x, mean)
+        if grad_x.shape != x.shape or grad_x.dtype != x.dtype:
+            raise ValueError(
+                f"_channel_moments_backward_add_: expected grad_x of x's shape and dtype "
+                f"({list(x.shape)}, {x.dtype}), got {list(grad_x.shape)}, {grad_x.dtype}"
+            )
 
     _lib.impl("channel_moments", _forward_autograd, "Autograd", with_keyset=True)
     _lib.impl("_channel_moments_backward", _backward_autograd, "Autograd", with_keyset=True)
