@@ -252,3 +252,15 @@ def test_backward_add_opcheck_and_bad_grad_x():
         op(torch.randn_like(x, dtype=torch.float64), g, g, x, mean)
     with pytest.raises(ValueError, match="grad_var to be a 1-D tensor of length C = 3"):
         op(torch.randn_like(x), g, g[:2], x, mean)
+
+
+def test_torch_func_gradients_are_refused_and_vmap_loops():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"channel_moments: gradients under torch\.func"):
+        torch.func.grad(lambda t: channel_moments(t)[1].sum())(x)
+    xs = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64)
+    means, variances = torch.vmap(channel_moments)(xs)  # PyTorch's per-sample fallback
+    for i in range(2):
+        rm, rv = _ref(xs[i])
+        torch.testing.assert_close(means[i], rm)
+        torch.testing.assert_close(variances[i], rv)

@@ -21,7 +21,8 @@ Autodiff: reverse mode through the kernels; double backward through the
 same backward formula in differentiable torch ops (the backward op's
 Autograd kernel switches to it when its inputs need gradients or carry
 tangents); forward mode (a tangent on x) runs torch.var_mean, which carries
-tangents.
+tangents. Gradients under torch.func transforms are refused with a clear
+error (torch.vmap alone works, through PyTorch's per-sample fallback).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def _forward_autograd(keyset, x):
     if _requires_grad((x,)):
         if torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
-                "channel_moments: torch.func transforms (grad, vmap, jacrev) are not supported; "
-                "use torch.var_mean(x, dims, correction=0)"
+                "channel_moments: gradients under torch.func transforms (grad, jacrev, vjp) are not "
+                "supported; use torch.var_mean(x, dims, correction=0)"
             )
         return _ChannelMoments.apply(x)
     return _below_autograd(torch.ops.fmnist_ext.channel_moments.default, keyset, x)
