@@ -10,6 +10,11 @@
 (StockConvReLUMaxPool2d: nn.Conv2d, then F.relu and F.max_pool2d). Both have
 the same parameters under the same state_dict keys, so a checkpoint loads
 into either.
+
+In training mode the fused model on the CPU runs bn1 folded into conv2
+(fmnist_ext/bn_fold.py: the batch moments, then conv2 with per-batch folded
+weights; same function, same running statistics), which saves most of
+BatchNorm2d's cost; elsewhere bn1 runs as a layer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bn_fold
 from .op import FusedConvReLUMaxPool2d
 
 KERNELS = ("fused", "stock")
@@ -102,8 +108,11 @@ class FashionCNN(nn.Module):
         return FashionCNNInference.from_model(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(self.conv1(x))
-        x = self.conv2(x)
+        x = self.conv1(x)
+        if self.kernels == "fused" and self.training and bn_fold.applies(self.bn1, self.conv2, x):
+            x = bn_fold.bn_conv_block(self.bn1, self.conv2, x)
+        else:
+            x = self.conv2(self.bn1(x))
         x = torch.flatten(x, 1)
         x = self.bn2(F.relu(self.fc1(x)))
         x = F.relu(self.fc2(x))

@@ -12,6 +12,9 @@ tested and reused on its own. Its files:
   torch.library wants from Python -- fake kernels, the Autograd kernels
   (backward, double backward, forward AD), the Autocast kernels.
 - ``reference.py`` the pure-PyTorch definition, and the fallback.
+- ``moments.py``   a second, smaller op: per-channel batch moments
+  (``channel_moments``), what the FashionCNN's training-mode BatchNorm fold
+  needs; its fake and Autograd kernels are registered here too.
 """
 
 from . import _library
@@ -20,11 +23,12 @@ from .functional import conv_relu_maxpool2d, uses_compiled_kernels
 from .modules import FusedConvReLUMaxPool2d
 
 if _library.LOADED:
-    from . import _autocast, _autograd, _fake
+    from . import _autocast, _autograd, _fake, moments
 
     _fake.register()
     _autograd.register()  # backward, double backward, forward-mode AD (_autograd.py)
     _autocast.register()  # mixed precision under torch.autocast (_autocast.py)
+    moments.register()  # channel_moments' fake and Autograd kernels (moments.py)
 
 __all__ = [
     "FusedConvReLUMaxPool2d",

@@ -1,0 +1,114 @@
+"""Training-mode BatchNorm2d folded into the next conv block (fused model, CPU).
+
+In training mode bn1 normalises block 1's output h with the batch's own
+moments: bn1(h) = a * h + shift per channel, a = gamma / sqrt(var + eps),
+shift = beta - mean * a. Block 2 has no padding, so every output of its
+convolution sums all taps over in-range positions and
+
+    conv2(a * h + shift) = conv(h, W2 * a) + (b2 + sum_{ci,i,j} W2[:, ci, i, j] * shift[ci])
+
+exactly (in exact arithmetic; float32 rounds differently). So the fused op
+runs on the raw h with folded weights [12, 6, 5, 5] and bias [12], and
+autograd over those tiny tensors gives gamma's, beta's, W2's and b2's
+gradients; h's gradient is block 2's grad_input (with the folded weights)
+plus the moments' backward.
+
+What it saves: nn.BatchNorm2d's forward and backward over the full
+[N, 6, 12, 12] activation (its normalised copy, and a backward of several
+passes). What is left of the full-size work: one read of h for its moments
+(fmnist_ext.op.moments.channel_moments, float64 sums) and one elementwise
+pass in their backward, which adds the moments' part of h's gradient in
+place into block 2's grad_input (_MomentsOfBlockInput below) instead of
+allocating its own full-size gradient for autograd to add.
+
+The running statistics are updated as nn.BatchNorm2d does (momentum, or
+the cumulative average when momentum is None; unbiased variance), under
+no_grad. The model uses this path only where it is exact and the kernels
+exist (FashionCNN.forward says when); everywhere else bn1 runs as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from .op import FusedConvReLUMaxPool2d, conv_relu_maxpool2d, uses_compiled_kernels
+from .op.moments import backward_formula, channel_moments, has_compiled_kernel
+
+
+def applies(bn: nn.Module, conv: nn.Module, h: torch.Tensor) -> bool:
+    """True when bn -> conv can run folded on h: a plain training-mode
+    BatchNorm2d with affine parameters and running statistics, a conv block
+    without padding, h a float CPU tensor with the compiled moments kernel,
+    more than one value per channel, outside autocast and torch.func."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and isinstance(conv, FusedConvReLUMaxPool2d)
+        and conv.padding == (0, 0)
+        and h.dtype in (torch.float32, torch.float64)
+        and uses_compiled_kernels(h.device)
+        and has_compiled_kernel(h.device)
+        and h.shape[0] * h.shape[2] * h.shape[3] > 1
+        and not torch.is_autocast_enabled("cpu")
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What nn.BatchNorm2d's training forward does to its buffers."""
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+    bn.running_var.mul_(1.0 - factor).add_(var.detach() * (count / (count - 1)), alpha=factor)
+
+
+class _MomentsOfBlockInput(torch.autograd.Function):
+    """(h', mean, var) = (h, channel moments of h), with h' (a view of h) for
+    block 2 alone. h's gradient is then block 2's grad_input plus the
+    moments' part; the backward adds the latter in place into the former,
+    which is a fresh tensor of block 2's backward that nothing else holds
+    (h' has no other consumer)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.set_materialize_grads(False)
+        mean, var = torch.ops.fmnist_ext.channel_moments(h)
+        ctx.save_for_backward(h, mean)
+        return h.view_as(h), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_mean, grad_var):
+        h, mean = ctx.saved_tensors
+        if grad_mean is None and grad_var is None:
+            return grad_h
+        if grad_h is None:
+            return torch.ops.fmnist_ext._channel_moments_backward(grad_mean, grad_var, h, mean)
+        if torch.is_grad_enabled():  # create_graph: differentiable ops, nothing in place
+            return grad_h + backward_formula(grad_mean, grad_var, h, mean)
+        torch.ops.fmnist_ext._channel_moments_backward_add_(grad_h, grad_mean, grad_var, h, mean)
+        return grad_h
+
+
+def _moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and h.requires_grad and fwAD._current_level < 0:
+        return _MomentsOfBlockInput.apply(h)
+    # no gradient wanted, or forward-mode AD (channel_moments carries tangents)
+    return (h, *channel_moments(h))
+
+
+def bn_conv_block(bn: nn.BatchNorm2d, conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """conv(bn(h)) with bn in training mode, folded (see the module docstring)."""
+    h, mean, var = _moments(h)
+    update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3])
+    a = bn.weight * torch.rsqrt(var + bn.eps)
+    shift = bn.bias - mean * a
+    weight = conv.weight * a.view(1, -1, 1, 1)
+    bias = torch.mv(conv.weight.sum((2, 3)), shift)
+    if conv.bias is not None:
+        bias = bias + conv.bias
+    return conv_relu_maxpool2d(h, weight, bias, conv.padding, conv.pool)

@@ -1,0 +1,219 @@
+"""Training-mode BatchNorm2d folded into conv block 2 (fmnist_ext/bn_fold.py):
+the fused FashionCNN with the fold against the stock FashionCNN from the same
+state_dict -- logits, loss, every gradient, running statistics and
+num_batches_tracked over several Adam steps, eval mode afterwards -- and
+proof that the fold path (not bn1 as a layer) ran."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from op_helpers import requires_compiled_cpu, supported_cpu_isas
+
+from fmnist_ext import bn_fold
+from fmnist_ext.model import FashionCNN
+
+pytestmark = requires_compiled_cpu
+
+# One case per CPU kernel build this machine runs (conftest.py sets FMNIST_CPU_ISA).
+ISAS = [pytest.param(isa, marks=pytest.mark.cpu_isa(isa), id=isa) for isa in supported_cpu_isas()] or ["none"]
+# float64: the fold is exact up to rounding; float32: test_model.py's tolerances.
+TOL = {
+    torch.float64: dict(logits=dict(rtol=1e-9, atol=1e-9), grads=dict(rtol=1e-7, atol=1e-9)),
+    torch.float32: dict(logits=dict(rtol=1e-5, atol=1e-5), grads=dict(rtol=1e-4, atol=1e-5)),
+}
+
+
+class FoldSpy:
+    """Counts the fold path's moments calls and fails if bn1 runs as a layer."""
+
+    def __init__(self, monkeypatch, model):
+        self.calls = 0
+        real = bn_fold._moments
+
+        def counting(x):
+            self.calls += 1
+            return real(x)
+
+        def bn1_must_not_run(*_args, **_kwargs):
+            raise AssertionError("bn1 ran as a layer: the fold path was not taken")
+
+        monkeypatch.setattr(bn_fold, "_moments", counting)
+        monkeypatch.setattr(model.bn1, "forward", bn1_must_not_run)
+
+
+def make_pair(dtype, momentum=0.1):
+    torch.manual_seed(0)
+    fused, stock = FashionCNN("fused"), FashionCNN("stock")
+    with torch.no_grad():  # non-trivial BatchNorm parameters and buffers
+        fused.bn1.weight.uniform_(0.5, 1.5)
+        fused.bn1.bias.uniform_(-0.5, 0.5)
+        fused.bn1.running_mean.uniform_(-0.1, 0.1)
+        fused.bn1.running_var.uniform_(0.5, 1.5)
+    for m in (fused, stock):
+        m.bn1.momentum = momentum
+    stock.load_state_dict(fused.state_dict())
+    return fused.to(dtype).train(), stock.to(dtype).train()
+
+
+def assert_models_close(fused, stock, tol):
+    for (name, a), (_, b) in zip(fused.state_dict().items(), stock.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def train_side_by_side(fused, stock, dtype, steps=3, batch=24):
+    tol = TOL[dtype]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (fused, stock)]
+    for step in range(steps):
+        x = torch.randn(batch, 1, 28, 28, dtype=dtype)
+        y = torch.randint(0, 10, (batch,))
+        lf, ls = fused(x), stock(x)
+        torch.testing.assert_close(lf, ls, **tol["logits"], msg=lambda m, step=step: f"step {step} logits: {m}")
+        loss_f, loss_s = F.cross_entropy(lf, y), F.cross_entropy(ls, y)
+        torch.testing.assert_close(loss_f, loss_s, **tol["logits"])
+        for o in opts:
+            o.zero_grad()
+        loss_f.backward()
+        loss_s.backward()
+        for (name, pf), (_, ps) in zip(fused.named_parameters(), stock.named_parameters()):
+            assert pf.grad is not None, name
+            torch.testing.assert_close(
+                pf.grad, ps.grad, **tol["grads"], msg=lambda m, name=name, step=step: f"step {step} {name}: {m}"
+            )
+        for o in opts:
+            o.step()
+        if dtype == torch.float32:
+            # Adam's first steps move a parameter by about lr * sign(grad), so a
+            # float32 rounding difference in a near-zero gradient becomes a
+            # difference of lr (the plain fused model vs stock shows the same).
+            # Continue from the same parameters; the buffers keep their own history.
+            with torch.no_grad():
+                for pf, ps in zip(fused.parameters(), stock.parameters()):
+                    pf.copy_(ps)
+        # running statistics and num_batches_tracked after every step
+        assert_models_close(fused, stock, tol["grads"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fold_matches_stock_over_adam_steps(monkeypatch, isa, dtype):
+    fused, stock = make_pair(dtype)
+    spy = FoldSpy(monkeypatch, fused)
+    train_side_by_side(fused, stock, dtype)
+    assert spy.calls == 3
+    assert int(fused.bn1.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_momentum_none_is_the_cumulative_average(monkeypatch, dtype):
+    fused, stock = make_pair(dtype, momentum=None)
+    spy = FoldSpy(monkeypatch, fused)
+    train_side_by_side(fused, stock, dtype, steps=4)
+    assert spy.calls == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eval_and_for_inference_after_folded_training_equal_stock(dtype):
+    fused, stock = make_pair(dtype)
+    train_side_by_side(fused, stock, dtype, steps=2)
+    fused.eval()
+    stock.eval()
+    x = torch.randn(7, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        want = stock(x)
+        torch.testing.assert_close(fused(x), want, **TOL[dtype]["logits"])
+        torch.testing.assert_close(fused.for_inference()(x), want, **TOL[dtype]["logits"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_fold_is_as_close_to_the_float64_truth_as_stock_float32(seed):
+    # The fold rounds differently from BatchNorm + conv (folded weights, the
+    # shift in the bias): judge both float32 models against float64 stock.
+    fused, stock = make_pair(torch.float32)
+    truth = copy.deepcopy(stock).double()
+    torch.manual_seed(seed)
+    x, y = torch.randn(9, 1, 28, 28), torch.randint(0, 10, (9,))
+
+    def grads(model, dtype):
+        model.zero_grad()
+        logits = model(x.to(dtype))
+        F.cross_entropy(logits, y).backward()
+        return [logits.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+    want = grads(truth, torch.float64)
+    errors = {}
+    for name, model in (("fold", fused), ("stock", stock)):
+        got = grads(model, torch.float32)
+        errors[name] = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+    assert errors["fold"] <= 2 * errors["stock"] + 1e-6, errors
+
+
+def test_running_var_is_unbiased_and_checkpoints_keep_their_keys(monkeypatch):
+    fused, stock = make_pair(torch.float64, momentum=1.0)  # running stats = this batch's
+    FoldSpy(monkeypatch, fused)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    fused(x)
+    h = fused.conv1(x)
+    torch.testing.assert_close(fused.bn1.running_var, h.var((0, 2, 3), correction=1))
+    torch.testing.assert_close(fused.bn1.running_mean, h.mean((0, 2, 3)))
+    assert list(fused.state_dict()) == list(stock.state_dict())
+
+
+def test_double_backward_through_the_fold_matches_stock(monkeypatch):
+    # A gradient penalty (create_graph=True): the moments' backward is differentiated too.
+    fused, stock = make_pair(torch.float64)
+    spy = FoldSpy(monkeypatch, fused)
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    results = []
+    for m in (fused, stock):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(m(xi).square().sum(), xi, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), list(m.parameters())))
+    assert spy.calls == 1
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_the_plain_path_runs_where_the_fold_does_not_apply(monkeypatch):
+    fused, _ = make_pair(torch.float32)
+    calls = []
+    real = bn_fold._moments
+    monkeypatch.setattr(bn_fold, "_moments", lambda x: calls.append(1) or real(x))
+    x = torch.randn(4, 1, 28, 28)
+    fused.eval()
+    with torch.no_grad():
+        fused(x)  # eval mode: running statistics, bn1 as a layer
+    fused.train()
+    fused.bn1.eval()  # a BatchNorm put in eval mode inside a training model
+    fused(x)
+    fused.bn1.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x)  # autocast: BatchNorm's own mixed-precision rules
+    assert calls == []
+    fused(x)
+    assert calls == [1]
+    assert not bn_fold.applies(FashionCNN("stock").bn1, FashionCNN("stock").conv2, torch.randn(2, 6, 12, 12))
+
+
+def test_training_forward_without_grad_and_forward_mode_ad_match_stock(monkeypatch):
+    fused, stock = make_pair(torch.float64)
+    spy = FoldSpy(monkeypatch, fused)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():  # training mode, no graph: the moments op alone, stats still updated
+        torch.testing.assert_close(fused(x), stock(x))
+    assert_models_close(fused, stock, dict(rtol=1e-9, atol=1e-12))
+    t = torch.randn_like(x)
+    with torch.no_grad(), fwAD.dual_level():  # forward mode: the moments carry the tangent
+        got = [fwAD.unpack_dual(m(fwAD.make_dual(x, t))) for m in (fused, stock)]
+    torch.testing.assert_close(got[0].primal, got[1].primal, rtol=1e-8, atol=1e-9)
+    assert got[0].tangent is not None
+    torch.testing.assert_close(got[0].tangent, got[1].tangent, rtol=1e-8, atol=1e-9)
+    assert_models_close(fused, stock, dict(rtol=1e-9, atol=1e-12))
+    assert spy.calls == 2
