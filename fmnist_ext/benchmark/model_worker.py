@@ -256,6 +256,8 @@ LAYERS = (
     ("ConvReluMaxpool2D", "conv blocks"),
     ("batch_norm", "BatchNorm"),
     ("BatchNorm", "BatchNorm"),
+    ("channel_moments", "BatchNorm"),  # bn1 folded into block 2 (fmnist_ext/bn_fold.py)
+    ("MomentsOfBlockInput", "BatchNorm"),
     ("linear", "Linear"),
     ("addmm", "Linear"),
     ("Addmm", "Linear"),
