@@ -379,16 +379,16 @@ inline int64_t split_rows(int64_t ph_n) { return (ph_n + 1) / 2; }
 // of g each) feeds kh FMAs. Winners [0, ma) are chain A, [ma, m) chain B;
 // their steps are interleaved so the two chains overlap.
 constexpr int64_t kMaxKhTile = 8;
-template <typename T, int KH>
-inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t* offs,
-                                     const T* gvals, int64_t ma, int64_t m, T* gw, int64_t kwp) {
+template <typename T, int KH, typename O>
+inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const O* offs, const T* gvals,
+                                     int64_t ma, int64_t m, T* gw, int64_t kwp) {
   using V = typename Simd<T>::V;
   V acc_a[KH], acc_b[KH];
 #pragma GCC unroll 8
   for (int i = 0; i < KH; ++i) acc_a[i] = acc_b[i] = V{};
   const int64_t mb = m - ma;
   const int64_t both = imin(ma, mb);
-  const int64_t* offs_b = offs + ma;
+  const O* offs_b = offs + ma;
   const T* gvals_b = gvals + ma;
   for (int64_t t = 0; t < both; ++t) {
     const V ga = splat<V>(gvals[t]);
@@ -419,22 +419,20 @@ inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t*
   }
 }
 
-template <typename T>
-inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const int64_t* offs,
+template <typename T, typename O>
+inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const O* offs,
                                   const T* gvals, int64_t ma, int64_t m, T* gw, int64_t kwp) {
   switch (kh) {
-    case 1: return weight_grad_rows_tile_kh<T, 1>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 2: return weight_grad_rows_tile_kh<T, 2>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 3: return weight_grad_rows_tile_kh<T, 3>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 4: return weight_grad_rows_tile_kh<T, 4>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 5: return weight_grad_rows_tile_kh<T, 5>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 6: return weight_grad_rows_tile_kh<T, 6>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 7: return weight_grad_rows_tile_kh<T, 7>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    case 8: return weight_grad_rows_tile_kh<T, 8>(xplane, ws, offs, gvals, ma, m, gw, kwp);
-    default: break;
+    case 1: return weight_grad_rows_tile_kh<T, 1, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 2: return weight_grad_rows_tile_kh<T, 2, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 3: return weight_grad_rows_tile_kh<T, 3, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 4: return weight_grad_rows_tile_kh<T, 4, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 5: return weight_grad_rows_tile_kh<T, 5, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 6: return weight_grad_rows_tile_kh<T, 6, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 7: return weight_grad_rows_tile_kh<T, 7, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 8: return weight_grad_rows_tile_kh<T, 8, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    default: break;  // the callers only take this path for kh <= kMaxKhTile
   }
-  for (int64_t i = 0; i < kh; ++i)
-    weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
 }
 
 // The pool windows of one channel that pass a gradient, as a list of
@@ -584,6 +582,63 @@ inline void weight_grad_cl_nw(const T* xcl, int64_t grs, int64_t kh, const int64
   }
 }
 
+// grad_weight (as weight_grad_cl, the same sums) and grad_input (as
+// scatter_input_grad) of one channel in one pass over its winners, filter row
+// by filter row: the row's nw weight vectors stay in registers for the whole
+// pass and each winner's step loads its g and offset once for both. Per
+// winner and filter row: nw FMAs into the grad_weight sums and nw
+// read-modify-writes of gxp (whose FMAs take the weights from registers).
+template <typename T, int NW>
+inline void weight_and_input_grad_cl(const T* xcl, T* gxp, int64_t grs, int64_t kh, const T* wco,
+                                     const int64_t* pix, int64_t cinp, const T* gvals, int64_t m,
+                                     T* gwcl) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  for (int64_t i = 0; i < kh; ++i) {
+    V acc[NW], w[NW];
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) {
+      acc[e] = V{};
+      w[e] = loadu<V>(wco + (i * NW + e) * L);
+    }
+    for (int64_t t = 0; t < m; ++t) {
+      const V gv = splat<V>(gvals[t]);
+      const int64_t o = pix[t] * cinp + i * grs;
+      const T* x = xcl + o;
+      T* d = gxp + o;
+#pragma GCC unroll 16
+      for (int e = 0; e < NW; ++e) {
+        acc[e] += gv * loadu<V>(x + e * L);
+        storeu(d + e * L, loadu<V>(d + e * L) + gv * w[e]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) {
+      T* dst = gwcl + (i * NW + e) * L;
+      storeu(dst, loadu<V>(dst) + acc[e]);
+    }
+  }
+}
+
+// The widths with a compiled one-pass kernel (weights and sums within 16
+// registers); false: separate passes.
+inline bool weight_and_input_grad_cl_supported(int64_t nw) { return nw == 3 || nw == 5 || nw == 6; }
+
+template <typename T>
+inline void weight_and_input_grad(const T* xcl, T* gxp, int64_t grs, int64_t kh, int64_t nw,
+                                  const T* wco, const int64_t* pix, int64_t cinp, const T* gvals,
+                                  int64_t m, T* gwcl) {
+  switch (nw) {
+    case 3:
+      return weight_and_input_grad_cl<T, 3>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    case 5:
+      return weight_and_input_grad_cl<T, 5>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    case 6:
+      return weight_and_input_grad_cl<T, 6>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    default: break;  // not taken: weight_and_input_grad_cl_supported
+  }
+}
+
 // The filter-row widths (in vectors) with a compiled kernel; others use the
 // planar winner-list path.
 inline bool weight_grad_cl_supported(int64_t nw) {
@@ -645,21 +700,71 @@ inline T masked(T v, int64_t keep) {
   return r;
 }
 
+// The gradient of each window of a channel where it has a winner, +0 where
+// not (by masking the bits: a NaN or inf gradient of a window without a
+// winner never leaks in). A plain loop, so the compiler vectorizes it.
+template <typename T, typename I>
+inline void masked_grads(const I* __restrict ind, const T* __restrict grad, int64_t cells,
+                         int32_t no_grad, T* __restrict gs) {
+  for (int64_t k = 0; k < cells; ++k) {
+    const bool win = winner_in_window(static_cast<int32_t>(ind[k]), no_grad);
+    gs[k] = masked(grad[k], -static_cast<int64_t>(win));
+  }
+}
+
+// grad_bias of one channel from masked_grads: L lanes (lane l takes windows
+// l, l + L, ... in order), then the lanes added in order. Vector adds hide
+// the add latency a single running sum waits on; every path sums the same
+// masked array this way, so grad_bias is the same whatever else is asked.
+template <typename T>
+inline T lane_sum(const T* gs, int64_t cells) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  V acc{};
+  int64_t k = 0;
+  for (; k + L <= cells; k += L) acc += loadu<V>(gs + k);
+  T lanes[L];
+  storeu(lanes, acc);
+  for (int64_t l = 0; k < cells; ++k, ++l) lanes[l] += gs[k];
+  T s = lanes[0];
+  for (int64_t l = 1; l < L; ++l) s += lanes[l];
+  return s;
+}
+
+// The index-driven path for pool 2 (the model's block 1), step 1: decode
+// all the windows of a channel into o[k] = offset of window k's winner in xp
+// (or of the zero rows below the plane, zoff, for a window without one) and
+// gs[k] (masked_grads' values). corner[k] is window k's corner in xp. A plain
+// loop without tables, so the compiler vectorizes it. Step 2 is
+// weight_grad_rows_tile over all windows, chain A being the windows of the
+// pool rows [0, split_rows(ph)) as in the winner list.
+template <typename T, typename I, typename E>
+inline void decode_windows_pool2(const I* __restrict ind, const T* __restrict grad, int64_t cells,
+                                 const E* __restrict corner, E ws, E zoff, E* __restrict o,
+                                 T* __restrict gs) {
+  for (int64_t k = 0; k < cells; ++k) {
+    const E j = static_cast<E>(ind[k]);
+    const bool win = winner_in_window(static_cast<int32_t>(j), 4);
+    const E keep = -static_cast<E>(win);
+    o[k] = ((corner[k] + (j >> 1) * ws + (j & 1)) & keep) | (zoff & ~keep);
+    gs[k] = masked(grad[k], -static_cast<int64_t>(win));
+  }
+}
+
 // One window of the index-driven path: acc[i] += g * input row i at the
 // winner (a window without one reads the zero rows with g = +0 and adds +0).
-template <typename T, int KH, bool kBias>
+template <typename T, int KH>
 inline void cell_step(const T* xplane, int64_t ws, int64_t corner, const WinnerCode& c, T g,
-                      typename Simd<T>::V* acc, T& s) {
+                      typename Simd<T>::V* acc) {
   using V = typename Simd<T>::V;
   const T gs = masked(g, c.keep);
-  if constexpr (kBias) s += gs;
   const V gv = splat<V>(gs);
   const T* x = xplane + ((corner & c.keep) + c.off);
 #pragma GCC unroll 8
   for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
 }
 
-// grad_weight (and grad_bias) of one channel x one input channel straight
+// grad_weight of one channel x one input channel straight
 // from the saved indices, with no winner list, when no grad_input is asked
 // for and a filter row fits one vector (the model's first block): every pool
 // window of the channel is visited once, chains A and B (split_rows) side by
@@ -669,15 +774,14 @@ inline void cell_step(const T* xplane, int64_t ws, int64_t corner, const WinnerC
 // and a reload per window) and its loop-carried length.
 // Per window: one index load, one table load, ~5 integer ops, kh FMAs with
 // their loads; xp and the table stay in L1.
-template <typename T, typename I, int KH, bool kBias>
+template <typename T, typename I, int KH>
 inline void weight_grad_cells_kh(const T* xplane, int64_t ws, const I* ind, const T* grad,
                                  int64_t ph_n, int64_t pw_n, int64_t pool, int32_t no_grad,
-                                 const WinnerCode* code, T* gw, int64_t kwp, T* gb) {
+                                 const WinnerCode* code, T* gw, int64_t kwp) {
   using V = typename Simd<T>::V;
   V acc_a[KH], acc_b[KH];
 #pragma GCC unroll 8
   for (int i = 0; i < KH; ++i) acc_a[i] = acc_b[i] = V{};
-  T s_a = 0, s_b = 0;
   const int64_t split = split_rows(ph_n);
   for (int64_t ra = 0; ra < split; ++ra) {
     const int64_t rb = ra + split;
@@ -689,15 +793,15 @@ inline void weight_grad_cells_kh(const T* xplane, int64_t ws, const I* ind, cons
       const T* grad_b = grad + rb * pw_n;
       int64_t corner_b = rb * pool * ws;
       for (int64_t pw = 0; pw < pw_n; ++pw, corner_a += pool, corner_b += pool) {
-        cell_step<T, KH, kBias>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)],
-                                grad_a[pw], acc_a, s_a);
-        cell_step<T, KH, kBias>(xplane, ws, corner_b, code[code_index(ind_b[pw], no_grad)],
-                                grad_b[pw], acc_b, s_b);
+        cell_step<T, KH>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)], grad_a[pw],
+                         acc_a);
+        cell_step<T, KH>(xplane, ws, corner_b, code[code_index(ind_b[pw], no_grad)], grad_b[pw],
+                         acc_b);
       }
     } else {  // the last row of an odd count: chain A alone
       for (int64_t pw = 0; pw < pw_n; ++pw, corner_a += pool) {
-        cell_step<T, KH, kBias>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)],
-                                grad_a[pw], acc_a, s_a);
+        cell_step<T, KH>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)], grad_a[pw],
+                         acc_a);
       }
     }
   }
@@ -705,18 +809,16 @@ inline void weight_grad_cells_kh(const T* xplane, int64_t ws, const I* ind, cons
   for (int i = 0; i < KH; ++i) {
     storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + (acc_a[i] + acc_b[i]));
   }
-  if constexpr (kBias) *gb += s_a + s_b;
 }
 
-template <typename T, typename I, bool kBias>
-inline void weight_grad_cells_b(const T* xplane, int64_t ws, int64_t kh, const I* ind,
-                                const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
-                                int32_t no_grad, const WinnerCode* code, T* gw, int64_t kwp,
-                                T* gb) {
-#define FMNIST_CELLS_CASE(KH)                                                                      \
-  case KH:                                                                                         \
-    return weight_grad_cells_kh<T, I, KH, kBias>(xplane, ws, ind, grad, ph_n, pw_n, pool, no_grad, \
-                                                 code, gw, kwp, gb);
+template <typename T, typename I>
+inline void weight_grad_cells(const T* xplane, int64_t ws, int64_t kh, const I* ind, const T* grad,
+                              int64_t ph_n, int64_t pw_n, int64_t pool, int32_t no_grad,
+                              const WinnerCode* code, T* gw, int64_t kwp) {
+#define FMNIST_CELLS_CASE(KH)                                                                     \
+  case KH:                                                                                        \
+    return weight_grad_cells_kh<T, I, KH>(xplane, ws, ind, grad, ph_n, pw_n, pool, no_grad, code, \
+                                          gw, kwp);
   switch (kh) {
     FMNIST_CELLS_CASE(1)
     FMNIST_CELLS_CASE(2)
@@ -729,20 +831,6 @@ inline void weight_grad_cells_b(const T* xplane, int64_t ws, int64_t kh, const I
     default: break;  // the caller only takes this path for kh <= kMaxKhTile
   }
 #undef FMNIST_CELLS_CASE
-}
-
-// grad_bias is added (once per channel) when gb is not null.
-template <typename T, typename I>
-inline void weight_grad_cells(const T* xplane, int64_t ws, int64_t kh, const I* ind, const T* grad,
-                              int64_t ph_n, int64_t pw_n, int64_t pool, int32_t no_grad,
-                              const WinnerCode* code, T* gw, int64_t kwp, T* gb) {
-  if (gb) {
-    weight_grad_cells_b<T, I, true>(xplane, ws, kh, ind, grad, ph_n, pw_n, pool, no_grad, code, gw,
-                                    kwp, gb);
-  } else {
-    weight_grad_cells_b<T, I, false>(xplane, ws, kh, ind, grad, ph_n, pw_n, pool, no_grad, code, gw,
-                                     kwp, gb);
-  }
 }
 
 }  // namespace
@@ -854,7 +942,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t wt_size = need_gi ? g.cout * g.kh * g.kw * cinp : 0;
   const int64_t xcl_size = cl_path ? hp * gws * cinp : 0;
   const int64_t gwcl_size = cl_path ? g.cout * g.kh * nw * L : 0;
-  Scratch<T> scratch(gxp_size + wt_size + xcl_size + gwcl_size + xp_size + cells + L);
+  Scratch<T> scratch(gxp_size + wt_size + xcl_size + gwcl_size + xp_size + 2 * cells + L);
   // gxp first and every size before xp a multiple of L, so pixel vectors are
   // 32-byte aligned.
   T* gxp = scratch.p;
@@ -863,6 +951,7 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   T* gwcl = xcl + xcl_size;
   T* xp = gwcl + gwcl_size;
   T* gvals = xp + xp_size;
+  T* gmask = gvals + cells;  // masked_grads (grad_bias)
   Scratch<int64_t> offsets(2 * cells + 2 * pool * pool);
   if (cl_path) std::memset(gwcl, 0, sizeof(T) * static_cast<size_t>(gwcl_size));
   int64_t* offs = offsets.p;         // winner position in xp
@@ -874,6 +963,20 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t ncode = cells_path ? imax(256, int64_t{no_grad} + 1) : 0;
   Scratch<WinnerCode> code_scratch(ncode);
   WinnerCode* code = code_scratch.p;
+  // Pool 2 decodes a channel's windows with vector operations first
+  // (decode_windows_pool2): each window's corner in xp and the decoded offsets.
+  using E = typename Simd<T>::MElem;
+  const bool decode2 = cells_path && pool == 2;
+  Scratch<E> decoded(decode2 ? 2 * cells : 0);
+  E* corner = decoded.p;
+  E* dec_off = decoded.p + cells;
+  if (decode2) {
+    for (int64_t ph = 0; ph < g.ph; ++ph) {
+      for (int64_t pw = 0; pw < g.pw; ++pw) {
+        corner[ph * g.pw + pw] = static_cast<E>(ph * pool * ws + pw * pool);
+      }
+    }
+  }
 
   // Offset of window position j from the window's corner, in xp and in gxp
   // (a table, so the hot loop does no integer division).
@@ -911,12 +1014,25 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
     for (int64_t co = 0; co < g.cout; ++co) {
       // Gather the windows of this channel that pass a gradient.
       const int64_t base = (n * g.cout + co) * cells;
+      if (need_gb && !decode2) {
+        masked_grads(a.indices + base, a.grad_out + base, cells, no_grad, gmask);
+        a.grad_bias_part[co] += lane_sum(gmask, cells);
+      }
+      if (decode2) {
+        // One input channel (cells_path).
+        decode_windows_pool2(a.indices + base, a.grad_out + base, cells, corner, static_cast<E>(ws),
+                             static_cast<E>(hp * ws), dec_off, gvals);
+        if (need_gb) a.grad_bias_part[co] += lane_sum(gvals, cells);
+        const int64_t ka = split_rows(g.ph) * g.pw;  // windows of chain A
+        weight_grad_rows_tile(xp, ws, g.kh, dec_off, gvals, ka, cells,
+                              a.grad_weight_part + co * g.kh * kwp, kwp);
+        continue;
+      }
       if (cells_path) {
         T* gw_co = a.grad_weight_part + co * g.cin * g.kh * kwp;
         for (int64_t ci = 0; ci < g.cin; ++ci) {
           weight_grad_cells(xp + ci * plane, ws, g.kh, a.indices + base, a.grad_out + base, g.ph,
-                            g.pw, pool, no_grad, code, gw_co + ci * g.kh * kwp, kwp,
-                            (need_gb && ci == 0) ? a.grad_bias_part + co : nullptr);
+                            g.pw, pool, no_grad, code, gw_co + ci * g.kh * kwp, kwp);
         }
         continue;
       }
@@ -928,12 +1044,10 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
               : gather_winners<false>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
                                       gws, no_grad, win_off, win_pix, offs, pix, gvals, &ma);
       if (m == 0) continue;
-      if (need_gb) {
-        // Two chains, as in weight_grad_cells.
-        T s_a = 0, s_b = 0;
-        for (int64_t t = 0; t < ma; ++t) s_a += gvals[t];
-        for (int64_t t = ma; t < m; ++t) s_b += gvals[t];
-        a.grad_bias_part[co] += s_a + s_b;
+      if (cl_path && need_gi && weight_and_input_grad_cl_supported(nw)) {
+        weight_and_input_grad(xcl, gxp, gws * cinp, g.kh, nw, wt + co * g.kh * g.kw * cinp, pix,
+                              cinp, gvals, m, gwcl + co * g.kh * nw * L);
+        continue;
       }
       if (cl_path) {
         weight_grad_cl(xcl, gws * cinp, g.kh, nw, pix, cinp, gvals, m, gwcl + co * g.kh * nw * L);
