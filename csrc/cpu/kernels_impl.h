@@ -29,7 +29,9 @@
 //   For each output channel, gather the pool windows that pass a gradient
 //   (index != no-gradient marker) into a short list of (offset, gradient),
 //   without branches; every other convolution position is skipped.
-//   grad_bias   += sum of those gradients.
+//   grad_bias   += sum of the gradients of the windows with a winner, in
+//                  vector lanes over all the channel's windows (the others
+//                  masked to +0), the same way on every path.
 //   grad_weight += g * input patch, accumulated over the list in registers,
 //                  then added to a private partial sum; the caller adds the
 //                  partials of all workers (no atomics). Two layouts:
@@ -39,16 +41,20 @@
 //                    (kw pixels x cinp channels) and one FMA covers L
 //                    (column, channel) pairs; summed over the call's images
 //                    in that layout, transposed into the partial at the end
-//                    (weight_grad_cl).
+//                    (weight_grad_cl). With grad_input asked for too, both
+//                    run in one pass over the winners per filter row, the
+//                    row's weights in registers (weight_and_input_grad_cl).
 //                  - otherwise planar rows, one vector covering a filter row.
 //                    A first layer (one input channel, no grad_input asked
 //                    for, filter rows of one vector, kh <= 8: the model's
-//                    block 1) skips the list: weight_grad_cells visits every
-//                    window straight from the indices (one table load
-//                    decodes an index), a window without a winner reading
-//                    zero rows below the image with g = +0.
+//                    block 1) skips the list: every window is visited, a
+//                    window without a winner reading zero rows below the
+//                    image with g = +0. For pool 2 a vectorized pass decodes
+//                    the channel's windows first (decode_windows_pool2),
+//                    otherwise a table decodes each index (weight_grad_cells).
 //                  Planar sums over windows run as two chains side by side
-//                  (split_rows), to hide the FMA latency.
+//                  (split_rows), to hide the FMA latency; list and
+//                  index-driven paths use the same chains, so they are equal.
 //   grad_input  += g * filter, scattered into a padded channels-last buffer
 //                  for the image (one vector per pixel's channels, so the
 //                  read-modify-writes never partly overlap and stall; a
