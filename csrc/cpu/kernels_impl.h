@@ -37,22 +37,39 @@
 //   For each output channel, gather the pool windows that pass a gradient
 //   (index != no-gradient marker) into a short list of (offset, gradient),
 //   without branches; every other convolution position is skipped.
-//   grad_bias   += sum of those gradients.
-//   grad_weight += g * input patch, accumulated over the list in registers
-//                  (one vector covers a filter row), then added to the
-//                  worker's private partial sum; the caller adds the
-//                  partials of all workers (no atomics).
-//                  A first layer (one input channel, no grad_input asked
-//                  for, filter rows of one vector, kh <= 8: the model's
-//                  block 1) skips the list: weight_grad_cells visits every
-//                  window straight from the indices, a window without a
-//                  winner reading zero rows below the image with g = +0.
+//   grad_bias   += sum of the gradients of the windows with a winner, in
+//                  vector lanes over all the channel's windows (the others
+//                  masked to +0), the same way on every path.
+//   grad_weight += g * input patch, accumulated over the list in registers,
+//                  then added to a private partial sum; the caller adds the
+//                  partials of all workers (no atomics). Two layouts:
+//                  - several input channels (the model's block 2): the
+//                    input copied channels last, [hp][gws][cinp] like gxp
+//                    below, so a filter row's input is a few whole vectors
+//                    (kw pixels x cinp channels) and one FMA covers L
+//                    (column, channel) pairs; summed over the call's images
+//                    in that layout, transposed into the partial at the end
+//                    (weight_grad_cl). With grad_input asked for too, both
+//                    run in one pass over the winners per filter row, the
+//                    row's weights in registers (weight_and_input_grad_cl).
+//                  - otherwise planar rows, one vector covering a filter row.
+//                    A first layer (one input channel, no grad_input asked
+//                    for, filter rows of one vector, kh <= 8: the model's
+//                    block 1) skips the list: every window is visited, a
+//                    window without a winner reading zero rows below the
+//                    image with g = +0. For pool 2 a vectorized pass decodes
+//                    the channel's windows first (decode_windows_pool2),
+//                    otherwise a table decodes each index (weight_grad_cells).
+//                  Planar sums over windows run as two chains side by side
+//                  (split_rows), to hide the FMA latency; list and
+//                  index-driven paths use the same chains, so they are equal.
 //   grad_input  += g * filter, scattered into a padded channels-last buffer
 //                  for the image (one vector per pixel's channels, so the
-//                  read-modify-writes never partly overlap and stall), then
-//                  copied out to NCHW without the padding.
+//                  read-modify-writes never partly overlap and stall; a
+//                  filter row is unrolled at compile time for the common
+//                  widths), then copied out to NCHW without the padding.
 //   Memory traffic: read input, grad_out and indices once, write grad_input
-//   once; the weights and partial sums stay in L1/L2.
+//   once; the weights, the image buffers and partial sums stay in L1/L2.
 #pragma once
 
 #include <cstdint>
@@ -552,43 +569,73 @@ inline void weight_grad_row(const T* xrow, int64_t nq, const int64_t* offs, cons
   }
 }
 
+// The pool windows of a channel are summed in two chains that run side by
+// side: chain A over the pool rows [0, split_rows(ph)), chain B over the rest,
+// each in scan order, then A + B. The two chains hide the FMA (and add)
+// latency that a single running sum waits on per window; the winner list and
+// the index-driven path below use this same association, so their sums are
+// equal bit for bit (a window without a winner adds exactly +0).
+inline int64_t split_rows(int64_t ph_n) { return (ph_n + 1) / 2; }
+
 // The same for all kh rows of a filter at once when a row fits one vector:
 // the kh sums are independent, so one pass over the winners (one broadcast
-// of g each) feeds kh FMAs.
+// of g each) feeds kh FMAs. Winners [0, ma) are chain A, [ma, m) chain B;
+// their steps are interleaved so the two chains overlap.
 constexpr int64_t kMaxKhTile = 8;
-template <typename T, int KH>
-inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const int64_t* offs,
-                                     const T* gvals, int64_t m, T* gw, int64_t kwp) {
+template <typename T, int KH, typename O>
+inline void weight_grad_rows_tile_kh(const T* xplane, int64_t ws, const O* offs, const T* gvals,
+                                     int64_t ma, int64_t m, T* gw, int64_t kwp) {
   using V = typename Simd<T>::V;
-  V acc[KH];
+  V acc_a[KH], acc_b[KH];
 #pragma GCC unroll 8
-  for (int i = 0; i < KH; ++i) acc[i] = V{};
-  for (int64_t t = 0; t < m; ++t) {
-    const V gv = splat<V>(gvals[t]);
-    const T* x = xplane + offs[t];
+  for (int i = 0; i < KH; ++i) acc_a[i] = acc_b[i] = V{};
+  const int64_t mb = m - ma;
+  const int64_t both = imin(ma, mb);
+  const O* offs_b = offs + ma;
+  const T* gvals_b = gvals + ma;
+  for (int64_t t = 0; t < both; ++t) {
+    const V ga = splat<V>(gvals[t]);
+    const V gb = splat<V>(gvals_b[t]);
+    const T* xa = xplane + offs[t];
+    const T* xb = xplane + offs_b[t];
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
+    for (int i = 0; i < KH; ++i) {
+      acc_a[i] += ga * loadu<V>(xa + i * ws);
+      acc_b[i] += gb * loadu<V>(xb + i * ws);
+    }
+  }
+  for (int64_t t = both; t < ma; ++t) {
+    const V ga = splat<V>(gvals[t]);
+    const T* xa = xplane + offs[t];
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) acc_a[i] += ga * loadu<V>(xa + i * ws);
+  }
+  for (int64_t t = both; t < mb; ++t) {
+    const V gb = splat<V>(gvals_b[t]);
+    const T* xb = xplane + offs_b[t];
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) acc_b[i] += gb * loadu<V>(xb + i * ws);
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < KH; ++i) storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + acc[i]);
+  for (int i = 0; i < KH; ++i) {
+    storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + (acc_a[i] + acc_b[i]));
+  }
 }
 
-template <typename T>
-inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const int64_t* offs,
-                                  const T* gvals, int64_t m, T* gw, int64_t kwp) {
+template <typename T, typename O>
+inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const O* offs,
+                                  const T* gvals, int64_t ma, int64_t m, T* gw, int64_t kwp) {
   switch (kh) {
-    case 1: return weight_grad_rows_tile_kh<T, 1>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 2: return weight_grad_rows_tile_kh<T, 2>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 3: return weight_grad_rows_tile_kh<T, 3>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 4: return weight_grad_rows_tile_kh<T, 4>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 5: return weight_grad_rows_tile_kh<T, 5>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 6: return weight_grad_rows_tile_kh<T, 6>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 7: return weight_grad_rows_tile_kh<T, 7>(xplane, ws, offs, gvals, m, gw, kwp);
-    case 8: return weight_grad_rows_tile_kh<T, 8>(xplane, ws, offs, gvals, m, gw, kwp);
-    default: break;
+    case 1: return weight_grad_rows_tile_kh<T, 1, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 2: return weight_grad_rows_tile_kh<T, 2, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 3: return weight_grad_rows_tile_kh<T, 3, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 4: return weight_grad_rows_tile_kh<T, 4, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 5: return weight_grad_rows_tile_kh<T, 5, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 6: return weight_grad_rows_tile_kh<T, 6, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 7: return weight_grad_rows_tile_kh<T, 7, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    case 8: return weight_grad_rows_tile_kh<T, 8, O>(xplane, ws, offs, gvals, ma, m, gw, kwp);
+    default: break;  // the callers only take this path for kh <= kMaxKhTile
   }
-  for (int64_t i = 0; i < kh; ++i)
-    weight_grad_row(xplane + i * ws, 1, offs, gvals, m, gw + i * kwp);
 }
 
 // The pool windows of one channel that pass a gradient, as a list of
@@ -596,13 +643,17 @@ inline void weight_grad_rows_tile(const T* xplane, int64_t ws, int64_t kh, const
 // list's length. Branch-free: every window's entry is written at the list's
 // end and the end moves on only for a winner, so the unpredictable "passes a
 // gradient?" test costs no mispredicted branch, and the offsets are carried
-// along the rows instead of recomputed.
+// along the rows instead of recomputed. *ma gets the number of winners in
+// the pool rows of chain A (see split_rows).
 template <bool kPix, typename T, typename I>
 inline int64_t gather_winners(const I* ind, const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
                               int64_t ws, int64_t gws, int32_t no_grad, const int64_t* win_off,
-                              const int64_t* win_pix, int64_t* offs, int64_t* pix, T* gvals) {
+                              const int64_t* win_pix, int64_t* offs, int64_t* pix, T* gvals,
+                              int64_t* ma) {
   int64_t m = 0;
+  const int64_t split = split_rows(ph_n);
   for (int64_t ph = 0; ph < ph_n; ++ph) {
+    if (ph == split) *ma = m;
     const I* ind_row = ind + ph * pw_n;
     const T* grad_row = grad + ph * pw_n;
     int64_t off = ph * pool * ws;
@@ -622,74 +673,355 @@ inline int64_t gather_winners(const I* ind, const T* grad, int64_t ph_n, int64_t
       m += win ? 1 : 0;
     }
   }
+  if (split >= ph_n) *ma = m;
   return m;
 }
 
-// `v` where `keep`, else +0, without a branch (and without arithmetic on v,
-// so a NaN or inf gradient of a window without a winner never leaks in).
+// grad_input of one channel's winners: gxp[oh+i][ow+j][:] += g *
+// filter[i][j][:] for each winner, a filter row (kw pixels x cinp channels)
+// being nw contiguous vectors in both gxp and wco. Per vector one load, one
+// FMA, one store; a compile-time nw (the common rows: kw 5 or 3, up to 8
+// channels) unrolls the row so no loop counter runs per vector.
+template <typename T, int NW>
+inline void scatter_rows_nw(T* gxp, int64_t grs, const T* wco, int64_t kh, int64_t nw_rt,
+                            const int64_t* pix, int64_t cinp, const T* gvals, int64_t m) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  const int64_t nw = NW > 0 ? NW : nw_rt;
+  for (int64_t t = 0; t < m; ++t) {
+    const V gv = splat<V>(gvals[t]);
+    T* row = gxp + pix[t] * cinp;
+    const T* wrow = wco;
+    for (int64_t i = 0; i < kh; ++i, row += grs, wrow += nw * L) {
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < nw; ++e) {
+        storeu(row + e * L, loadu<V>(row + e * L) + gv * loadu<V>(wrow + e * L));
+      }
+    }
+  }
+}
+
 template <typename T>
-inline T keep_or_zero(T v, bool keep) {
+inline void scatter_input_grad(T* gxp, int64_t grs, const T* wco, int64_t kh, int64_t nw,
+                               const int64_t* pix, int64_t cinp, const T* gvals, int64_t m) {
+  switch (nw) {
+    case 3: return scatter_rows_nw<T, 3>(gxp, grs, wco, kh, nw, pix, cinp, gvals, m);
+    case 5: return scatter_rows_nw<T, 5>(gxp, grs, wco, kh, nw, pix, cinp, gvals, m);
+    case 6: return scatter_rows_nw<T, 6>(gxp, grs, wco, kh, nw, pix, cinp, gvals, m);
+    case 10: return scatter_rows_nw<T, 10>(gxp, grs, wco, kh, nw, pix, cinp, gvals, m);
+    default: return scatter_rows_nw<T, 0>(gxp, grs, wco, kh, nw, pix, cinp, gvals, m);
+  }
+}
+
+// Zero-padded channels-last copy of image n: xcl[r][c][ci] = input[n][ci][r -
+// pad_h][c - pad_w] for r < hp, c < gws, ci < cinp (zero outside the image
+// and past cin): the layout of gxp, so that a filter row's input (kw pixels
+// x cinp channels) is nw contiguous vectors.
+template <typename T>
+void load_channels_last_image(const ConvPoolGeometry& g, const T* input, const int64_t* strides,
+                              int64_t n, T* xcl, int64_t hp, int64_t gws, int64_t cinp) {
+  std::memset(xcl, 0, sizeof(T) * static_cast<size_t>(hp * gws * cinp));
+  const int64_t sn = strides[0], sc = strides[1];
+  const int64_t sh = strides[2], sw = strides[3];
+  const int64_t r_end = imin(hp, g.h + g.pad_h);
+  for (int64_t r = g.pad_h; r < r_end; ++r) {
+    T* dst = xcl + (r * gws + g.pad_w) * cinp;
+    const T* src = input + n * sn + (r - g.pad_h) * sh;
+    for (int64_t ci = 0; ci < g.cin; ++ci) {
+      for (int64_t c = 0; c < g.w; ++c) dst[c * cinp + ci] = src[ci * sc + c * sw];
+    }
+  }
+}
+
+// grad_weight of one channel from its winner list with the input channels
+// in the vector lanes (cin > 1): acc[i][e] += g * xcl[winner row + i][e] for
+// the nw vectors e of a filter row, R filter rows per pass over the winners
+// (their FMAs are independent and share g's broadcast and the winner's
+// offset). Per winner and filter row: nw FMAs, each covering L (kw, ci)
+// pairs, instead of one loop over cin of kw-wide rows. The sums are added to
+// gwcl[i][e] (layout [kh][nw*L], the caller's per-call partial sum, turned
+// into [cin][kh][kw] at the end).
+template <typename T, int NW, int R>
+inline void weight_grad_cl_rows(const T* xcl, int64_t grs, const int64_t* pix, int64_t cinp,
+                                const T* gvals, int64_t m, T* gwcl) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  V acc[R][NW];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) acc[r][e] = V{};
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    const V gv = splat<V>(gvals[t]);
+    const T* x = xcl + pix[t] * cinp;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+      for (int e = 0; e < NW; ++e) acc[r][e] += gv * loadu<V>(x + r * grs + e * L);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) {
+      T* d = gwcl + (r * NW + e) * L;
+      storeu(d, loadu<V>(d) + acc[r][e]);
+    }
+  }
+}
+
+template <typename T, int NW>
+inline void weight_grad_cl_nw(const T* xcl, int64_t grs, int64_t kh, const int64_t* pix,
+                              int64_t cinp, const T* gvals, int64_t m, T* gwcl) {
+  constexpr int64_t L = vector_lanes<T>();
+  constexpr int R = 2 * NW <= 12 ? 2 : 1;  // accumulators within 16 registers
+  int64_t i = 0;
+  for (; i + R <= kh; i += R) {
+    weight_grad_cl_rows<T, NW, R>(xcl + i * grs, grs, pix, cinp, gvals, m, gwcl + i * NW * L);
+  }
+  for (; i < kh; ++i) {
+    weight_grad_cl_rows<T, NW, 1>(xcl + i * grs, grs, pix, cinp, gvals, m, gwcl + i * NW * L);
+  }
+}
+
+// grad_weight (as weight_grad_cl, the same sums) and grad_input (as
+// scatter_input_grad) of one channel in one pass over its winners, filter row
+// by filter row: the row's nw weight vectors stay in registers for the whole
+// pass and each winner's step loads its g and offset once for both. Per
+// winner and filter row: nw FMAs into the grad_weight sums and nw
+// read-modify-writes of gxp (whose FMAs take the weights from registers).
+template <typename T, int NW>
+inline void weight_and_input_grad_cl(const T* xcl, T* gxp, int64_t grs, int64_t kh, const T* wco,
+                                     const int64_t* pix, int64_t cinp, const T* gvals, int64_t m,
+                                     T* gwcl) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  for (int64_t i = 0; i < kh; ++i) {
+    V acc[NW], w[NW];
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) {
+      acc[e] = V{};
+      w[e] = loadu<V>(wco + (i * NW + e) * L);
+    }
+    for (int64_t t = 0; t < m; ++t) {
+      const V gv = splat<V>(gvals[t]);
+      const int64_t o = pix[t] * cinp + i * grs;
+      const T* x = xcl + o;
+      T* d = gxp + o;
+#pragma GCC unroll 16
+      for (int e = 0; e < NW; ++e) {
+        acc[e] += gv * loadu<V>(x + e * L);
+        storeu(d + e * L, loadu<V>(d + e * L) + gv * w[e]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int e = 0; e < NW; ++e) {
+      T* dst = gwcl + (i * NW + e) * L;
+      storeu(dst, loadu<V>(dst) + acc[e]);
+    }
+  }
+}
+
+// The widths with a compiled one-pass kernel (weights and sums within 16
+// registers); false: separate passes.
+inline bool weight_and_input_grad_cl_supported(int64_t nw) { return nw == 3 || nw == 5 || nw == 6; }
+
+template <typename T>
+inline void weight_and_input_grad(const T* xcl, T* gxp, int64_t grs, int64_t kh, int64_t nw,
+                                  const T* wco, const int64_t* pix, int64_t cinp, const T* gvals,
+                                  int64_t m, T* gwcl) {
+  switch (nw) {
+    case 3:
+      return weight_and_input_grad_cl<T, 3>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    case 5:
+      return weight_and_input_grad_cl<T, 5>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    case 6:
+      return weight_and_input_grad_cl<T, 6>(xcl, gxp, grs, kh, wco, pix, cinp, gvals, m, gwcl);
+    default: break;  // not taken: weight_and_input_grad_cl_supported
+  }
+}
+
+// The filter-row widths (in vectors) with a compiled kernel; others use the
+// planar winner-list path.
+inline bool weight_grad_cl_supported(int64_t nw) {
+  return nw == 1 || nw == 2 || nw == 3 || nw == 4 || nw == 5 || nw == 6 || nw == 10;
+}
+
+template <typename T>
+inline void weight_grad_cl(const T* xcl, int64_t grs, int64_t kh, int64_t nw, const int64_t* pix,
+                           int64_t cinp, const T* gvals, int64_t m, T* gwcl) {
+#define FMNIST_CL_CASE(NW) \
+  case NW: return weight_grad_cl_nw<T, NW>(xcl, grs, kh, pix, cinp, gvals, m, gwcl);
+  switch (nw) {
+    FMNIST_CL_CASE(1)
+    FMNIST_CL_CASE(2)
+    FMNIST_CL_CASE(3)
+    FMNIST_CL_CASE(4)
+    FMNIST_CL_CASE(5)
+    FMNIST_CL_CASE(6)
+    FMNIST_CL_CASE(10)
+    default: break;  // not taken: weight_grad_cl_supported
+  }
+#undef FMNIST_CL_CASE
+}
+
+// How the index-driven path below reads a saved index j: code[j].off is the
+// winner's offset from its window's corner in xp, and code[j].keep all ones;
+// for the no-gradient marker and anything outside the window (a corrupt or
+// hand-made indices tensor), keep is 0 and off the (absolute) offset of the
+// zero rows below the plane. One table load replaces the compare, the masks
+// and the selects of a per-window decode.
+struct WinnerCode {
+  int64_t off;
+  int64_t keep;
+};
+
+// The entry of code[] for a saved index: every uint8 value has its own entry
+// (the table has 256 or more), wider indices are clamped to the marker's.
+template <typename I>
+inline int64_t code_index(I j, int32_t no_grad) {
+  if constexpr (sizeof(I) == 1) {
+    return static_cast<uint8_t>(j);
+  } else {
+    const int32_t v = static_cast<int32_t>(j);
+    return winner_in_window(v, no_grad) ? v : no_grad;
+  }
+}
+
+// `v` where keep is all ones, +0 where it is 0, by masking the bits (no
+// arithmetic on v, so a NaN or inf gradient of a window without a winner
+// never leaks in).
+template <typename T>
+inline T masked(T v, int64_t keep) {
   using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
   U bits;
   __builtin_memcpy(&bits, &v, sizeof(T));
-  bits &= static_cast<U>(0) - static_cast<U>(keep);
+  bits &= static_cast<U>(keep);
   T r;
   __builtin_memcpy(&r, &bits, sizeof(T));
   return r;
 }
 
-// grad_weight (and grad_bias) of one channel x one input channel straight
+// The gradient of each window of a channel where it has a winner, +0 where
+// not (by masking the bits: a NaN or inf gradient of a window without a
+// winner never leaks in). A plain loop, so the compiler vectorizes it.
+template <typename T, typename I>
+inline void masked_grads(const I* __restrict ind, const T* __restrict grad, int64_t cells,
+                         int32_t no_grad, T* __restrict gs) {
+  for (int64_t k = 0; k < cells; ++k) {
+    const bool win = winner_in_window(static_cast<int32_t>(ind[k]), no_grad);
+    gs[k] = masked(grad[k], -static_cast<int64_t>(win));
+  }
+}
+
+// grad_bias of one channel from masked_grads: L lanes (lane l takes windows
+// l, l + L, ... in order), then the lanes added in order. Vector adds hide
+// the add latency a single running sum waits on; every path sums the same
+// masked array this way, so grad_bias is the same whatever else is asked.
+template <typename T>
+inline T lane_sum(const T* gs, int64_t cells) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = vector_lanes<T>();
+  V acc{};
+  int64_t k = 0;
+  for (; k + L <= cells; k += L) acc += loadu<V>(gs + k);
+  T lanes[L];
+  storeu(lanes, acc);
+  for (int64_t l = 0; k < cells; ++k, ++l) lanes[l] += gs[k];
+  T s = lanes[0];
+  for (int64_t l = 1; l < L; ++l) s += lanes[l];
+  return s;
+}
+
+// The index-driven path for pool 2 (the model's block 1), step 1: decode
+// all the windows of a channel into o[k] = offset of window k's winner in xp
+// (or of the zero rows below the plane, zoff, for a window without one) and
+// gs[k] (masked_grads' values). corner[k] is window k's corner in xp. A plain
+// loop without tables, so the compiler vectorizes it. Step 2 is
+// weight_grad_rows_tile over all windows, chain A being the windows of the
+// pool rows [0, split_rows(ph)) as in the winner list.
+template <typename T, typename I, typename E>
+inline void decode_windows_pool2(const I* __restrict ind, const T* __restrict grad, int64_t cells,
+                                 const E* __restrict corner, E ws, E zoff, E* __restrict o,
+                                 T* __restrict gs) {
+  for (int64_t k = 0; k < cells; ++k) {
+    const E j = static_cast<E>(ind[k]);
+    const bool win = winner_in_window(static_cast<int32_t>(j), 4);
+    const E keep = -static_cast<E>(win);
+    o[k] = ((corner[k] + (j >> 1) * ws + (j & 1)) & keep) | (zoff & ~keep);
+    gs[k] = masked(grad[k], -static_cast<int64_t>(win));
+  }
+}
+
+// One window of the index-driven path: acc[i] += g * input row i at the
+// winner (a window without one reads the zero rows with g = +0 and adds +0).
+template <typename T, int KH>
+inline void cell_step(const T* xplane, int64_t ws, int64_t corner, const WinnerCode& c, T g,
+                      typename Simd<T>::V* acc) {
+  using V = typename Simd<T>::V;
+  const T gs = masked(g, c.keep);
+  const V gv = splat<V>(gs);
+  const T* x = xplane + ((corner & c.keep) + c.off);
+#pragma GCC unroll 8
+  for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
+}
+
+// grad_weight of one channel x one input channel straight
 // from the saved indices, with no winner list, when no grad_input is asked
 // for and a filter row fits one vector (the model's first block): every pool
-// window of the channel is visited once; a window without a winner reads the
-// zero rows at `zoff` below the plane with g = +0, so it adds exactly +0 and
-// the sums equal the winner list's. This saves the list's separate pass
-// (a store and a reload per window) and its loop-carried length.
-template <typename T, typename I, int KH, bool kBias>
-inline void weight_grad_cells_kh(const T* xplane, int64_t ws, int64_t zoff, const I* ind,
-                                 const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
-                                 int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp,
-                                 T* gb) {
+// window of the channel is visited once, chains A and B (split_rows) side by
+// side, a row of A with the matching row of B. The sums equal the winner
+// list's (weight_grad_rows_tile_kh: same chains, same order, the windows
+// without a winner adding +0). This saves the list's separate pass (a store
+// and a reload per window) and its loop-carried length.
+// Per window: one index load, one table load, ~5 integer ops, kh FMAs with
+// their loads; xp and the table stay in L1.
+template <typename T, typename I, int KH>
+inline void weight_grad_cells_kh(const T* xplane, int64_t ws, const I* ind, const T* grad,
+                                 int64_t ph_n, int64_t pw_n, int64_t pool, int32_t no_grad,
+                                 const WinnerCode* code, T* gw, int64_t kwp) {
   using V = typename Simd<T>::V;
-  V acc[KH];
+  V acc_a[KH], acc_b[KH];
 #pragma GCC unroll 8
-  for (int i = 0; i < KH; ++i) acc[i] = V{};
-  T s = 0;
-  for (int64_t ph = 0; ph < ph_n; ++ph) {
-    const I* ind_row = ind + ph * pw_n;
-    const T* grad_row = grad + ph * pw_n;
-    int64_t off = ph * pool * ws;
-    for (int64_t pw = 0; pw < pw_n; ++pw, off += pool) {
-      const int32_t j = static_cast<int32_t>(ind_row[pw]);
-      // As in gather_winners: one unsigned compare rejects the no-gradient
-      // marker and anything outside the window; the table is indexed with 0
-      // for them and their offset is the zero rows'.
-      const bool win = winner_in_window(j, no_grad);
-      const int64_t mask = -static_cast<int64_t>(win);
-      const int32_t jj = j & static_cast<int32_t>(mask);
-      const int64_t o = ((off + win_off[jj]) & mask) | (zoff & ~mask);
-      const T gs = keep_or_zero(grad_row[pw], win);
-      if constexpr (kBias) s += gs;
-      const V gv = splat<V>(gs);
-      const T* x = xplane + o;
-#pragma GCC unroll 8
-      for (int i = 0; i < KH; ++i) acc[i] += gv * loadu<V>(x + i * ws);
+  for (int i = 0; i < KH; ++i) acc_a[i] = acc_b[i] = V{};
+  const int64_t split = split_rows(ph_n);
+  for (int64_t ra = 0; ra < split; ++ra) {
+    const int64_t rb = ra + split;
+    const I* ind_a = ind + ra * pw_n;
+    const T* grad_a = grad + ra * pw_n;
+    int64_t corner_a = ra * pool * ws;
+    if (rb < ph_n) {
+      const I* ind_b = ind + rb * pw_n;
+      const T* grad_b = grad + rb * pw_n;
+      int64_t corner_b = rb * pool * ws;
+      for (int64_t pw = 0; pw < pw_n; ++pw, corner_a += pool, corner_b += pool) {
+        cell_step<T, KH>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)], grad_a[pw],
+                         acc_a);
+        cell_step<T, KH>(xplane, ws, corner_b, code[code_index(ind_b[pw], no_grad)], grad_b[pw],
+                         acc_b);
+      }
+    } else {  // the last row of an odd count: chain A alone
+      for (int64_t pw = 0; pw < pw_n; ++pw, corner_a += pool) {
+        cell_step<T, KH>(xplane, ws, corner_a, code[code_index(ind_a[pw], no_grad)], grad_a[pw],
+                         acc_a);
+      }
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < KH; ++i) storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + acc[i]);
-  if constexpr (kBias) *gb += s;
+  for (int i = 0; i < KH; ++i) {
+    storeu(gw + i * kwp, loadu<V>(gw + i * kwp) + (acc_a[i] + acc_b[i]));
+  }
 }
 
-template <typename T, typename I, bool kBias>
-inline void weight_grad_cells_b(const T* xplane, int64_t ws, int64_t zoff, int64_t kh, const I* ind,
-                                const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
-                                int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp,
-                                T* gb) {
-#define FMNIST_CELLS_CASE(KH)                                                                   \
-  case KH:                                                                                      \
-    return weight_grad_cells_kh<T, I, KH, kBias>(xplane, ws, zoff, ind, grad, ph_n, pw_n, pool, \
-                                                 no_grad, win_off, gw, kwp, gb);
+template <typename T, typename I>
+inline void weight_grad_cells(const T* xplane, int64_t ws, int64_t kh, const I* ind, const T* grad,
+                              int64_t ph_n, int64_t pw_n, int64_t pool, int32_t no_grad,
+                              const WinnerCode* code, T* gw, int64_t kwp) {
+#define FMNIST_CELLS_CASE(KH)                                                                     \
+  case KH:                                                                                        \
+    return weight_grad_cells_kh<T, I, KH>(xplane, ws, ind, grad, ph_n, pw_n, pool, no_grad, code, \
+                                          gw, kwp);
   switch (kh) {
     FMNIST_CELLS_CASE(1)
     FMNIST_CELLS_CASE(2)
@@ -702,20 +1034,6 @@ inline void weight_grad_cells_b(const T* xplane, int64_t ws, int64_t zoff, int64
     default: break;  // the caller only takes this path for kh <= kMaxKhTile
   }
 #undef FMNIST_CELLS_CASE
-}
-
-// grad_bias is added (once per channel) when gb is not null.
-template <typename T, typename I>
-inline void weight_grad_cells(const T* xplane, int64_t ws, int64_t zoff, int64_t kh, const I* ind,
-                              const T* grad, int64_t ph_n, int64_t pw_n, int64_t pool,
-                              int32_t no_grad, const int64_t* win_off, T* gw, int64_t kwp, T* gb) {
-  if (gb) {
-    weight_grad_cells_b<T, I, true>(xplane, ws, zoff, kh, ind, grad, ph_n, pw_n, pool, no_grad,
-                                    win_off, gw, kwp, gb);
-  } else {
-    weight_grad_cells_b<T, I, false>(xplane, ws, zoff, kh, ind, grad, ph_n, pw_n, pool, no_grad,
-                                     win_off, gw, kwp, gb);
-  }
 }
 
 }  // namespace
@@ -831,31 +1149,69 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   const int64_t cinp = round_up(g.cin, L);  // channels padded to vectors
   const int64_t cells = g.ph * g.pw;
   const int32_t no_grad = no_grad_index(pool);
+  const int64_t nw = g.kw * cinp / L;  // vectors per filter row, channels last
+  // grad_weight with the input channels in the lanes (weight_grad_cl) for
+  // several input channels, from a channels-last copy of the input.
+  const bool cl_path = need_gw && g.cin > 1 && weight_grad_cl_supported(nw);
+  const bool planar_gw = need_gw && !cl_path;
 
   // xp: zero-padded input [cin][hp][ws] (for grad_weight).
   // gxp: zero-padded grad_input, channels last [hp][gws][cinp], so that one
   //   winner adds g * filter[:, i, j] to one pixel's channel vector: whole,
   //   aligned read-modify-writes that never partly overlap each other.
   // wt: the filter as [cout][kh][kw][cinp], zero past cin.
-  const int64_t xp_size = need_gw ? g.cin * plane : 0;
+  // xcl: the input, laid out as gxp (weight_grad_cl).
+  // gwcl: grad_weight as [cout][kh][kw][cinp], summed over this call's images.
+  const int64_t xp_size = planar_gw ? g.cin * plane : 0;
   const int64_t gxp_size = need_gi ? hp * gws * cinp : 0;
   const int64_t wt_size = need_gi ? g.cout * g.kh * g.kw * cinp : 0;
-  Scratch<T> scratch(xp_size + gxp_size + wt_size + cells + L);
-  Scratch<int64_t> offsets(2 * cells + 2 * pool * pool);
-  T* gxp = scratch.p;  // first, so its pixel vectors are 32-byte aligned
+  const int64_t xcl_size = cl_path ? hp * gws * cinp : 0;
+  const int64_t gwcl_size = cl_path ? g.cout * g.kh * nw * L : 0;
+  Scratch<T> scratch(gxp_size + wt_size + xcl_size + gwcl_size + xp_size + 2 * cells + L);
+  // gxp first and every size before xp a multiple of L, so pixel vectors are
+  // 32-byte aligned.
+  T* gxp = scratch.p;
   T* wt = gxp + gxp_size;
-  T* xp = wt + wt_size;
+  T* xcl = wt + wt_size;
+  T* gwcl = xcl + xcl_size;
+  T* xp = gwcl + gwcl_size;
   T* gvals = xp + xp_size;
+  T* gmask = gvals + cells;  // masked_grads (grad_bias)
+  Scratch<int64_t> offsets(2 * cells + 2 * pool * pool);
+  if (cl_path) std::memset(gwcl, 0, sizeof(T) * static_cast<size_t>(gwcl_size));
   int64_t* offs = offsets.p;         // winner position in xp
   int64_t* pix = offsets.p + cells;  // winner pixel in gxp
   int64_t* win_off = pix + cells;
   int64_t* win_pix = win_off + pool * pool;
+  // The index-driven path's decode table (see WinnerCode), over every uint8
+  // value and, for wider indices, up to the no-gradient marker.
+  const int64_t ncode = cells_path ? imax(256, int64_t{no_grad} + 1) : 0;
+  Scratch<WinnerCode> code_scratch(ncode);
+  WinnerCode* code = code_scratch.p;
+  // Pool 2 decodes a channel's windows with vector operations first
+  // (decode_windows_pool2): each window's corner in xp and the decoded offsets.
+  using E = typename Simd<T>::MElem;
+  const bool decode2 = cells_path && pool == 2;
+  Scratch<E> decoded(decode2 ? 2 * cells : 0);
+  E* corner = decoded.p;
+  E* dec_off = decoded.p + cells;
+  if (decode2) {
+    for (int64_t ph = 0; ph < g.ph; ++ph) {
+      for (int64_t pw = 0; pw < g.pw; ++pw) {
+        corner[ph * g.pw + pw] = static_cast<E>(ph * pool * ws + pw * pool);
+      }
+    }
+  }
 
   // Offset of window position j from the window's corner, in xp and in gxp
   // (a table, so the hot loop does no integer division).
   for (int32_t j = 0; j < no_grad; ++j) {
     win_off[j] = winner_row(0, j, pool) * ws + winner_col(0, j, pool);
     win_pix[j] = winner_row(0, j, pool) * gws + winner_col(0, j, pool);
+  }
+  for (int64_t j = 0; j < ncode; ++j) {
+    const bool win = j < no_grad;
+    code[j] = win ? WinnerCode{win_off[j], -1} : WinnerCode{hp * ws, 0};
   }
 
   if (need_gi) {
@@ -870,7 +1226,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
   }
 
   for (int64_t n = n0; n < n1; ++n) {
-    if (need_gw) load_padded_image(g, a.input, a.input_strides, n, xp, hpx, ws);
+    if (planar_gw) load_padded_image(g, a.input, a.input_strides, n, xp, hpx, ws);
+    if (cl_path) load_channels_last_image(g, a.input, a.input_strides, n, xcl, hp, gws, cinp);
     if (cells_path) {
       // The zero rows (load_padded_image may have copied image rows that no
       // pooled output reaches there).
@@ -882,34 +1239,51 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
     for (int64_t co = 0; co < g.cout; ++co) {
       // Gather the windows of this channel that pass a gradient.
       const int64_t base = (n * g.cout + co) * cells;
+      if (need_gb && !decode2) {
+        masked_grads(a.indices + base, a.grad_out + base, cells, no_grad, gmask);
+        a.grad_bias_part[co] += lane_sum(gmask, cells);
+      }
+      if (decode2) {
+        // One input channel (cells_path).
+        decode_windows_pool2(a.indices + base, a.grad_out + base, cells, corner, static_cast<E>(ws),
+                             static_cast<E>(hp * ws), dec_off, gvals);
+        if (need_gb) a.grad_bias_part[co] += lane_sum(gvals, cells);
+        const int64_t ka = split_rows(g.ph) * g.pw;  // windows of chain A
+        weight_grad_rows_tile(xp, ws, g.kh, dec_off, gvals, ka, cells,
+                              a.grad_weight_part + co * g.kh * kwp, kwp);
+        continue;
+      }
       if (cells_path) {
         T* gw_co = a.grad_weight_part + co * g.cin * g.kh * kwp;
         for (int64_t ci = 0; ci < g.cin; ++ci) {
-          weight_grad_cells(xp + ci * plane, ws, hp * ws, g.kh, a.indices + base, a.grad_out + base,
-                            g.ph, g.pw, pool, no_grad, win_off, gw_co + ci * g.kh * kwp, kwp,
-                            (need_gb && ci == 0) ? a.grad_bias_part + co : nullptr);
+          weight_grad_cells(xp + ci * plane, ws, g.kh, a.indices + base, a.grad_out + base, g.ph,
+                            g.pw, pool, no_grad, code, gw_co + ci * g.kh * kwp, kwp);
         }
         continue;
       }
+      int64_t ma = 0;  // winners of chain A (split_rows)
       const int64_t m =
-          need_gi ? gather_winners<true>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
-                                         gws, no_grad, win_off, win_pix, offs, pix, gvals)
-                  : gather_winners<false>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
-                                          gws, no_grad, win_off, win_pix, offs, pix, gvals);
+          (need_gi || cl_path)
+              ? gather_winners<true>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws, gws,
+                                     no_grad, win_off, win_pix, offs, pix, gvals, &ma)
+              : gather_winners<false>(a.indices + base, a.grad_out + base, g.ph, g.pw, pool, ws,
+                                      gws, no_grad, win_off, win_pix, offs, pix, gvals, &ma);
       if (m == 0) continue;
-      if (need_gb) {
-        T s = 0;
-        for (int64_t t = 0; t < m; ++t) s += gvals[t];
-        a.grad_bias_part[co] += s;
+      if (cl_path && need_gi && weight_and_input_grad_cl_supported(nw)) {
+        weight_and_input_grad(xcl, gxp, gws * cinp, g.kh, nw, wt + co * g.kh * g.kw * cinp, pix,
+                              cinp, gvals, m, gwcl + co * g.kh * nw * L);
+        continue;
       }
-      if (need_gw) {
+      if (cl_path) {
+        weight_grad_cl(xcl, gws * cinp, g.kh, nw, pix, cinp, gvals, m, gwcl + co * g.kh * nw * L);
+      } else if (need_gw) {
         // grad_weight[co][ci][i][:] += sum over winners of g * input row
         // segment; one vector holds L filter columns (lanes past kw collect
         // garbage that the caller drops).
         T* gw_co = a.grad_weight_part + co * g.cin * g.kh * kwp;
         if (nq == 1 && g.kh <= kMaxKhTile) {
           for (int64_t ci = 0; ci < g.cin; ++ci) {
-            weight_grad_rows_tile(xp + ci * plane, ws, g.kh, offs, gvals, m,
+            weight_grad_rows_tile(xp + ci * plane, ws, g.kh, offs, gvals, ma, m,
                                   gw_co + ci * g.kh * kwp, kwp);
           }
         } else {
@@ -922,18 +1296,8 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
         }
       }
       if (need_gi) {
-        // gxp[oh+i][ow+j][:] += g * filter[co][i][j][:] for every winner.
-        const T* wco = wt + co * g.kh * g.kw * cinp;
-        for (int64_t t = 0; t < m; ++t) {
-          const V gv = splat<V>(gvals[t]);
-          for (int64_t i = 0; i < g.kh; ++i) {
-            T* row = gxp + (pix[t] + i * gws) * cinp;
-            const T* wrow = wco + i * g.kw * cinp;
-            for (int64_t e = 0; e < g.kw * cinp; e += L) {
-              storeu(row + e, loadu<V>(row + e) + gv * loadu<V>(wrow + e));
-            }
-          }
-        }
+        scatter_input_grad(gxp, gws * cinp, wt + co * g.kh * g.kw * cinp, g.kh, g.kw * cinp / L,
+                           pix, cinp, gvals, m);
       }
     }
     if (need_gi) {
@@ -948,6 +1312,18 @@ void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
           } else {
             for (int64_t x = 0; x < g.w; ++x) dst[y * g.w + x] = T(0);
           }
+        }
+      }
+    }
+  }
+  if (cl_path) {
+    // gwcl[co][i][j][ci] -> the worker's partial sum [co][ci][i][kwp].
+    for (int64_t co = 0; co < g.cout; ++co) {
+      for (int64_t ci = 0; ci < g.cin; ++ci) {
+        for (int64_t i = 0; i < g.kh; ++i) {
+          T* dst = a.grad_weight_part + ((co * g.cin + ci) * g.kh + i) * kwp;
+          const T* src = gwcl + (co * g.kh + i) * nw * L + ci;
+          for (int64_t j = 0; j < g.kw; ++j) dst[j] += src[j * cinp];
         }
       }
     }
