@@ -109,6 +109,16 @@ def other_device(device: str) -> str:
 # Cases and the stock reference
 
 # Shapes of the forward/backward grid, as (n, cin, h, w, cout, kernel, padding, pool).
+# The op and its backward op as torch.ops packets (None when the library did
+# not load: the tests that call them are skipped then).
+OP = torch.ops.fmnist_ext.conv_relu_maxpool2d if hasattr(torch.ops.fmnist_ext, "conv_relu_maxpool2d") else None
+BWD = (
+    torch.ops.fmnist_ext._conv_relu_maxpool2d_backward
+    if hasattr(torch.ops.fmnist_ext, "_conv_relu_maxpool2d_backward")
+    else None
+)
+
+
 GRID = [
     pytest.param(4, 1, 28, 28, 6, 5, 0, 2, id="seed-block1"),
     pytest.param(4, 6, 12, 12, 12, 5, 0, 2, id="seed-block2"),

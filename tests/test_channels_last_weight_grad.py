@@ -11,13 +11,16 @@ and against the same call asking for all three gradients."""
 
 import pytest
 import torch
-from op_helpers import assert_matches_stock, cpu_isas_and_cuda, forward_and_grads, make_case, pair, stock, tolerances
-
-OP = torch.ops.fmnist_ext.conv_relu_maxpool2d if hasattr(torch.ops.fmnist_ext, "conv_relu_maxpool2d") else None
-BWD = (
-    torch.ops.fmnist_ext._conv_relu_maxpool2d_backward
-    if hasattr(torch.ops.fmnist_ext, "_conv_relu_maxpool2d_backward")
-    else None
+from op_helpers import (
+    BWD,
+    OP,
+    assert_matches_stock,
+    cpu_isas_and_cuda,
+    forward_and_grads,
+    make_case,
+    pair,
+    stock,
+    tolerances,
 )
 
 # (n, cin, h, w, cout, k, padding, pool); the comment gives the filter row in

@@ -11,14 +11,7 @@ NaN gradients of windows without a winner, and out-of-window indices."""
 
 import pytest
 import torch
-from op_helpers import assert_matches_stock, cpu_isas_and_cuda, make_case, pair
-
-OP = torch.ops.fmnist_ext.conv_relu_maxpool2d if hasattr(torch.ops.fmnist_ext, "conv_relu_maxpool2d") else None
-BWD = (
-    torch.ops.fmnist_ext._conv_relu_maxpool2d_backward
-    if hasattr(torch.ops.fmnist_ext, "_conv_relu_maxpool2d_backward")
-    else None
-)
+from op_helpers import BWD, OP, assert_matches_stock, cpu_isas_and_cuda, make_case, pair
 
 # (n, h, w, cout, kernel, padding, pool): kernels 1..8 rows take the direct
 # path in float32 (kw <= 8) and, for kw <= 4, in float64; kh 9 and kw > 8 do

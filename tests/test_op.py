@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_helpers import (
+    BWD,
     GRID,
+    OP,
     assert_matches_stock,
     cpu_and_cuda,
     cpu_isas_and_cuda,
@@ -19,13 +21,6 @@ from op_helpers import (
 )
 
 import fmnist_ext
-
-OP = torch.ops.fmnist_ext.conv_relu_maxpool2d if hasattr(torch.ops.fmnist_ext, "conv_relu_maxpool2d") else None
-BWD = (
-    torch.ops.fmnist_ext._conv_relu_maxpool2d_backward
-    if hasattr(torch.ops.fmnist_ext, "_conv_relu_maxpool2d_backward")
-    else None
-)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
