@@ -32,6 +32,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
     args = parser.parse_args()
+    for name, least, why in (
+        ("steps", 1, ""),
+        ("threads", 1, ""),
+        ("batch", 2, " (BatchNorm trains on 2 images or more)"),
+    ):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}{why}")
     torch.set_num_threads(args.threads)
     fold, never = bn_fold.applies, (lambda *a: False)
     x = torch.randn(args.batch, 1, 28, 28)
