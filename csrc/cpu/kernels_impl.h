@@ -239,6 +239,31 @@ inline void conv_tile(const T* xrow, int64_t ws, int64_t plane, int64_t cin, int
   }
 }
 
+// out[0, valid) = res's first lanes, idx[0, valid) = j's (narrowed to I):
+// whole vectors where all L lanes are valid, else half a vector and the rest
+// one by one (never past `valid`: the next row may already be written).
+template <typename T, typename I, typename V, typename M>
+inline void store_lanes(T* out, I* idx, V res, M j, int64_t valid) {
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));  // a whole or a half vector
+  typedef I IV __attribute__((vector_size(L * sizeof(I))));
+  const IV jn = __builtin_convertvector(j, IV);
+  int64_t x = 0;
+  if (valid == L) {
+    storeu(out, res);
+    storeu(idx, jn);
+    return;
+  }
+  if (valid >= L / 2) {
+    __builtin_memcpy(out, &res, sizeof(T) * (L / 2));
+    __builtin_memcpy(idx, &jn, sizeof(I) * (L / 2));
+    x = L / 2;
+  }
+  for (; x < valid; ++x) {
+    out[x] = res[x];
+    idx[x] = jn[x];
+  }
+}
+
 // A row-pair tile with the 2x2 max-pool done in registers: the two
 // convolution rows of one pooled row, one vector (L columns = L/2 pool
 // windows) wide, COB channels. Each window's four values are the even and odd
@@ -255,7 +280,6 @@ inline void conv_pool2_tile(const T* xrow, int64_t ws, int64_t plane, int64_t ci
   constexpr int H = static_cast<int>(vector_lanes<T>()) / 2;  // pool windows per vector
   typedef T HV __attribute__((vector_size(16)));
   typedef typename Simd<T>::MElem HM __attribute__((vector_size(16)));
-  typedef I HI __attribute__((vector_size(H * sizeof(I))));
   V acc[COB][2][1];
   conv_accumulate<T, COB, 2, 1, KW>(xrow, ws, plane, cin, kh, kw_rt, wt, bt, acc);
   const HV zero{};
@@ -287,18 +311,8 @@ inline void conv_pool2_tile(const T* xrow, int64_t ws, int64_t plane, int64_t ci
     }
     const HM pass = ~(best <= zero);  // > 0 or NaN
     const HV res = pass ? best : zero;
-    const HI jn = __builtin_convertvector(pass ? best_j : no_grad, HI);
-    T* o = out + c * out_cstride;
-    I* ix = idx + c * out_cstride;
-    if (valid == H) {
-      storeu(o, res);
-      storeu(ix, jn);
-    } else {
-      for (int64_t x = 0; x < valid; ++x) {
-        o[x] = res[x];
-        ix[x] = jn[x];
-      }
-    }
+    const HM j = pass ? best_j : no_grad;
+    store_lanes(out + c * out_cstride, idx + c * out_cstride, res, j, valid);
   }
 }
 
@@ -448,31 +462,6 @@ void conv_rows(const TilePlan& plan, const T* xp, int64_t oh, int64_t nrows, int
   } else {
     conv_rows_plan<T, kCob, false>(xp, oh, nrows, nvec, ws, plane, cin, kh, kw, wt, bt, dst, rs,
                                    dst_cstride);
-  }
-}
-
-// out[0, valid) = res's first lanes, idx[0, valid) = j's (narrowed to I):
-// whole vectors where all L lanes are valid, else half a vector and the rest
-// one by one (never past `valid`: the next row may already be written).
-template <typename T, typename I, typename V, typename M>
-inline void store_lanes(T* out, I* idx, V res, M j, int64_t valid) {
-  constexpr int L = static_cast<int>(vector_lanes<T>());
-  typedef I IV __attribute__((vector_size(L * sizeof(I))));
-  const IV jn = __builtin_convertvector(j, IV);
-  int64_t x = 0;
-  if (valid == L) {
-    storeu(out, res);
-    storeu(idx, jn);
-    return;
-  }
-  if (valid >= L / 2) {
-    __builtin_memcpy(out, &res, sizeof(T) * (L / 2));
-    __builtin_memcpy(idx, &jn, sizeof(I) * (L / 2));
-    x = L / 2;
-  }
-  for (; x < valid; ++x) {
-    out[x] = res[x];
-    idx[x] = jn[x];
   }
 }
 
