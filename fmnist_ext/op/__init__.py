@@ -10,7 +10,9 @@ tested and reused on its own. Its files:
 - ``_args.py``     argument checks and output shapes (mirror csrc/checks.h).
 - ``_fake.py``, ``_autograd.py`` (+ ``winners.py``), ``_autocast.py``: what
   torch.library wants from Python -- fake kernels, the Autograd kernels
-  (backward, double backward, forward AD), the Autocast kernels.
+  (backward, double backward, forward AD), the Autocast kernels;
+  ``_dispatch.py`` what the ops' Autograd kernels share (does a call need
+  autodiff; the redispatch below Autograd).
 - ``reference.py`` the pure-PyTorch definition, and the fallback.
 - ``moments.py``   a second, smaller op: per-channel batch moments
   (``channel_moments``), what the FashionCNN's training-mode BatchNorm fold

@@ -22,27 +22,15 @@ import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
 
 from . import _library, winners
+from ._dispatch import any_tangent, below_autograd, requires_grad
 
 _lib = torch.library.Library(_library.OP_NAMESPACE, "IMPL")  # keeps the registrations alive
 _FORWARD = torch.ops.fmnist_ext.conv_relu_maxpool2d.default
 _BACKWARD = torch.ops.fmnist_ext._conv_relu_maxpool2d_backward.default
 
 
-def _has_tangent(t) -> bool:
-    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t, level=0).tangent is not None
-
-
 def _needs_autograd(tensors) -> bool:
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return True
-    # Tangents exist only inside a dual level (forward_ad.dual_level, which
-    # torch.func.jvp enters too): a global read keeps the common case cheap.
-    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled() and any(_has_tangent(t) for t in tensors)
-
-
-def _below_autograd(op, keyset, *args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return requires_grad(tensors) or any_tangent(tensors)
 
 
 class _Call:
@@ -61,9 +49,9 @@ class _Call:
 
     def below_autograd(self, op, *args):
         if not torch._C._are_functorch_transforms_active():
-            return _below_autograd(op, self.keyset, *args)
+            return below_autograd(op, self.keyset, *args)
         with torch.set_grad_enabled(self.grad), fwAD._set_fwd_grad_enabled(self.fwd_grad):
-            return _below_autograd(op, self.keyset, *args)
+            return below_autograd(op, self.keyset, *args)
 
 
 # The class names become the autograd node names in profiles
@@ -167,7 +155,7 @@ def _apply(fn, *args):
 def _forward_autograd(keyset, input, weight, bias, padding, pool):
     if _needs_autograd((input, weight, bias)):
         return _apply(_ConvReluMaxpool2D, _Call(keyset), input, weight, bias, padding, pool)
-    return _below_autograd(_FORWARD, keyset, input, weight, bias, padding, pool)
+    return below_autograd(_FORWARD, keyset, input, weight, bias, padding, pool)
 
 
 def _backward_autograd(keyset, grad_output, input, weight, indices, padding, pool, output_mask):
@@ -175,7 +163,7 @@ def _backward_autograd(keyset, grad_output, input, weight, indices, padding, poo
         return _apply(
             _ConvReluMaxpool2DBackward, _Call(keyset), grad_output, input, weight, indices, padding, pool, output_mask
         )
-    return _below_autograd(_BACKWARD, keyset, grad_output, input, weight, indices, padding, pool, output_mask)
+    return below_autograd(_BACKWARD, keyset, grad_output, input, weight, indices, padding, pool, output_mask)
 
 
 def register() -> None:

@@ -28,9 +28,9 @@ error (torch.vmap alone works, through PyTorch's per-sample fallback).
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from . import _library
+from ._dispatch import any_tangent, below_autograd, requires_grad
 
 FORWARD_OP = f"{_library.OP_NAMESPACE}::channel_moments"
 BACKWARD_OP = f"{_library.OP_NAMESPACE}::_channel_moments_backward"
@@ -102,24 +102,6 @@ def backward_formula(grad_mean, grad_var, x, mean) -> torch.Tensor:
 # Registration: fake kernels and Autograd kernels (only with the compiled library)
 
 
-def _has_tangent(t) -> bool:
-    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t, level=0).tangent is not None
-
-
-def _any_tangent(tensors) -> bool:
-    # Tangents exist only inside a dual level: a global read keeps the common case cheap.
-    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled() and any(_has_tangent(t) for t in tensors)
-
-
-def _requires_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
-def _below_autograd(op, keyset, *args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
 # The class name becomes the autograd node name in profiles (_ChannelMomentsBackward).
 class _ChannelMoments(torch.autograd.Function):
     @staticmethod
@@ -138,28 +120,28 @@ class _ChannelMoments(torch.autograd.Function):
 
 
 def _forward_autograd(keyset, x):
-    if _any_tangent((x,)):
+    if any_tangent((x,)):
         # Forward mode: the definition itself, which carries the tangent (and any order).
         var, mean = torch.var_mean(x, reduced_dims(x), correction=0)
         return mean, var
-    if _requires_grad((x,)):
+    if requires_grad((x,)):
         if torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
                 "channel_moments: gradients under torch.func transforms (grad, jacrev, vjp) are not "
                 "supported; use torch.var_mean(x, dims, correction=0)"
             )
         return _ChannelMoments.apply(x)
-    return _below_autograd(torch.ops.fmnist_ext.channel_moments.default, keyset, x)
+    return below_autograd(torch.ops.fmnist_ext.channel_moments.default, keyset, x)
 
 
 def _backward_autograd(keyset, grad_mean, grad_var, x, mean):
     tensors = (grad_mean, grad_var, x, mean)
-    if _requires_grad(tensors) or _any_tangent(tensors):
+    if requires_grad(tensors) or any_tangent(tensors):
         # Double backward / forward mode of the backward: the same formula in
         # differentiable ops (mean is the forward's output, so its graph reaches x).
         check_backward_args(grad_mean, grad_var, x, mean)
         return backward_formula(grad_mean, grad_var, x, mean)
-    return _below_autograd(torch.ops.fmnist_ext._channel_moments_backward.default, keyset, grad_mean, grad_var, x, mean)
+    return below_autograd(torch.ops.fmnist_ext._channel_moments_backward.default, keyset, grad_mean, grad_var, x, mean)
 
 
 _lib = None
