@@ -24,7 +24,7 @@ facts = {
     "TORCH_VERSION": torch.__version__,
     "TORCH_INCLUDE_DIRS": "|".join(cpp_extension.include_paths()),
     "TORCH_LIBRARY_DIRS": "|".join(cpp_extension.library_paths()),
-    "TORCH_CXX11_ABI": str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
+    "TORCH_CXX11_ABI": str(int(torch.compiled_with_cxx11_abi())),
     "TORCH_CUDA_VERSION": torch.version.cuda or "",
     "TORCH_SITE_PACKAGES": str(__import__("pathlib").Path(torch.__file__).parent.parent),
 }

@@ -30,10 +30,10 @@ exist (FashionCNN.forward says when); everywhere else bn1 runs as usual.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .op import FusedConvReLUMaxPool2d, conv_relu_maxpool2d, uses_compiled_kernels
+from .op._torch_internals import functorch_active, in_dual_level
 from .op.moments import backward_formula, channel_moments, has_compiled_kernel
 
 
@@ -54,7 +54,7 @@ def applies(bn: nn.Module, conv: nn.Module, h: torch.Tensor) -> bool:
         and has_compiled_kernel(h.device)
         and h.shape[0] * h.shape[2] * h.shape[3] > 1
         and not torch.is_autocast_enabled("cpu")
-        and not torch._C._are_functorch_transforms_active()
+        and not functorch_active()
     )
 
 
@@ -95,7 +95,7 @@ class _MomentsOfBlockInput(torch.autograd.Function):
 
 
 def _moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if torch.is_grad_enabled() and h.requires_grad and fwAD._current_level < 0:
+    if torch.is_grad_enabled() and h.requires_grad and not in_dual_level():
         return _MomentsOfBlockInput.apply(h)
     # no gradient wanted, or forward-mode AD (channel_moments carries tangents)
     return (h, *channel_moments(h))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .op import conv_relu_maxpool2d, uses_compiled_kernels
+from .op._library import has_kernel
 
 # The whole-model CPU op (csrc/fashion_cnn_inference.cpp), in the library the fused op's kernels come from.
 OP_NAME = "fmnist_ext::fashion_cnn_inference"
@@ -53,14 +54,10 @@ _PARAM_NAMES = (
 def has_compiled_op(device: torch.device) -> bool:
     """True when the whole-model C++ op runs for tensors on `device`."""
     # uses_compiled_kernels first: without the compiled library the op is not registered at all.
-    return (
-        device.type == "cpu"
-        and uses_compiled_kernels(device)
-        and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
-    )
+    return device.type == "cpu" and uses_compiled_kernels(device) and has_kernel(OP_NAME, "CPU")
 
 
-def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, c) in float64 with bn(x) == a * x + c per channel, in eval mode."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(

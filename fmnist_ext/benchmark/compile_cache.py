@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..op._torch_internals import default_inductor_cache_dir, disable_compile_caches
 from .impls import RowInputs, pass_runner, stock_block
 from .timing import first_line, sync
 
@@ -31,24 +32,6 @@ class CompileState:
     failed_reason: str | None = None
 
 
-def disable_compile_caches() -> dict:
-    """Turn off inductor's FX-graph cache and AOTAutograd's cache, so the
-    reported compile time is a cold compile, not a hit in a cache left by an
-    earlier run. Returns the settings (recorded in the JSON)."""
-    settings = {}
-    try:
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
-
-        for mod, name in ((inductor_config, "fx_graph_cache"), (functorch_config, "enable_autograd_cache")):
-            if hasattr(mod, name):
-                setattr(mod, name, False)
-                settings[name] = False
-    except ImportError:
-        pass
-    return settings
-
-
 def prepare_compile(device: torch.device, state: CompileState) -> dict:
     """Before the first row: point inductor (and triton) at a fresh cache
     directory for this run, unless the user chose one, so compile times are
@@ -58,13 +41,9 @@ def prepare_compile(device: torch.device, state: CompileState) -> dict:
     for every row, with the reason."""
     info: dict[str, Any] = {"caches": disable_compile_caches()}
     user_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    try:  # importing torch._dynamo sets the variable to the default directory
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        if user_dir is not None and os.path.abspath(user_dir) == os.path.abspath(default_cache_dir()):
-            user_dir = None
-    except Exception:
-        pass
+    default_dir = default_inductor_cache_dir()  # importing torch._dynamo sets the variable to it
+    if user_dir is not None and default_dir is not None and os.path.abspath(user_dir) == os.path.abspath(default_dir):
+        user_dir = None
     if user_dir is None:
         d = tempfile.mkdtemp(prefix="fmnist-bench-inductor-")
         info.update(fresh_cache_dir=True, _dir=d, _previous=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
@@ -75,9 +54,7 @@ def prepare_compile(device: torch.device, state: CompileState) -> dict:
     else:
         info.update(fresh_cache_dir=False, cache_dir=os.environ["TORCHINDUCTOR_CACHE_DIR"])
     try:
-        import torch._dynamo
-
-        torch._dynamo.reset()
+        torch.compiler.reset()
         t = torch.randn(8, device=device)
         t0 = time.perf_counter()
         torch.compile(lambda v: torch.relu(v * 2.0) + 1.0, dynamic=False)(t)
@@ -103,10 +80,8 @@ def compile_stock(inp: RowInputs, pass_name: str):
     """torch.compile the stock sequence for this row and call it once for
     `pass_name`; return (the compiled function, compile_s) or raise. Dynamo is
     reset so every row compiles its own static graph."""
-    import torch._dynamo
-
     disable_compile_caches()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(stock_block, dynamic=False)
     run = pass_runner(compiled, inp, pass_name)
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _library
+from ._torch_internals import autocast_key, excluding_key
 
 _lib = torch.library.Library(_library.OP_NAMESPACE, "IMPL")  # keeps the registrations alive
 _FORWARD = torch.ops.fmnist_ext.conv_relu_maxpool2d.default
@@ -40,14 +41,13 @@ def is_active(device_type: str) -> bool:
 
 
 def _kernel_for(device_type: str):
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-    excluded = torch._C.DispatchKeySet(key)
+    key = autocast_key(device_type)
 
     def kernel(_keyset, input, weight, bias, padding, pool):
         cast = casts_to_float32(input, weight, bias)
         if cast:
             input, weight, bias = to_float32(input), to_float32(weight), to_float32(bias)
-        with torch._C._ExcludeDispatchKeyGuard(excluded):
+        with excluding_key(key):
             out, indices = _FORWARD(input, weight, bias, padding, pool)
         if cast:
             out = out.to(torch.get_autocast_dtype(device_type))
@@ -58,5 +58,4 @@ def _kernel_for(device_type: str):
 
 def register() -> None:
     for device_type in DEVICE_TYPES:
-        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        _lib.impl("conv_relu_maxpool2d", _kernel_for(device_type), key, with_keyset=True)
+        _lib.impl("conv_relu_maxpool2d", _kernel_for(device_type), autocast_key(device_type), with_keyset=True)

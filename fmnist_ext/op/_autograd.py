@@ -18,11 +18,16 @@ and `jvp`, applied whenever an input requires grad or carries a tangent.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
-from torch._functorch.utils import enable_single_level_autograd_function
 
 from . import _library, winners
 from ._dispatch import any_tangent, below_autograd, requires_grad
+from ._torch_internals import (
+    SingleLevelFunction,
+    apply_single_level,
+    functorch_active,
+    fwd_grad_enabled,
+    set_fwd_grad_enabled,
+)
 
 _lib = torch.library.Library(_library.OP_NAMESPACE, "IMPL")  # keeps the registrations alive
 _FORWARD = torch.ops.fmnist_ext.conv_relu_maxpool2d.default
@@ -45,18 +50,21 @@ class _Call:
     def __init__(self, keyset):
         self.keyset = keyset
         self.grad = torch.is_grad_enabled()
-        self.fwd_grad = torch._C._is_fwd_grad_enabled()
+        self.fwd_grad = fwd_grad_enabled()
 
     def below_autograd(self, op, *args):
-        if not torch._C._are_functorch_transforms_active():
+        if not functorch_active():
             return below_autograd(op, self.keyset, *args)
-        with torch.set_grad_enabled(self.grad), fwAD._set_fwd_grad_enabled(self.fwd_grad):
+        with torch.set_grad_enabled(self.grad), set_fwd_grad_enabled(self.fwd_grad):
             return below_autograd(op, self.keyset, *args)
 
 
 # The class names become the autograd node names in profiles
 # (_ConvReluMaxpool2DBackward): the benchmark charges them to the conv blocks.
-class _ConvReluMaxpool2D(torch.autograd.Function):
+# They are applied for one autograd level (see _torch_internals): this is
+# already an Autograd kernel, reached after torch.func unwrapped the tensors
+# for its level, so they subclass the single-level base of autograd.Function.
+class _ConvReluMaxpool2D(SingleLevelFunction):
     @staticmethod
     def forward(call, input, weight, bias, padding, pool):
         return call.below_autograd(_FORWARD, input, weight, bias, padding, pool)
@@ -87,7 +95,7 @@ class _ConvReluMaxpool2D(torch.autograd.Function):
         return t_out, None
 
 
-class _ConvReluMaxpool2DBackward(torch.autograd.Function):
+class _ConvReluMaxpool2DBackward(SingleLevelFunction):
     @staticmethod
     def forward(call, grad_output, input, weight, indices, padding, pool, output_mask):
         return call.below_autograd(_BACKWARD, grad_output, input, weight, indices, padding, pool, output_mask)
@@ -139,28 +147,15 @@ class _ConvReluMaxpool2DBackward(torch.autograd.Function):
         return tuple(out)
 
 
-def _apply(fn, *args):
-    # autograd.Function.apply hands itself to torch.func's machinery when a
-    # transform (jvp, vmap, grad) is active; but this is already an Autograd
-    # kernel, reached after torch.func unwrapped the tensors for this level,
-    # so the plain C++ apply is the right one here (torch.func does the same
-    # for each level of a custom Function: a "single-level" function).
-    apply = super(torch.autograd.Function, fn).apply
-    if not torch._C._are_functorch_transforms_active():
-        return apply(*args)
-    with enable_single_level_autograd_function():
-        return apply(*args)
-
-
 def _forward_autograd(keyset, input, weight, bias, padding, pool):
     if _needs_autograd((input, weight, bias)):
-        return _apply(_ConvReluMaxpool2D, _Call(keyset), input, weight, bias, padding, pool)
+        return apply_single_level(_ConvReluMaxpool2D, _Call(keyset), input, weight, bias, padding, pool)
     return below_autograd(_FORWARD, keyset, input, weight, bias, padding, pool)
 
 
 def _backward_autograd(keyset, grad_output, input, weight, indices, padding, pool, output_mask):
     if _needs_autograd((grad_output, input, weight)):
-        return _apply(
+        return apply_single_level(
             _ConvReluMaxpool2DBackward, _Call(keyset), grad_output, input, weight, indices, padding, pool, output_mask
         )
     return below_autograd(_BACKWARD, keyset, grad_output, input, weight, indices, padding, pool, output_mask)

@@ -101,12 +101,17 @@ if not LOADED:
     )
 
 
-def _has_kernel(dispatch_key: str) -> bool:
-    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, dispatch_key)
+def has_kernel(qualname: str, dispatch_key: str) -> bool:
+    """Whether the compiled library registered a kernel of op `qualname`
+    ("fmnist_ext::name") for `dispatch_key` ("CPU", "CUDA")."""
+    if not LOADED:
+        return False
+    name = qualname.split("::", 1)[1]
+    return getattr(torch.ops.fmnist_ext, name).default.has_kernel_for_dispatch_key(dispatch_key)
 
 
 # Device types ("cpu", "cuda") whose tensors run the compiled kernels.
-COMPILED_DEVICE_TYPES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key))
+COMPILED_DEVICE_TYPES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has_kernel(FORWARD_OP, key))
 
 
 def built_torch_version() -> str | None:

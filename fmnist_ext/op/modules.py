@@ -56,7 +56,7 @@ class FusedConvReLUMaxPool2d(nn.Module):
         # The same initialisation as nn.Conv2d.reset_parameters.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            fan_in = self.weight[0].numel()  # in_channels * kernel area
             if fan_in != 0:
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)

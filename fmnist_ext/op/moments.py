@@ -31,13 +31,14 @@ import torch
 
 from . import _library
 from ._dispatch import any_tangent, below_autograd, requires_grad
+from ._torch_internals import functorch_active
 
 FORWARD_OP = f"{_library.OP_NAMESPACE}::channel_moments"
 BACKWARD_OP = f"{_library.OP_NAMESPACE}::_channel_moments_backward"
 BACKWARD_ADD_OP = f"{_library.OP_NAMESPACE}::_channel_moments_backward_add_"
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 # Read once (the library is loaded by now): a plain bool also keeps torch.compile from breaking the graph.
-_CPU_KERNEL = _library.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CPU")
+_CPU_KERNEL = _library.LOADED and _library.has_kernel(FORWARD_OP, "CPU")
 
 
 def has_compiled_kernel(device: torch.device | str) -> bool:
@@ -125,7 +126,7 @@ def _forward_autograd(keyset, x):
         var, mean = torch.var_mean(x, reduced_dims(x), correction=0)
         return mean, var
     if requires_grad((x,)):
-        if torch._C._are_functorch_transforms_active():
+        if functorch_active():
             raise NotImplementedError(
                 "channel_moments: gradients under torch.func transforms (grad, jacrev, vjp) are not "
                 "supported; use torch.var_mean(x, dims, correction=0)"
