@@ -1115,7 +1115,6 @@ void forward_images(const ForwardArgs<T, I>& a, int64_t n0, int64_t n1) {
 
 template <typename T, typename I>
 void backward_images(const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) {
-  using V = typename Simd<T>::V;
   const ConvPoolGeometry& g = a.g;
   constexpr int64_t L = vector_lanes<T>();
   const int64_t pool = g.pool;
