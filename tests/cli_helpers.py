@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,12 @@ def closed_pipe_run(argv: list[str]) -> tuple[int, str]:
 
 def assert_quiet(err: str) -> None:
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def popen_with_sigint(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen for a child that a test interrupts with SIGINT, as
+    Ctrl-C would. A child inherits its parent's ignored signals, and a shell
+    runs a background job (`bash scripts/test.sh &`, CI runners) with SIGINT
+    ignored; Python then installs no KeyboardInterrupt handler and the signal
+    would never arrive. The child restores the default disposition itself."""
+    return subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)

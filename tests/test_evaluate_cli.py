@@ -16,6 +16,7 @@ from cli_helpers import (
     assert_quiet,
     closed_pipe_run,
     one_error_line,
+    popen_with_sigint,
     t10k_only_folder,
     untrained_checkpoint,
 )
@@ -74,7 +75,7 @@ def test_evaluate_real_sigint_while_loading(ckpt, tmp_path):
         "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
         "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n"
     )
-    p = subprocess.Popen(
+    p = popen_with_sigint(
         [sys.executable, "-c", code, str(ckpt), "--no-download"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

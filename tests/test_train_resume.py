@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from cli_helpers import popen_with_sigint
 from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 
 from fmnist_ext import checkpoint, data, evaluate, train
@@ -282,7 +283,7 @@ def test_ctrl_c_saves_and_resume_finishes(syn, tmp_path):
         "--batch-size",
         "50",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = popen_with_sigint(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 180
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
