@@ -7,8 +7,9 @@ TypeError naming the dtype. Stock computes its convolution in the autocast
 dtype, the fused op in float32, so they agree to that precision (bfloat16: 8 bits of mantissa),
 measured as norms relative to the reference's: an elementwise bound would be
 flaky, since a window whose two largest values round to a tie in bfloat16
-sends its whole gradient to another pixel. Gradients are judged against the
-float32 truth: the fused op's must be at least about as accurate as stock's.
+sends its whole gradient to another pixel. The fused op's own results equal
+float32's rounded once; the whole model is compared with the stock model
+whose conv blocks run in float32 too, so only roundings differ.
 """
 
 import pytest
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from op_helpers import cpu_and_cuda, cpu_isas_and_cuda, make_case, stock
 
 import fmnist_ext
-from fmnist_ext.model import FashionCNN
+from fmnist_ext.model import FashionCNN, StockConvReLUMaxPool2d
 
 # The autocast dtypes of each device (torch.autocast's own: cpu bfloat16; cuda float16, bfloat16).
 AUTOCAST_DTYPES = {"cpu": [torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
@@ -42,11 +43,21 @@ def assert_close_low_precision(got, want, tol=2e-2):
     assert rel_err(got, want) < tol, f"relative error {rel_err(got, want):.3g}"
 
 
-def assert_as_accurate_as_stock(got, stock_got, truth):
-    """got (fused, autocast) is about as close to the float32 truth as stock
-    under autocast is, and within bfloat16 training noise."""
-    fused_err, stock_err = rel_err(got, truth), rel_err(stock_got, truth)
-    assert fused_err <= 1.5 * stock_err + 2e-2 and fused_err < 0.35, (fused_err, stock_err)
+# One bfloat16 unit roundoff (8 bits of mantissa).
+U_BF16 = 2.0**-8
+
+
+def with_float32_blocks(model: FashionCNN, device: str, dtype: torch.dtype) -> FashionCNN:
+    """The stock model as the fused one computes under autocast: its conv
+    blocks in float32, their outputs rounded once to the autocast dtype."""
+    for block in (model.conv1, model.conv2):
+
+        def forward(x, block=block):
+            with torch.autocast(device, enabled=False):
+                return StockConvReLUMaxPool2d.forward(block, x.float()).to(dtype)
+
+        block.forward = forward
+    return model
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -65,9 +76,8 @@ def test_op_under_autocast_matches_stock(device, dtype, bias):
     assert_close_low_precision(y, y_ref)
     y32 = stock(x, w, b, 0, 2)
     grads32 = torch.autograd.grad(y32, leaves, torch.ones_like(y32))
-    for got, stock_got, truth in zip(grads, grads_ref, grads32):
+    for got in grads:
         assert got.dtype == torch.float32  # gradients in the parameters' dtype
-        assert_as_accurate_as_stock(got, stock_got, truth)
     # The fused op computes in float32: exactly stock's float32 result, rounded.
     torch.testing.assert_close(y, y32.to(dtype))
     for got, want in zip(grads, grads32):
@@ -104,24 +114,31 @@ def test_half_input_outside_autocast_is_a_clear_type_error(device, dtype):
 
 @pytest.mark.parametrize("device,dtype", autocast_cases(cpu_and_cuda()))
 def test_fashion_cnn_trains_under_autocast_like_stock(device, dtype):
+    # The reference is the stock model with its conv blocks in float32, as the
+    # fused op runs them: both then do the same low-precision operations, and
+    # differ only where float32 summation order flips a rounding to the
+    # autocast dtype (one unit in the last place, U_BF16 relative, for a few
+    # values in a batch). Forward, a flip stays that size: logits within
+    # 4 U_BF16. Backward, training-mode BatchNorm divides by the batch's
+    # spread and amplifies it (up to 12 U_BF16 seen over 8 seeds): gradients
+    # within 32 U_BF16, still far below a wrong gradient's error (order 1).
     torch.manual_seed(0)
     fused = FashionCNN("fused").to(device)
     plain = FashionCNN("stock").to(device)
     plain.load_state_dict(fused.state_dict())
+    with_float32_blocks(plain, device, dtype)
     x = torch.randn(64, 1, 28, 28).to(device)
     labels = torch.randint(0, 10, (64,)).to(device)
     results = []
-    for model, autocast in ((fused, True), (plain, True), (plain, False)):
+    for model in (fused, plain):
         model.train()
-        with torch.autocast(device, dtype=dtype, enabled=autocast):
+        with torch.autocast(device, dtype=dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, labels)
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        results.append((logits, loss, grads))
-    (logits, loss, grads), (logits_ref, loss_ref, grads_ref), (_, _, grads32) = results
+        results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
+    (logits, grads), (logits_ref, grads_ref) = results
     assert logits.dtype == logits_ref.dtype == dtype
-    assert_close_low_precision(logits, logits_ref, tol=3e-2)
-    assert abs(loss.item() - loss_ref.item()) < 2e-2 * abs(loss_ref.item())
-    for got, stock_got, truth in zip(grads, grads_ref, grads32):
+    assert_close_low_precision(logits, logits_ref, tol=4 * U_BF16)
+    for got, want in zip(grads, grads_ref):
         assert got.dtype == torch.float32
-        assert_as_accurate_as_stock(got, stock_got, truth)
+        assert rel_err(got, want) <= 32 * U_BF16, rel_err(got, want)
