@@ -20,6 +20,18 @@ except Exception as exc:  # pragma: no cover - exercised by a failing build
     )
     sys.exit(1)
 
+# The oldest torch supported: the one in pyproject.toml's dependencies.
+pyproject = (__import__("pathlib").Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+minimum = __import__("re").search(r'"torch>=(\d+)\.(\d+)"', pyproject)
+running = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+if minimum and running < (int(minimum[1]), int(minimum[2])):
+    print(
+        f"fmnist_ext needs torch >= {minimum[1]}.{minimum[2]} (pyproject.toml); {sys.executable} "
+        f"has torch {torch.__version__}. Install a supported torch, then build again.",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
 facts = {
     "TORCH_VERSION": torch.__version__,
     "TORCH_INCLUDE_DIRS": "|".join(cpp_extension.include_paths()),

@@ -8,8 +8,10 @@
 #
 #   bash scripts/test.sh [pytest args...]
 #
-# Environment: TORCH_SPEC (default "torch>=2.11"; CI uses torch==2.13.0, the
-# CPU build), FMNIST_VENV (default .venv; ignored when a venv is active).
+# Environment: TORCH_SPEC (default "torch>=2.11"; CI runs torch==2.13.0, the
+# CPU build, torch==2.15.0 and torch==2.11.0), FMNIST_VENV (default .venv;
+# ignored when a venv is active); the build's own options (FMNIST_CUDA,
+# FMNIST_WERROR: see CMakeLists.txt) pass through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -24,7 +26,9 @@ fi
 
 "$py" -m pip install -q --upgrade pip >/dev/null
 "$py" -m pip install -q "${TORCH_SPEC:-torch>=2.11}" "scikit-build-core>=0.10" cmake ninja
-"$py" -m pip install -q --no-build-isolation ".[test]"
+# One build folder per torch: a build against another torch must not reuse it.
+torch_version=$("$py" -c 'import torch; print(torch.__version__)')
+"$py" -m pip install -q --no-build-isolation -C build-dir="build/torch-$torch_version" ".[test]"
 
 # Run from tests/ so that `import fmnist_ext` finds the installed package (with
 # its compiled library), not the source folder.

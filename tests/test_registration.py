@@ -1,11 +1,14 @@
 """Custom-operator conventions on every device: opcheck, fake kernels,
 torch.compile without graph breaks."""
 
+import os
+
 import pytest
 import torch
 from op_helpers import cpu_and_cuda, make_case, stock
 
 import fmnist_ext
+from fmnist_ext.op import _library
 
 OP = torch.ops.fmnist_ext.conv_relu_maxpool2d.default if hasattr(torch.ops.fmnist_ext, "conv_relu_maxpool2d") else None
 BWD = (
@@ -105,3 +108,16 @@ def test_public_function_matches_stock_with_or_without_the_kernels(device):
     # only) the reference fallback when they cannot be loaded.
     x, w, b = make_case(2, 1, 28, 28, 6, 5, requires_grad=False, device=device)
     torch.testing.assert_close(fmnist_ext.conv_relu_maxpool2d(x, w, b), stock(x, w, b, 0, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("FMNIST_REQUIRE_CUDA_BUILD", "") in ("", "0"),
+    reason="only where the build must include the CUDA kernels (CI's newest-torch stage sets FMNIST_REQUIRE_CUDA_BUILD=1)",
+)
+def test_the_cuda_build_registered_both_ops():
+    # CI compiles the CUDA kernels without a GPU to run them: at least they
+    # must build and register for the CUDA dispatch key.
+    assert _library.LOADED, _library.NOT_LOADED_REASON
+    assert _library.build_info().WITH_CUDA, "the build did not compile the CUDA kernels"
+    for op in (_library.FORWARD_OP, _library.BACKWARD_OP):
+        assert _library.has_kernel(op, "CUDA"), f"{op}: no CUDA kernel"
