@@ -117,6 +117,8 @@ def write_case(d: Path, name: str, meta: dict, tensors: dict) -> None:
         write_tensor(d / f"{name}.{key}", t)
 
 
-def run(exe: Path, sanitizer: str, d: Path, names: list[str], timeout: float = 600):
-    env = dict(os.environ, **SANITIZER_ENV[sanitizer])
+def run(exe: Path, sanitizer: str, d: Path, names: list[str], timeout: float = 600, env: dict | None = None):
+    """Runs the cases `names` of folder d; `env` adds environment variables
+    (FMNIST_CUDA_SM_COUNT: the SM count every plan sees)."""
+    env = dict(os.environ, **SANITIZER_ENV[sanitizer], **(env or {}))
     return subprocess.run([str(exe), str(d), *names], capture_output=True, text=True, env=env, timeout=timeout)
