@@ -154,7 +154,7 @@ def _dyadic(gen: torch.Generator, shape, low: int, high: int, scale: float) -> t
     return torch.randint(low, high + 1, shape, generator=gen, dtype=torch.int64).double() * scale
 
 
-def _case_tensors(case: Case, seed: int):
+def case_tensors(case: Case, seed: int):
     """Inputs, weight, bias and grad_output (float64, CPU) for one case."""
     gen = torch.Generator().manual_seed(seed)
     x = _dyadic(gen, (case.n, case.cin, case.h, case.w), -8, 8, 1 / 4)
@@ -258,7 +258,7 @@ def check_device(
 def _check_case(report: DeviceReport, case: Case, device, dtypes, op, seed: int, where: list) -> None:
     """One case in each dtype, into `report`; where[0] says what runs."""
     where[0] = f"{case.name} data"
-    x, wt, b, g = (t.to(device) for t in _case_tensors(case, seed))
+    x, wt, b, g = (t.to(device) for t in case_tensors(case, seed))
     where[0] = f"{case.name} stock reference"
     want, _ = _forward_and_grads(_stock, x, wt, b, g, case.padding, case.pool, case.grad_input)
     _synchronize(device)

@@ -97,7 +97,7 @@ def test_battery_data_make_float32_exact():
     # The premise of the tolerances: on these data float32 reproduces the
     # float64 stock result exactly (no near-ties that round differently).
     case = selfcheck.FULL_CASES[1]
-    x, w, b, g = selfcheck._case_tensors(case, seed=1234)
+    x, w, b, g = selfcheck.case_tensors(case, seed=1234)
     want, _ = selfcheck._forward_and_grads(selfcheck._stock, x, w, b, g, (0, 0), 2)
     got, _ = selfcheck._forward_and_grads(selfcheck._stock, x.float(), w.float(), b.float(), g.float(), (0, 0), 2)
     for a, e in zip(got, want):
