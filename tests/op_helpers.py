@@ -154,14 +154,24 @@ GRID = [
 ]
 
 
-def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_grad=True, device="cpu"):
+def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_grad=True, device="cpu", exact=None):
     """Input, weight (scaled like nn.Conv2d's fan-in) and bias. Drawn on the
     CPU from torch's seeded generator and then moved, so every device gets
-    the same numbers."""
+    the same numbers. exact (default: on a CUDA device) draws small dyadic
+    numbers instead (exact_on_cuda says why); exact=False keeps random reals
+    on every device, for numerical differentiation, which needs points away
+    from ties."""
     kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, cin, h, w, dtype=dtype)
-    wt = torch.randn(cout, cin, kh, kw, dtype=dtype) / (cin * kh * kw) ** 0.5
-    b = torch.randn(cout, dtype=dtype) * 0.1 if bias else None
+    if exact is None:
+        exact = torch.device(device).type == "cuda"
+    if exact:
+        x = dyadic((n, cin, h, w), dtype=dtype)
+        wt = dyadic((cout, cin, kh, kw), dtype=dtype, scale=1 / 32)
+        b = dyadic((cout,), dtype=dtype, scale=1 / 32) if bias else None
+    else:
+        x = torch.randn(n, cin, h, w, dtype=dtype)
+        wt = torch.randn(cout, cin, kh, kw, dtype=dtype) / (cin * kh * kw) ** 0.5
+        b = torch.randn(cout, dtype=dtype) * 0.1 if bias else None
     x, wt = x.to(device), wt.to(device)
     b = b.to(device) if b is not None else None
     if requires_grad:
@@ -215,11 +225,10 @@ def exact_on_cuda(x, w, b):
 
 
 def float64_stock_on_device(x, w, b, padding, pool, grad_out):
-    """The stock sequence's output and gradients in float64 on x's device,
-    without cuDNN (whose Winograd/FFT algorithms transform the data and round
-    even exact inputs): on exact data (exact_on_cuda) the result is exact."""
+    """The stock sequence's output and gradients in float64 on x's device
+    (without cuDNN, see stock): on exact data (exact_on_cuda) the result is exact."""
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b) if t is not None]
-    with torch.backends.cudnn.flags(enabled=False):
+    with torch.backends.cudnn.flags(enabled=False):  # the backward's convolutions too
         y = stock(leaves[0], leaves[1], leaves[2] if b is not None else None, padding, pool)
         inputs = [t for t in leaves if t.requires_grad]
         grads = (
@@ -249,8 +258,12 @@ def fused(x, w, b, padding, pool):
 
 
 def stock(x, w, b, padding, pool):
-    """The stock sequence conv2d -> relu -> max_pool2d (the op's definition)."""
-    return reference.conv_relu_maxpool2d(x, w, b, pair(padding), pool)
+    """The stock sequence conv2d -> relu -> max_pool2d (the op's definition),
+    without cuDNN on a GPU: its Winograd and FFT algorithms transform the data
+    and round even exact inputs, where PyTorch's own kernels (im2col + GEMM)
+    keep exact data exact (exact_on_cuda)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        return reference.conv_relu_maxpool2d(x, w, b, pair(padding), pool)
 
 
 def tolerances(dtype):
