@@ -15,7 +15,6 @@ import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -95,10 +94,10 @@ def write_tensor(path: Path, t: torch.Tensor) -> None:
         f.write(storage.numpy().tobytes())
 
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
-
-
 def read_tensor(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    import numpy as np  # here, not at import: the GPU tests of test_cuda.py run without numpy
+
+    _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
     raw = path.read_bytes()
     nd = struct.unpack_from("<q", raw, 0)[0]
     head = struct.unpack_from(f"<{2 * nd + 2}q", raw, 8)
