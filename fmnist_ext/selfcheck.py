@@ -202,8 +202,7 @@ def _fused(x, wt, b, padding, pool):
 
 
 def _stock(x, wt, b, padding, pool):
-    with torch.backends.cudnn.flags(enabled=False):
-        return reference.conv_relu_maxpool2d(x, wt, b, padding, pool)
+    return reference.conv_relu_maxpool2d(x, wt, b, padding, pool)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -260,8 +259,9 @@ def _check_case(report: DeviceReport, case: Case, device, dtypes, op, seed: int,
     where[0] = f"{case.name} data"
     x, wt, b, g = (t.to(device) for t in case_tensors(case, seed))
     where[0] = f"{case.name} stock reference"
-    want, _ = _forward_and_grads(_stock, x, wt, b, g, case.padding, case.pool, case.grad_input)
-    _synchronize(device)
+    with torch.backends.cudnn.flags(enabled=False):  # forward and backward (see the module's docstring)
+        want, _ = _forward_and_grads(_stock, x, wt, b, g, case.padding, case.pool, case.grad_input)
+        _synchronize(device)
     for dtype in dtypes:
         where[0] = f"{case.name} {dtype}"
         args = [t.to(dtype) for t in (x, wt, b, g)]
