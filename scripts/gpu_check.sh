@@ -144,9 +144,10 @@ else
     FILTER=(--kernel-name kns=conv_relu_maxpool2d)
   fi
   echo "compute-sanitizer: $SAN; kernel filter: ${FILTER[*]:-none}" >>"$OUT/sanitizer.log"
-  for tool in memcheck racecheck initcheck synccheck; do
-    run_step "$tool" 75 sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SAN" --tool "$tool" --error-exitcode 1 "${FILTER[@]}" "${BLOCKS[@]}"
+  # racecheck tracks every shared-memory access of every block: the slowest, the longest timeout.
+  for tool in memcheck:75 racecheck:120 initcheck:75 synccheck:75; do
+    run_step "${tool%%:*}" "${tool##*:}" sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool "${tool%%:*}" --error-exitcode 1 "${FILTER[@]}" "${BLOCKS[@]}"
   done
 fi
 
