@@ -154,14 +154,24 @@ GRID = [
 ]
 
 
-def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_grad=True, device="cpu"):
+def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_grad=True, device="cpu", exact=None):
     """Input, weight (scaled like nn.Conv2d's fan-in) and bias. Drawn on the
     CPU from torch's seeded generator and then moved, so every device gets
-    the same numbers."""
+    the same numbers. exact (default: on a CUDA device) draws small dyadic
+    numbers instead (exact_on_cuda says why); exact=False keeps random reals
+    on every device, for numerical differentiation, which needs points away
+    from ties."""
     kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, cin, h, w, dtype=dtype)
-    wt = torch.randn(cout, cin, kh, kw, dtype=dtype) / (cin * kh * kw) ** 0.5
-    b = torch.randn(cout, dtype=dtype) * 0.1 if bias else None
+    if exact is None:
+        exact = torch.device(device).type == "cuda"
+    if exact:
+        x = dyadic((n, cin, h, w), dtype=dtype)
+        wt = dyadic((cout, cin, kh, kw), dtype=dtype, scale=1 / 32)
+        b = dyadic((cout,), dtype=dtype, scale=1 / 32) if bias else None
+    else:
+        x = torch.randn(n, cin, h, w, dtype=dtype)
+        wt = torch.randn(cout, cin, kh, kw, dtype=dtype) / (cin * kh * kw) ** 0.5
+        b = torch.randn(cout, dtype=dtype) * 0.1 if bias else None
     x, wt = x.to(device), wt.to(device)
     b = b.to(device) if b is not None else None
     if requires_grad:
@@ -174,6 +184,59 @@ def make_case(n, cin, h, w, cout, k, dtype=torch.float32, bias=True, requires_gr
 
 def pair(p):
     return (p, p) if isinstance(p, int) else tuple(p)
+
+
+# ---------------------------------------------------------------------------
+# Exact data, for comparisons whose two sides sum in different orders
+
+
+def dyadic(shape, gen=None, dtype=torch.float32, low=-8, high=8, scale=0.25, device="cpu"):
+    """Integers in [low, high] times `scale` (a power of two): products and sums
+    of a few thousand such numbers are exact in float32 and float64, whatever
+    the summation order, so two correct implementations agree bit for bit and
+    equal values (ties between pool-window positions) are frequent."""
+    return (torch.randint(low, high + 1, tuple(shape), generator=gen).to(dtype) * scale).to(device)
+
+
+def _is_dyadic(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) and bool(((t.detach() * 128).frac() == 0).all()) and float(t.abs().max()) <= 8
+
+
+def exact_on_cuda(x, w, b):
+    """On a CUDA device, fill x, w and b (in place, keeping layout and
+    requires_grad) with exact values unless they already hold some; a no-op
+    elsewhere.
+
+    Why: the stock sequence on a GPU (cuDNN) sums each window position in
+    another order than the fused kernels. On random reals a window whose two
+    largest values differ by less than float32 rounding then picks a different
+    winner on each side and moves a whole gradient term: a false alarm on a
+    correct kernel, likelier the larger the batch. On these values every sum
+    is exact, both sides see the same values, ties and winners, and any
+    difference is a bug. (The CPU cases keep random reals: both sides there
+    are fixed code on a fixed machine, and they exercise the rounding.)"""
+    if x.device.type != "cuda":
+        return
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for t, scale in ((x, 0.25), (w, 1 / 32), (b, 1 / 32)):
+            if t is not None and t.numel() and not _is_dyadic(t):
+                t.copy_(dyadic(t.shape, gen, t.dtype, scale=scale))
+
+
+def float64_stock_on_device(x, w, b, padding, pool, grad_out):
+    """The stock sequence's output and gradients in float64 on x's device
+    (without cuDNN, see stock): on exact data (exact_on_cuda) the result is exact."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b) if t is not None]
+    with torch.backends.cudnn.flags(enabled=False):  # the backward's convolutions too
+        y = stock(leaves[0], leaves[1], leaves[2] if b is not None else None, padding, pool)
+        inputs = [t for t in leaves if t.requires_grad]
+        grads = (
+            torch.autograd.grad(y, inputs, grad_out.double(), allow_unused=True)
+            if inputs and y.numel()
+            else [torch.zeros_like(t) for t in inputs]
+        )
+    return y, grads
 
 
 def forward_and_grads(fn, x, w, b, padding, pool, grad_out=None):
@@ -195,8 +258,12 @@ def fused(x, w, b, padding, pool):
 
 
 def stock(x, w, b, padding, pool):
-    """The stock sequence conv2d -> relu -> max_pool2d (the op's definition)."""
-    return reference.conv_relu_maxpool2d(x, w, b, pair(padding), pool)
+    """The stock sequence conv2d -> relu -> max_pool2d (the op's definition),
+    without cuDNN on a GPU: its Winograd and FFT algorithms transform the data
+    and round even exact inputs, where PyTorch's own kernels (im2col + GEMM)
+    keep exact data exact (exact_on_cuda)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        return reference.conv_relu_maxpool2d(x, w, b, pair(padding), pool)
 
 
 def tolerances(dtype):
@@ -217,7 +284,20 @@ REDUCTION_ATOL_OF_MAX = 1e-6
 def assert_matches_stock(x, w, b, padding, pool, dtype, large_batch_rule=False):
     """The fused op's output and every gradient equal stock's (to rounding);
     returns the output. large_batch_rule: the float32 reductions of a case
-    over BASE_REDUCTION_TERMS get the tolerance described above."""
+    over BASE_REDUCTION_TERMS get the tolerance described above.
+
+    On a CUDA device the data are made exact (exact_on_cuda says why) and the
+    fused results must equal the float64 stock sequence exactly."""
+    if x.device.type == "cuda":
+        exact_on_cuda(x, w, b)
+        gen = torch.Generator().manual_seed(4321)
+        y = fused(x, w, b, padding, pool)
+        g = dyadic(y.shape, gen, y.dtype, low=-4, high=4, device=y.device)
+        y, grads, _ = forward_and_grads(fused, x, w, b, padding, pool, g)
+        y_ref, grads_ref = float64_stock_on_device(x, w, b, padding, pool, g)
+        for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=0, equal_nan=True)
+        return y
     y, grads, g = forward_and_grads(fused, x, w, b, padding, pool)
     y_ref, grads_ref, _ = forward_and_grads(stock, x, w, b, padding, pool, g)
     tol = tolerances(dtype)

@@ -43,40 +43,126 @@ class _WrongWeightGrad(torch.autograd.Function):
             leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
             y = reference.conv_relu_maxpool2d(*leaves, ctx.padding, ctx.pool)
             gx, gw, gb = torch.autograd.grad(y, leaves, g)
-        return gx, gw * 1.001, gb, None, None
+        return gx if ctx.needs_input_grad[0] else None, gw * 1.001, gb, None, None
 
 
 def wrong_weight_grad(x, w, b, padding, pool):
     return _WrongWeightGrad.apply(x, w, b, padding, pool)
 
 
-def test_quick_battery_passes_on_cpu():
-    report = selfcheck.check_device("cpu", quick=True)
+SMALL_CASES = 4  # FULL_CASES[SMALL_CASES:] are the small ones (quicker)
+
+
+def test_training_form_passes_on_cpu():
+    report = selfcheck.check_device("cpu", quick=True, batch_size=64)
     assert report.ok, report.summary()
-    assert report.cases == len(selfcheck.QUICK_CASES)
+    assert report.cases == len(selfcheck.training_cases(64)) == 4
     assert set(report.worst) == {torch.float32}
     assert report.summary().startswith("cpu (") and "): OK," in report.summary()
+    assert "backward repeats bit for bit: yes" in report.summary()
 
 
-def test_the_batch_1000_seed_blocks_are_in_the_battery():
-    shapes = {(c[1], c[2], c[3], c[4], c[5]) for c in selfcheck.FULL_CASES}
-    assert (1000, 1, 28, 28, 6) in shapes and (1000, 6, 12, 12, 12) in shapes
+def test_training_form_runs_training_batch_masks_and_multichunk_plans(monkeypatch):
+    """The blocks at the training batch size with training's output masks, and
+    at the multi-chunk size under the SM-count override, which is set only
+    around the fused op's calls there."""
+    cases = selfcheck.training_cases(500)
+    assert [(c.n, c.cin, c.grad_input, c.sms) for c in cases] == [
+        (500, 1, False, None),
+        (500, 6, True, None),
+        (selfcheck.MULTI_CHUNK_BATCH, 1, False, selfcheck.MULTI_CHUNK_SMS),
+        (selfcheck.MULTI_CHUNK_BATCH, 6, True, selfcheck.MULTI_CHUNK_SMS),
+    ]
+    assert selfcheck.FULL_CASES[:SMALL_CASES] == selfcheck.training_cases(1000)
+    seen = []
+
+    def spy(x, w, b, padding, pool):
+        seen.append((x.shape[0], x.requires_grad, os.environ.get("FMNIST_CUDA_SM_COUNT")))
+        return reference.conv_relu_maxpool2d(x, w, b, padding, pool)
+
+    monkeypatch.delenv("FMNIST_CUDA_SM_COUNT", raising=False)
+    monkeypatch.setattr(selfcheck, "training_cases", lambda n: cases)
+    report = selfcheck.check_device("cpu", quick=True, op=spy)
+    assert report.ok, report.summary()
+    assert seen == [
+        (500, False, None),
+        (500, True, None),
+        (1001, False, str(selfcheck.MULTI_CHUNK_SMS)),
+        (1001, True, str(selfcheck.MULTI_CHUNK_SMS)),
+    ]
+    assert "FMNIST_CUDA_SM_COUNT" not in os.environ
 
 
 def test_battery_data_make_float32_exact():
     # The premise of the tolerances: on these data float32 reproduces the
     # float64 stock result exactly (no near-ties that round differently).
-    case = selfcheck.FULL_CASES[0]
-    x, w, b, g = selfcheck._case_tensors(case, seed=1234)
-    want = selfcheck._forward_and_grads(selfcheck._stock, x, w, b, g, (0, 0), 2)
-    got = selfcheck._forward_and_grads(selfcheck._stock, x.float(), w.float(), b.float(), g.float(), (0, 0), 2)
+    case = selfcheck.FULL_CASES[1]
+    x, w, b, g = selfcheck.case_tensors(case, seed=1234)
+    want, _ = selfcheck._forward_and_grads(selfcheck._stock, x, w, b, g, (0, 0), 2)
+    got, _ = selfcheck._forward_and_grads(selfcheck._stock, x.float(), w.float(), b.float(), g.float(), (0, 0), 2)
     for a, e in zip(got, want):
         assert torch.equal(a.double(), e)
 
 
+class _Unrepeatable(torch.autograd.Function):
+    """The right forward; each backward's grad_weight differs in its last bit
+    from the one before (like a reduction with atomics)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x, w, b, padding, pool):
+        ctx.save_for_backward(x, w, b)
+        ctx.padding, ctx.pool = padding, pool
+        return reference.conv_relu_maxpool2d(x, w, b, padding, pool)
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            y = reference.conv_relu_maxpool2d(*leaves, ctx.padding, ctx.pool)
+            gx, gw, gb = torch.autograd.grad(y, leaves, g)
+        _Unrepeatable.calls += 1
+        if _Unrepeatable.calls % 2 == 0:
+            gw = torch.nextafter(gw, torch.full_like(gw, float("inf")))
+        return gx if ctx.needs_input_grad[0] else None, gw, gb, None, None
+
+
+def test_a_backward_that_does_not_repeat_bitwise_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(selfcheck, "_fused", lambda *a: _Unrepeatable.apply(*a))
+    parser = argparse.ArgumentParser(prog="python -m fmnist_ext.train")
+    with pytest.raises(SystemExit) as stop:
+        selfcheck.precheck_training(parser, "fused", torch.device("cpu"), batch_size=8, check_types=("cpu",))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "grad_weight: a second backward differs" in err and "bit for bit" in err and err.count("\n") == 1
+
+
+def test_an_asynchronous_device_fault_is_the_clean_refusal(monkeypatch, capsys):
+    """A fault raised at the synchronisation after the fused launches (how a
+    CUDA kernel's illegal address surfaces) is the one-line refusal, not a
+    traceback."""
+
+    calls = []
+
+    def fault(device):  # the first synchronisation follows the reference, the second the fused op
+        calls.append(device)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(selfcheck, "_synchronize", fault)
+    parser = argparse.ArgumentParser(prog="python -m fmnist_ext.train")
+    with pytest.raises(SystemExit) as stop:
+        selfcheck.precheck_training(parser, "fused", torch.device("cpu"), batch_size=8, check_types=("cpu",))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "they fail: block1-b8 torch.float32: RuntimeError: CUDA error: an illegal memory access" in err
+
+
 @pytest.mark.parametrize("op,tensor", [(wrong_output, "output"), (wrong_weight_grad, "grad_weight")])
 def test_info_check_fails_naming_the_device_and_tensor(monkeypatch, capsys, op, tensor):
-    monkeypatch.setattr(selfcheck, "FULL_CASES", selfcheck.FULL_CASES[2:])  # the small ones: quicker
+    monkeypatch.setattr(selfcheck, "FULL_CASES", selfcheck.FULL_CASES[SMALL_CASES:])
     monkeypatch.setattr(selfcheck, "_fused", op)
     assert info.main(["--check"]) == 1
     out = capsys.readouterr().out
@@ -124,10 +210,6 @@ def test_check_and_json_together_are_refused(capsys):
     with pytest.raises(SystemExit) as stop:
         info.main(["--check", "--json"])
     assert stop.value.code == 2 and "--check: not allowed with --json" in capsys.readouterr().err
-
-
-def test_quick_check_is_small():
-    assert sum(c[1] for c in selfcheck.QUICK_CASES) <= 128
 
 
 def _run(module, *args, **env):

@@ -12,7 +12,7 @@
 //   Tensor contiguous(const Tensor&);               NCHW-contiguous view or copy
 //   template <class E> E* ptr(const Tensor&);
 //   int64_t numel(const Tensor&);
-//   int num_sms();
+//   int num_sms();                                  the device's SM count
 //   void check(bool ok, const char* message);      raise when !ok
 //   void launch(kernel, dim3 grid, int threads, size_t smem_bytes, args...);
 #pragma once
@@ -26,6 +26,7 @@
 
 #include "kernels_global.cuh"
 #include "plan.h"
+#include "sm_count.h"
 
 namespace fmnist_ext {
 namespace cuda {
@@ -34,6 +35,14 @@ template <typename B>
 unsigned grid_x(B& be, int64_t blocks) {
   be.check(blocks >= 1 && blocks <= INT_MAX, "conv_relu_maxpool2d: CUDA grid size out of range");
   return static_cast<unsigned>(blocks);
+}
+
+// The SM count the launch plans use: the device's, or FMNIST_CUDA_SM_COUNT's.
+template <typename B>
+int plan_sm_count(B& be) {
+  const int n = sm_count_override();
+  be.check(n >= 0, "conv_relu_maxpool2d: FMNIST_CUDA_SM_COUNT must be an integer in [1, 65536]");
+  return n > 0 ? n : be.num_sms();
 }
 
 template <typename T, typename acc_t, typename I, typename B>
@@ -53,7 +62,7 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(B& be,
   const Tensor x = be.contiguous(input);
   const Tensor w = be.contiguous(weight);
   const Tensor b = bias != nullptr ? be.contiguous(*bias) : Tensor();
-  const FwdPlan plan = plan_forward(g, sizeof(T), be.num_sms());
+  const FwdPlan plan = plan_forward(g, sizeof(T), plan_sm_count(be));
   const FwdArgs<T, I> a{g,
                         be.template ptr<T>(x),
                         be.template ptr<T>(w),
@@ -107,7 +116,7 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
   }
   const Tensor go = be.contiguous(grad_output);
   const Tensor idx = be.contiguous(indices);
-  const int sms = be.num_sms();
+  const int sms = plan_sm_count(be);
 
   if (output_mask[0] && be.numel(grad_input) > 0) {
     const Tensor w = be.contiguous(weight);

@@ -19,6 +19,7 @@ The package, read top to bottom:
     run.py          one run: build or resume the state, epoch after epoch, the final results
     state.py        RunState: what a run changes, and its checkpoint round trip
     epoch.py        one epoch of training; the evaluation of a split
+    step.py         one training step: eager, or replayed from a CUDA graph (--cuda-graphs)
     sweep.py        --sweep: parse, plan (all checked up front), run, the table
     distributed.py  torchrun: the Dist record, process group, all_reduce, barrier
     interrupt.py    Ctrl-C: finish the batch, save, exit 130

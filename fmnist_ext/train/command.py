@@ -28,6 +28,7 @@ from .errors import UsageError
 from .interrupt import EXIT_INTERRUPTED, Interrupted
 from .parser import build_parser
 from .run import train_run
+from .step import graph_refusal
 from .sweep import SweepRun, parse_sweep, plan_sweep, run_sweep
 
 
@@ -52,6 +53,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     holds the run folder locks until the process is done."""
     grid = _check_args(args)
     config = RunConfig.from_args(args)
+    _check_cuda_graphs(args, config, args.device, dist_from_env().world_size)
     sweep = grid is not None
     if sweep:
         out = Path(args.out or f"runs/sweep-{config.recipe}")
@@ -64,6 +66,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     resume = None
     if args.resume:
         resume, config = _load_resume(args, out, d0.world_size)
+        _check_cuda_graphs(args, config, args.device, d0.world_size)  # the checkpoint's settings
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -71,7 +74,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     d, device = init_distributed(parser, args.device)
     from ..selfcheck import precheck_training  # fused kernels usable here? else exit 2 (issue 8 §3)
 
-    precheck_training(parser, config.kernels, device)
+    precheck_training(parser, config.kernels, device, config.batch_size)
     ds = _load_data(parser, args, d)
     _check_data(ds, d, resume, out)
     if d.main:
@@ -84,7 +87,17 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
     try:
         if sweep:
             return run_sweep(runs, [k for k, _ in grid], out, d, device, ds, progress=not args.no_progress)
-        train_run(config, out, ds, device, d, resume, progress=not args.no_progress, tensorboard=args.tensorboard)
+        train_run(
+            config,
+            out,
+            ds,
+            device,
+            d,
+            resume,
+            progress=not args.no_progress,
+            tensorboard=args.tensorboard,
+            cuda_graphs=args.cuda_graphs,
+        )
         return 0
     except checkpoint.CheckpointError as e:
         raise UsageError("--resume", str(e)) from None
@@ -138,6 +151,20 @@ def _check_args(args) -> list | None:
                 "--tensorboard", f"needs the tensorboard package ({e}); install it with: pip install tensorboard"
             ) from None
     return grid
+
+
+def _check_cuda_graphs(args, config: RunConfig, device, world_size: int) -> None:
+    """--cuda-graphs where it applies (step.graph_refusal), checked before any
+    work: on the command line's settings, then on a resumed checkpoint's."""
+    if not args.cuda_graphs:
+        return
+    if device == "auto":  # as cli.resolve_device will
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.sweep is not None:
+        raise UsageError("--cuda-graphs", "not supported with --sweep; train each setting on its own")
+    why = graph_refusal(config, device, world_size)
+    if why is not None:
+        raise UsageError("--cuda-graphs", why)
 
 
 def _check_folders(args, out: Path, runs: list[SweepRun]) -> Dist:

@@ -19,6 +19,7 @@ from ..batches import Batches, eval_batches, plan_epoch
 from .distributed import Dist, all_reduce_sum
 from .interrupt import StopRequest
 from .state import RunState
+from .step import train_step
 
 
 @dataclass
@@ -58,9 +59,12 @@ def train_epoch(
     device: torch.device,
     stop: StopRequest,
     progress: bool,
+    step=None,
 ) -> EpochSums | None:
     """Train epoch `state.epoch` from batch `state.step` to its end; return this process's sums.
-    None when a stop was requested before the end: state.step and state.partial then say where."""
+    None when a stop was requested before the end: state.step and state.partial then say where.
+    `step(x, y) -> (logits, loss)` runs one training step (default: the eager
+    train_step; a GraphedStep with --cuda-graphs)."""
     from tqdm import tqdm
 
     config = state.config
@@ -85,11 +89,7 @@ def train_epoch(
     )
     t0 = time.perf_counter()
     for x, y in bar:
-        state.optimizer.zero_grad(set_to_none=True)
-        logits = net(x)
-        loss = state.criterion(logits, y)
-        loss.backward()
-        state.optimizer.step()
+        logits, loss = step(x, y) if step is not None else train_step(state, net, x, y)
         if state.scheduler is not None:
             state.scheduler.step()
         if state.ema is not None:

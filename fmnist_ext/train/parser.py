@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         + "); prints a markdown table sorted by test accuracy and writes OUT/sweep.csv",
     )
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the training step (forward, loss, backward, optimizer step) in a CUDA graph "
+        "and replay it for every full-size batch: one launch per step instead of ~100 from Python. "
+        "CUDA only, one process, no --schedule, no --sweep; refused otherwise. Off by default: "
+        "it has not yet run on a GPU",
+    )
+    p.add_argument(
         "--deterministic",
         action="store_true",
         help="torch.use_deterministic_algorithms(True) (warn only) and no cuDNN benchmarking",

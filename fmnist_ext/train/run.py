@@ -22,6 +22,7 @@ from .distributed import Dist
 from .epoch import epoch_record, train_epoch
 from .interrupt import Interrupted, StopRequest
 from .state import RunState
+from .step import GraphedStep
 
 
 def train_run(
@@ -33,8 +34,11 @@ def train_run(
     resume: dict | None = None,
     progress: bool = True,
     tensorboard: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict:
-    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C."""
+    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C.
+    cuda_graphs: replay the training step from a CUDA graph (step.py; the
+    caller checked step.graph_refusal)."""
     ckpt_path = out / "checkpoint.pt"
     train_x, train_y = ds.train.images.to(device), ds.train.labels.to(device)
     test_x, test_y = ds.test.images.to(device), ds.test.labels.to(device)
@@ -57,9 +61,10 @@ def train_run(
         tb = TBLogger(str(out / "tensorboard"))
         tb.start(state.model, ds.train.images[:64], normalize(train_x[:64]))
 
+    step = GraphedStep(state, net, config.batch_size) if cuda_graphs else None
     with StopRequest(quiet=not d.main) as stop:
         while state.epoch < config.epochs:
-            sums = train_epoch(state, net, train_x, train_y, d, device, stop, progress)
+            sums = train_epoch(state, net, train_x, train_y, d, device, stop, progress, step)
             if sums is None:
                 if d.main:
                     state.save(ckpt_path)

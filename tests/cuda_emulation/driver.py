@@ -15,7 +15,6 @@ import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -95,10 +94,10 @@ def write_tensor(path: Path, t: torch.Tensor) -> None:
         f.write(storage.numpy().tobytes())
 
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
-
-
 def read_tensor(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    import numpy as np  # here, not at import: the GPU tests of test_cuda.py run without numpy
+
+    _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
     raw = path.read_bytes()
     nd = struct.unpack_from("<q", raw, 0)[0]
     head = struct.unpack_from(f"<{2 * nd + 2}q", raw, 8)
@@ -117,6 +116,8 @@ def write_case(d: Path, name: str, meta: dict, tensors: dict) -> None:
         write_tensor(d / f"{name}.{key}", t)
 
 
-def run(exe: Path, sanitizer: str, d: Path, names: list[str], timeout: float = 600):
-    env = dict(os.environ, **SANITIZER_ENV[sanitizer])
+def run(exe: Path, sanitizer: str, d: Path, names: list[str], timeout: float = 600, env: dict | None = None):
+    """Runs the cases `names` of folder d; `env` adds environment variables
+    (FMNIST_CUDA_SM_COUNT: the SM count every plan sees)."""
+    env = dict(os.environ, **SANITIZER_ENV[sanitizer], **(env or {}))
     return subprocess.run([str(exe), str(d), *names], capture_output=True, text=True, env=env, timeout=timeout)

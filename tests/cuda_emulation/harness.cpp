@@ -8,11 +8,14 @@
 //   harness --sm-count      hammers the SM-count cache from 8 threads (TSAN)
 //
 // NAME.meta is "key value..." lines: op fwd|bwd, dtype f32|f64, pool P,
-// pad H W, mask A B C (bwd), sms N (the SM count the plans see), seed S (the
+// pad H W, mask A B C (bwd), sms N (the device's SM count; the plans see
+// FMNIST_CUDA_SM_COUNT instead when it is set, as on a GPU), seed S (the
 // block order). Tensors are files DIR/NAME.<tensor> (x, w, b for fwd;
 // go, x, w, idx for bwd) in the format of read_tensor; outputs are written
-// as DIR/NAME.out, .ind (fwd) or .gi, .gw, .gb (bwd), contiguous, and the
-// kernels launched (name, grid, threads, shared memory) to DIR/NAME.launches.
+// as DIR/NAME.out, .ind (fwd) or .gi, .gw, .gb (bwd), contiguous, the
+// kernels launched (grid, threads, shared memory, name) to DIR/NAME.launches
+// and the launch plans of the call (plan.h's, for the SM count the op used)
+// to DIR/NAME.plan, one "kernel key=value..." line per plan.
 #include "shim.h"  // first: the CUDA stand-ins
 
 #include <cxxabi.h>
@@ -190,6 +193,28 @@ std::map<std::string, std::vector<std::string>> read_meta(const std::string& pat
   return m;
 }
 
+// The plans op_body.h launched with (the same plan.h functions and SM count),
+// so the tests can tell which cases run several images per block, several
+// grad_weight chunks per block or a partly filled last block or chunk.
+void write_plans(const std::string& path, const ConvPoolGeometry& geometry, size_t elem, int sms,
+                 bool fwd) {
+  const KernelGeometry g = kernel_geometry(geometry);
+  std::ofstream f(path);
+  f << "call n=" << g.n << " sms=" << sms << "\n";
+  if (fwd) {
+    const FwdPlan p = plan_forward(g, elem, sms);
+    f << "forward fast=" << p.fast << " imgs=" << p.imgs << " blocks=" << p.blocks << "\n";
+    return;
+  }
+  const BwdInputPlan pi = plan_backward_input(g, elem, sms);
+  f << "backward_input fast=" << pi.fast << " imgs=" << pi.imgs << " blocks=" << pi.blocks
+    << " cb=" << pi.cb << "\n";
+  // acc_t is T for float and double (see run_case).
+  const BwdWeightPlan pw = plan_backward_weight(g, elem, elem, sms);
+  f << "backward_weight fast=" << pw.fast << " imgs=" << pw.imgs << " slices=" << pw.slices
+    << " chunks=" << pw.chunks << " blocks=" << pw.blocks << "\n";
+}
+
 template <typename T, typename I>
 void run_case(const std::string& base, std::map<std::string, std::vector<std::string>>& m) {
   using acc_t = T;  // at::acc_type<T, /*is_cuda=*/true> for float and double
@@ -220,6 +245,7 @@ void run_case(const std::string& base, std::map<std::string, std::vector<std::st
     write_tensor(base + ".gb", gb);
   }
   std::ofstream(base + ".launches") << be.log;
+  write_plans(base + ".plan", g, sizeof(T), plan_sm_count(be), m.at("op").at(0) == "fwd");
 }
 
 int sm_count_race() {

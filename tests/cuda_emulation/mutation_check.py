@@ -5,12 +5,15 @@ single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
 blocks than planned, skipping a contiguity copy, ignoring output_mask,
 summing grad_weight in block order as the atomics before the fix did, the
-old winner-index rule, the old SM-count cache), runs
+old winner-index rule, the old SM-count cache, and the boundary mutations:
+each bound at the end of a batch, chunk, slice set or pool row loosened by
+one, or a plan that drops a partly filled last block or chunk), runs
 the harness tests of tests/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-1 to 2.5 minutes per mutation on a busy 2-core machine, ~25 minutes in all).
+half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 35
+minutes for all 27).
 
-    cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING]
+    cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
 Exit status 0 when every mutation was caught.
 """
@@ -67,6 +70,131 @@ def in_forward_op(old, new, count):
         return t[:start] + body.replace(old, new) + t[end:]
 
     return f
+
+
+def in_function(signature, old, new):
+    """Replaces the one `old` inside the function that starts at `signature`
+    (up to its closing brace in column 0)."""
+
+    def f(t):
+        start = t.index(signature)
+        end = t.index("\n}\n", start)
+        body = t[start:end]
+        assert body.count(old) == 1, f"expected one {old!r} in {signature!r}"
+        return t[:start] + body.replace(old, new) + t[end:]
+
+    return f
+
+
+KCUH = "cuda/kernels.cuh"
+PLAN = "cuda/plan.h"
+# Bounds loosened (or tightened) by one: an image, a slice, a row or a chunk
+# past the end of the batch is read or written, or the last one is dropped.
+# They only show on cases whose last block or chunk is partly filled (the
+# harness's PLAN_COVERAGE): ASan (exact-size buffers) or the values.
+BOUNDARY_MUTATIONS = [
+    (f"boundary: {what}", [(path, in_function(sig, old, new))], "asan")
+    for what, path, sig, old, new in [
+        (
+            "grad_weight staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_weight_stage(",
+            "if (n < g.n) {",
+            "if (n <= g.n) {",
+        ),
+        (
+            "image staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void stage_images(",
+            "if (n < g.n && y",
+            "if (n <= g.n && y",
+        ),
+        (
+            "grad_input staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_input_stage(",
+            "if (n < g.n) {",
+            "if (n <= g.n) {",
+        ),
+        (
+            "grad_input writes one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_input_work(",
+            "if (n >= g.n) continue;",
+            "if (n > g.n) continue;",
+        ),
+        (
+            "forward writes one image past the batch",
+            KCUH,
+            "FMNIST_HD void fwd_work(",
+            "if (n >= g.n) continue;",
+            "if (n > g.n) continue;",
+        ),
+        (
+            "grad_weight accumulates one image past the chunk",
+            KCUH,
+            "FMNIST_HD void bwd_weight_accumulate(",
+            "img < a.imgs;",
+            "img <= a.imgs;",
+        ),
+        (
+            "grad_weight flush adds one slice too many",
+            KCUH,
+            "FMNIST_HD void bwd_weight_flush(",
+            "sl < a.slices;",
+            "sl <= a.slices;",
+        ),
+        (
+            "reduce_partials adds one row past the partials",
+            KCUH,
+            "FMNIST_HD void reduce_partials_item(",
+            "r < rows;",
+            "r <= rows;",
+        ),
+        (
+            "grad_input visits one pool row past the pooled output",
+            KCUH,
+            "FMNIST_HD void bwd_input_work(",
+            "imin(g.ph - 1, last_cell_reaching(yp, g.pool))",
+            "imin(g.ph, last_cell_reaching(yp, g.pool))",
+        ),
+        (
+            "grad_weight direct path reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_weight_direct_item(",
+            "n < g.n;",
+            "n <= g.n;",
+        ),
+        (
+            "forward direct kernel writes one output past the end",
+            KERNELS,
+            "conv_relu_maxpool2d_forward_direct_kernel(",
+            "o < total;",
+            "o <= total;",
+        ),
+        (
+            "forward plan drops a partly filled last block",
+            PLAN,
+            "inline FwdPlan plan_forward(",
+            "p.blocks = ceil_div(g.n, imgs);",
+            "p.blocks = g.n / imgs;",
+        ),
+        (
+            "grad_input plan drops a partly filled last block",
+            PLAN,
+            "inline BwdInputPlan plan_backward_input(",
+            "p.blocks = ceil_div(g.n, imgs);",
+            "p.blocks = g.n / imgs;",
+        ),
+        (
+            "grad_weight plan drops a partly filled last chunk",
+            PLAN,
+            "inline BwdWeightPlan plan_backward_weight(",
+            "p.chunks = ceil_div(g.n, imgs);",
+            "p.chunks = g.n / imgs;",
+        ),
+    ]
+]
 
 
 MUTATIONS = [
@@ -156,6 +284,7 @@ MUTATIONS = [
         ],
         "tsan",
     ),
+    *BOUNDARY_MUTATIONS,
 ]
 
 
@@ -215,8 +344,11 @@ def run_one(name, edits, sanitizer):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="run the mutations whose name contains this")
+    ap.add_argument("--exclude", help="skip the mutations whose name contains this")
     args = ap.parse_args()
-    todo = [m for m in MUTATIONS if not args.only or args.only in m[0]]
+    todo = [
+        m for m in MUTATIONS if (not args.only or args.only in m[0]) and not (args.exclude and args.exclude in m[0])
+    ]
     missed = [m[0] for m in todo if not run_one(*m)]
     print(f"{len(todo) - len(missed)}/{len(todo)} mutations caught")
     return 1 if missed else 0
