@@ -73,7 +73,7 @@ def test_op_under_autocast_matches_stock(device, dtype, bias):
             y = fn(x, w, b)
         g = torch.ones_like(y)  # a fixed upstream gradient (in the output dtype)
         results.append((y, torch.autograd.grad(y, leaves, g)))
-    (y, grads), (y_ref, grads_ref) = results
+    (y, grads), (y_ref, _) = results
     assert y.dtype == dtype
     assert_close_low_precision(y, y_ref)
     y32 = stock(x, w, b, 0, 2)
