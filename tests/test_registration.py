@@ -105,3 +105,32 @@ def test_public_function_matches_stock_with_or_without_the_kernels(device):
     # only) the reference fallback when they cannot be loaded.
     x, w, b = make_case(2, 1, 28, 28, 6, 5, requires_grad=False, device=device)
     torch.testing.assert_close(fmnist_ext.conv_relu_maxpool2d(x, w, b), stock(x, w, b, 0, 2), rtol=1e-4, atol=1e-5)
+
+
+def _registered_ops() -> list[str]:
+    """Every operator the C++ sources define (m.def("name(...) -> ...")), with the schema."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    text = "\n".join(p.read_text() for p in sorted(csrc.rglob("*.cpp")))
+    text = re.sub(r'"\s*\n\s*"', "", text)  # C++ adjacent string literals, joined
+    return re.findall(r'm\.def\(\s*"(\w+)\((.*?)\)\s*->', text, re.S)
+
+
+def test_every_registered_operator_with_tensors_has_a_fake_kernel():
+    # issue 17 item 14: fashion_cnn_inference had none. A fake kernel is what torch.compile,
+    # torch.export and FakeTensor tracing need; opcheck (elsewhere) tests each one's results.
+    import fmnist_ext.inference  # registers the whole-model op's fake kernel
+
+    ops = _registered_ops()
+    assert {"conv_relu_maxpool2d", "channel_moments", "fashion_cnn_inference"} <= {n for n, _ in ops}
+    if not fmnist_ext.kernels_status()["compiled_library_loaded"]:
+        pytest.skip("compiled library not loaded")
+    missing = []
+    for name, args in ops:
+        if "Tensor" not in args:
+            continue  # _cpu_isa() and friends: nothing to trace
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fmnist_ext::{name}", "Meta"):
+            missing.append(name)
+    assert not missing, f"no fake (Meta) kernel: {missing}"
