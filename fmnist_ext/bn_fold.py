@@ -31,23 +31,30 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.modules.module as _nn_module
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .op import FusedConvReLUMaxPool2d, conv_relu_maxpool2d, uses_compiled_kernels
 from .op.moments import backward_formula, channel_moments, has_compiled_kernel
 
 
 def applies(bn: nn.Module, conv: nn.Module, h: torch.Tensor) -> bool:
-    """True when bn -> conv can run folded on h: a plain training-mode
-    BatchNorm2d with affine parameters and running statistics, a conv block
-    without padding, h a float CPU tensor with the compiled moments kernel,
-    more than one value per channel, outside autocast and torch.func."""
+    """True when bn -> conv can run folded on h: provably the computation of
+    bn(h) then conv(...) (both modules of exactly their types, calls that
+    would run nothing but their forward, plain parameters: see runs_plain),
+    a training-mode BatchNorm2d with affine parameters and running
+    statistics, a conv block without padding, h a float CPU tensor with the
+    compiled moments kernel, more than one value per channel, outside
+    autocast and torch.func."""
     return (
         type(bn) is nn.BatchNorm2d
+        and type(conv) is FusedConvReLUMaxPool2d
+        and runs_plain(bn)
+        and runs_plain(conv)
         and bn.training
         and bn.affine
         and bn.track_running_stats
-        and isinstance(conv, FusedConvReLUMaxPool2d)
         and conv.padding == (0, 0)
         and h.dtype in (torch.float32, torch.float64)
         and uses_compiled_kernels(h.device)
@@ -55,6 +62,30 @@ def applies(bn: nn.Module, conv: nn.Module, h: torch.Tensor) -> bool:
         and h.shape[0] * h.shape[2] * h.shape[3] > 1
         and not torch.is_autocast_enabled("cpu")
         and not torch._C._are_functorch_transforms_active()
+    )
+
+
+_PARAMETERS = ("weight", "bias")
+
+
+def runs_plain(module: nn.Module) -> bool:
+    """True when calling `module` runs its class's forward and nothing else, on
+    its own Parameters: no hooks of any kind (the module's, or the global ones
+    of torch.nn.modules.module.register_module_*_hook), no forward set on the
+    instance, weight and bias plain Parameters (not parametrized, not pruned:
+    prune turns weight into a computed attribute fed by a pre-hook).
+    nn.Module._call_impl skips its hook machinery under the same conditions;
+    torch has no public way to ask for the global hooks, hence the private
+    names, read here only."""
+    return (
+        not (module._forward_hooks or module._forward_pre_hooks)
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
+        and not (_nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
+        and "forward" not in vars(module)
+        and not parametrize.is_parametrized(module)
+        and all(type(module._parameters.get(n)) in (nn.Parameter, type(None)) for n in _PARAMETERS)
+        and all(n in module._parameters for n in _PARAMETERS)
     )
 
 

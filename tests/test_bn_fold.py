@@ -12,9 +12,12 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from op_helpers import requires_compiled_cpu, supported_cpu_isas
+from torch import nn
 
-from fmnist_ext import bn_fold
+from fmnist_ext import FusedConvReLUMaxPool2d, bn_fold
 from fmnist_ext.model import FashionCNN
 
 pytestmark = requires_compiled_cpu
@@ -39,11 +42,16 @@ class FoldSpy:
             self.calls += 1
             return real(x)
 
-        def bn1_must_not_run(*_args, **_kwargs):
-            raise AssertionError("bn1 ran as a layer: the fold path was not taken")
+        real_forward = nn.BatchNorm2d.forward
+
+        def bn1_must_not_run(bn, *args, **kwargs):
+            if bn is model.bn1:
+                raise AssertionError("bn1 ran as a layer: the fold path was not taken")
+            return real_forward(bn, *args, **kwargs)
 
         monkeypatch.setattr(bn_fold, "_moments", counting)
-        monkeypatch.setattr(model.bn1, "forward", bn1_must_not_run)
+        # On the class: a forward set on the instance is itself a reason not to fold.
+        monkeypatch.setattr(nn.BatchNorm2d, "forward", bn1_must_not_run)
 
 
 def make_pair(dtype, momentum=0.1):
@@ -231,3 +239,66 @@ def test_torch_compile_fullgraph_trains_through_the_fold(monkeypatch):
     train_side_by_side(compiled, stock, torch.float64, steps=2)
     assert spy.calls >= 1  # traced through the fold (bn1 as a layer would have raised)
     torch._dynamo.reset()
+
+
+def _double_output(_module, _args, output):
+    return output * 2
+
+
+class _OwnForward(FusedConvReLUMaxPool2d):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+# issue 17 item 4: what makes bn1 -> conv2 a different computation from the fold's; each must run the layers.
+NOT_FOLDABLE = {
+    "bn1 forward hook": lambda m: m.bn1.register_forward_hook(_double_output),
+    "bn1 forward pre-hook": lambda m: m.bn1.register_forward_pre_hook(lambda _m, args: (args[0] + 1,)),
+    "conv2 forward hook": lambda m: m.conv2.register_forward_hook(_double_output),
+    "conv2 forward pre-hook": lambda m: m.conv2.register_forward_pre_hook(lambda _m, args: (args[0] * 3,)),
+    "bn1 full backward hook": lambda m: m.bn1.register_full_backward_hook(lambda _m, gi, go: (gi[0] * 2,)),
+    "conv2 backward pre-hook": lambda m: m.conv2.register_full_backward_pre_hook(lambda _m, go: (go[0] * 2,)),
+    "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, _a, out: out * 2 if mod is m.bn1 else None
+    ),
+    "global forward pre-hook": lambda m: torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, args: (args[0] * 3,) if mod is m.conv2 else None
+    ),
+    "conv2 subclass with its own forward": lambda m: _halve_conv2_output(m),
+    "bn1 forward set on the instance": lambda m: setattr(
+        m.bn1, "forward", lambda x, bn=m.bn1: nn.BatchNorm2d.forward(bn, x) + 1
+    ),
+    "conv2 pruned": lambda m: torch.nn.utils.prune.l1_unstructured(m.conv2, "weight", amount=0.3),
+    "conv2 weight parametrized": lambda m: torch.nn.utils.parametrize.register_parametrization(
+        m.conv2, "weight", _Halved()
+    ),
+}
+
+
+def _halve_conv2_output(m):
+    """fused: conv2 becomes a subclass whose forward halves the output; stock: the same output."""
+    if m.kernels == "fused":
+        sub = _OwnForward(6, 12, 5).to(m.conv2.weight.dtype)
+        sub.load_state_dict(m.conv2.state_dict())
+        m.conv2 = sub
+    else:
+        conv2 = m.conv2
+        conv2.forward = lambda x: type(conv2).forward(conv2, x) * 0.5
+
+
+class _Halved(nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+@pytest.mark.parametrize("what", list(NOT_FOLDABLE))
+def test_the_layers_run_where_the_module_calls_would_differ(what):
+    fused, stock = make_pair(torch.float64)
+    handles = [NOT_FOLDABLE[what](m) for m in (fused, stock)]
+    try:
+        assert not bn_fold.applies(fused.bn1, fused.conv2, torch.randn(2, 6, 12, 12, dtype=torch.float64))
+        train_side_by_side(fused, stock, torch.float64, steps=2, batch=6)
+    finally:
+        for h in handles:
+            if hasattr(h, "remove"):
+                h.remove()
