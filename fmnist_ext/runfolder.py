@@ -5,7 +5,9 @@
         ...train...
 
 The lock is fcntl.flock on a hidden lock file inside the folder, held for the
-run's life and released by the OS when the process ends, however it ends. The
+run's life and released by the OS when the process ends, however it ends. It
+is opened without following links (paths.open_regular): a symlink or hard
+link of its name is refused, never written through. The
 lock file holds the owner (pid, host, start time) so that a second run on the
 same folder can say who has it. On exit the lock file is removed, and so is
 every folder this RunFolder created if nothing else was put in it (a run
@@ -21,6 +23,8 @@ import os
 import socket
 from pathlib import Path
 
+from . import paths
+
 LOCK_NAME = ".fmnist_ext.lock"
 # What a training run writes into its folder (the tensorboard folder too).
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "confusion.png", "curves.png", "summary.json", "tensorboard")
@@ -32,20 +36,27 @@ class RunFolderError(Exception):
 
 def check_path(path: Path) -> None:
     """Whether `path` can be (or is) a run folder, without creating anything."""
-    if path.exists() and not path.is_dir():
+    what = _kind(path)
+    if what not in (paths.MISSING, paths.FOLDER):
         raise RunFolderError(f"{path} exists and is not a folder")
     ancestor = path
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
+    while what == paths.MISSING and ancestor.parent != ancestor:
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+        what = _kind(ancestor)
+    if what != paths.FOLDER:
         raise RunFolderError(f"{ancestor} is a file, so {path} cannot be created under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise RunFolderError(
             f"{ancestor} is not writable (permission denied), so {path} cannot be "
             f"{'used' if ancestor == path else 'created'}"
         )
+
+
+def _kind(path: Path) -> str:
+    try:
+        return paths.kind(path)
+    except paths.PathError as e:
+        raise RunFolderError(str(e)) from None
 
 
 class RunFolder:
@@ -60,7 +71,7 @@ class RunFolder:
         try:
             if self.create:
                 self._make_dirs()
-            elif not self.path.is_dir():
+            elif _kind(self.path) != paths.FOLDER:
                 raise RunFolderError(f"{self.path}: no such folder")
             self._lock()
         except BaseException:
@@ -78,7 +89,7 @@ class RunFolder:
     def _make_dirs(self) -> None:
         missing = []
         p = self.path
-        while not p.exists():
+        while _kind(p) == paths.MISSING:
             missing.append(p)
             p = p.parent
         for p in reversed(missing):
@@ -92,10 +103,12 @@ class RunFolder:
 
     def _lock(self) -> None:
         for _ in range(10):  # retried only when the lock file was replaced under us
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except OSError as e:
-                raise RunFolderError(f"cannot create the lock file {self.lock_path} ({e.strerror or e})") from None
+            try:  # never through a symlink or hard link: the holder line would overwrite its target
+                fd = paths.open_regular(self.lock_path, os.O_RDWR | os.O_CREAT)
+            except paths.PathError as e:
+                raise RunFolderError(
+                    f"cannot use the lock file {e}; remove it if no run is using {self.path}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

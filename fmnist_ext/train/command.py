@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -164,11 +165,13 @@ def _lock_folders(folders: contextlib.ExitStack, args, out: Path, runs: list[Swe
     except RunFolderError as e:
         raise UsageError("--out", str(e)) from None
     for path in [] if args.resume else [r.out for r in runs] if sweep else [out]:
-        present = [name for name in RUN_FILES if (path / name).exists()]
+        present = [name for name in RUN_FILES if os.path.lexists(path / name)]  # a dangling symlink too
         if present:
             hint = "add --resume to continue it or " if "checkpoint.pt" in present and not sweep else ""
             raise UsageError("--out", f"{path} already holds a run ({', '.join(present)}); {hint}choose another --out")
-    if sweep and (out / "sweep.csv").exists():
+    if args.tensorboard and (out / "tensorboard").is_symlink():  # TensorBoard would write into its target
+        raise UsageError("--tensorboard", f"{out / 'tensorboard'} is a symbolic link; refusing to write through it")
+    if sweep and os.path.lexists(out / "sweep.csv"):
         raise UsageError("--out", f"{out / 'sweep.csv'} exists (an earlier sweep); choose another --out")
 
 
