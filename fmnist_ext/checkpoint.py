@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, paths
 from .model import KERNELS, FashionCNN
 
 FORMAT = "fmnist_ext.checkpoint/2"  # what save() writes: with the SHA-256 trailer
@@ -100,7 +100,11 @@ def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -
 
 
 def _read(path: Path) -> bytes:
-    if path.is_dir():
+    try:
+        what = paths.kind(path)
+    except paths.PathError as e:
+        raise CheckpointError(str(e)) from None
+    if what == paths.FOLDER:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
         size = path.stat().st_size

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import paths
+
 
 class OutputError(Exception):
     """An output path that cannot be written (the message names the argument and the path)."""
@@ -21,11 +23,15 @@ def check_writable(path: str | os.PathLike, arg: str, make_parents: bool = True)
     path = Path(path)
     if str(path) in ("", "."):
         raise OutputError(f"argument {arg}: empty path")
-    if path.is_dir():
+    try:
+        what, parent_is = paths.kind(path), paths.kind(path.parent)
+    except paths.PathError as e:
+        raise OutputError(f"argument {arg}: {e}") from None
+    if what == paths.FOLDER:
         raise OutputError(f"argument {arg}: {path} is a folder, expected a file name")
     parent = path.parent
-    if not parent.is_dir():
-        if parent.exists():
+    if parent_is != paths.FOLDER:
+        if parent_is != paths.MISSING:
             raise OutputError(f"argument {arg}: {parent} (folder of {path}) is not a folder")
         if not make_parents:
             raise OutputError(f"argument {arg}: folder {parent} does not exist")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, checkpoint, cli, clirun, data
+from .. import atomic, checkpoint, cli, clirun, data, paths
 from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
 from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
@@ -149,8 +149,13 @@ def _check_folders(args, out: Path, runs: list[SweepRun]) -> Dist:
         except RunFolderError as e:
             raise UsageError("--out", str(e)) from None
     d0 = dist_from_env()
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise UsageError("--resume", f"{out / 'checkpoint.pt'}: no such checkpoint file")
+    if args.resume:
+        try:
+            found = paths.kind(out / "checkpoint.pt") == paths.FILE
+        except paths.PathError as e:
+            raise UsageError("--resume", str(e)) from None
+        if not found:
+            raise UsageError("--resume", f"{out / 'checkpoint.pt'}: no such checkpoint file")
     return d0
 
 
