@@ -119,7 +119,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not (kept by Python as surrogate escapes, e.g. a
+    path in sweep.csv) is written as the bytes it is, not refused after the work."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:

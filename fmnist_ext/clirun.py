@@ -8,7 +8,8 @@ BrokenPipeError, and Python would print a traceback, then another one when it
 flushes stdout at exit. The standard recipe: catch it, point stdout at
 /dev/null so the exit flush has nowhere to fail, and exit 141 (128 + SIGPIPE,
 what a shell reports for a tool killed by the signal), quietly. Ctrl-C is one
-line and exit 130 (128 + SIGINT). train.py can use `guarded` the same way.
+line and exit 130 (128 + SIGINT). A path that is not valid UTF-8 is printed
+as its bytes (surrogateescape), not a UnicodeEncodeError. train.py can use `guarded` the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def silence_stdout() -> None:
         pass
 
 
+def bytes_safe_output() -> None:
+    """Paths that are not valid UTF-8 (Python holds them as surrogate escapes)
+    printed as the bytes they are, as `ls` does, instead of a UnicodeEncodeError
+    after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # not a real text stream (tests)
+            stream.reconfigure(errors="surrogateescape")
+
+
 def guarded(module: str, name: str | None = None):
     """Decorator for the `main` of `python -m MODULE`: BrokenPipeError on stdout ->
     exit 141 quietly; KeyboardInterrupt -> `PROG: interrupted` on stderr, exit 130.
@@ -45,6 +55,7 @@ def guarded(module: str, name: str | None = None):
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
+            bytes_safe_output()
             try:
                 rc = main(*args, **kwargs)
                 sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit

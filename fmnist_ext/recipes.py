@@ -61,6 +61,14 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "onecycle", "cosine")
 # torch.manual_seed accepts exactly this range (negative seeds are mapped into it)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def torch_seed(seed: int) -> int:
+    """The seed torch.manual_seed really uses: a negative one is taken modulo 2**64
+    (-1 and 2**64-1 seed the same run)."""
+    return seed % 2**64
+
+
 # keys added after the first checkpoints were written, with the value those runs had
 LATER_KEYS = {"clean_epochs": 0, "ema": 0.0}
 

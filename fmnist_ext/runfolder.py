@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import fcntl
 import os
+import resource
 import socket
 from pathlib import Path
 
@@ -57,6 +58,31 @@ def _kind(path: Path) -> str:
         return paths.kind(path)
     except paths.PathError as e:
         raise RunFolderError(str(e)) from None
+
+
+# Descriptors kept free beside the locks: torch, the data files, matplotlib, checkpoint writes.
+SPARE_DESCRIPTORS = 256
+
+
+def make_room_for_locks(n: int) -> None:
+    """Let this process hold `n` more lock files open (a sweep holds one per run
+    folder): raise the soft descriptor limit (the default soft limit, 1024, is
+    below a sweep of ~1000 runs) up to the hard one, or refuse in one line before
+    anything is created when even the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = SPARE_DESCRIPTORS
+    need = in_use + n + SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise RunFolderError(
+            f"{n} locked folders (the sweep's and one per run) need {n} open files, and this process "
+            f"may open at most {hard} (ulimit -Hn); sweep fewer runs at a time"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 class RunFolder:

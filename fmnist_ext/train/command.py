@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, checkpoint, cli, clirun, data, paths
-from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
+from .. import atomic, checkpoint, cli, clirun, data, paths, recipes
+from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path, make_room_for_locks
 from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
 from .errors import UsageError
@@ -164,6 +164,7 @@ def _lock_folders(folders: contextlib.ExitStack, args, out: Path, runs: list[Swe
     a sweep writes only sweep.csv beside its run folders)."""
     sweep = args.sweep is not None
     try:
+        make_room_for_locks(1 + len(runs))
         folders.enter_context(RunFolder(out, create=not args.resume))
         for r in runs:
             folders.enter_context(RunFolder(r.out))
@@ -189,10 +190,11 @@ def _load_resume(args, out: Path, world_size: int) -> tuple[dict, RunConfig]:
         raise UsageError("--resume", str(e)) from None
     saved = RunConfig.from_checkpoint(resume["config"])
     given = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    normalized = saved.normalized()
     conflicts = [
         f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})"
         for k, v in given.items()
-        if getattr(saved, k) != v
+        if getattr(normalized, k) != (recipes.torch_seed(v) if k == "seed" else v)
     ]
     if conflicts:
         raise UsageError(

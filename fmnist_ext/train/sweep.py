@@ -111,11 +111,12 @@ def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
         if len(name.encode()) > 255:
             raise UsageError("--sweep", f"run folder name {name[:60]}... is longer than 255 bytes; sweep fewer keys")
         for other in runs:
-            if other.config == config or other.name == name:
+            if other.config.trains_like(config) or other.name == name:
                 what = f"run {name} comes twice" if other.name == name else f"runs {other.name} and {name} are the same"
                 raise UsageError(
                     "--sweep",
-                    f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010); give each value once",
+                    f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010, or seeds -1 and "
+                    "2**64-1, which torch treats as one); give each value once",
                 )
         runs.append(SweepRun(name, values, config, base_out / name))
     return runs
