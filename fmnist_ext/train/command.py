@@ -25,6 +25,7 @@ from .. import atomic, checkpoint, cli, clirun, data, paths, recipes
 from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path, make_room_for_locks
 from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
+from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
 from .interrupt import EXIT_INTERRUPTED, Interrupted
 from .parser import build_parser
@@ -89,6 +90,10 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         return 0
     except checkpoint.CheckpointError as e:
         raise UsageError("--resume", str(e)) from None
+    except Diverged as e:
+        if d.main:
+            print(f"\n{diverged_message(e, out)}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     except Interrupted as e:
         if d.main:
             cmd = f"python -m fmnist_ext.train --out {e.out} --resume"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..batches import Batches, eval_batches, plan_epoch
 from .distributed import Dist, all_reduce_sum
+from .divergence import check_loss
 from .interrupt import StopRequest
 from .state import RunState
 
@@ -88,6 +89,7 @@ def train_epoch(
         state.optimizer.zero_grad(set_to_none=True)
         logits = net(x)
         loss = state.criterion(logits, y)
+        check_loss(loss, d, f"epoch {state.epoch + 1}, batch {state.step + 1}")  # before the step: weights stay finite
         loss.backward()
         state.optimizer.step()
         if state.scheduler is not None:

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the checkpoint was written with.\n\nBatches: when the last batch of an epoch (of each process) would "
         "hold a single image, that image joins the previous batch (BatchNorm cannot train on one image; no "
         "image is dropped).\n\nThe run folder is locked while a run uses it: a second run on it is refused. "
-        "Exit status: 0 done, 2 a usage error (one line), 1 a file could not be written (the previous "
+        "Exit status: 0 done, 2 a usage error (one line), 1 training diverged (a NaN/inf loss: the last "
+        "finite checkpoint is kept) or a file could not be written (the previous "
         "version is kept), 130 interrupted.",
     )
     p.add_argument(

@@ -19,6 +19,7 @@ from ..batches import normalize
 from ..evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .config import RunConfig
 from .distributed import Dist
+from .divergence import check_epoch
 from .epoch import epoch_record, train_epoch
 from .interrupt import Interrupted, StopRequest
 from .state import RunState
@@ -34,7 +35,8 @@ def train_run(
     progress: bool = True,
     tensorboard: bool = False,
 ) -> dict:
-    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C."""
+    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C, and
+    Diverged (nothing saved since the last finite epoch) when a number stops being finite."""
     ckpt_path = out / "checkpoint.pt"
     train_x, train_y = ds.train.images.to(device), ds.train.labels.to(device)
     test_x, test_y = ds.test.images.to(device), ds.test.labels.to(device)
@@ -65,10 +67,13 @@ def train_run(
                     state.save(ckpt_path)
                 raise Interrupted(f"epoch {state.epoch + 1}, after batch {state.step}", out)
             record, epoch_time = epoch_record(state, sums, test_x, test_y, d, device)
+            check_epoch(state.model, record, f"end of epoch {state.epoch + 1}")  # before it is saved
             state.finish_epoch(record)
             if d.main:
                 state.save(ckpt_path)
-                atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+                atomic.write_text(
+                    out / "metrics.jsonl", "".join(json.dumps(h, allow_nan=False) + "\n" for h in state.history)
+                )
                 if tb is not None:
                     tb.epoch(state.epoch, record, state.model)
                 _print_epoch(state, record, epoch_time)
@@ -126,7 +131,7 @@ def finish(config: RunConfig, out: Path, model, ds, test_x, history, main: bool,
             title=f"Test set, {config.recipe} recipe, {config.kernels} kernels: accuracy {acc:.4f}",
         )
         viz.save_curves(history, out / "curves.png")
-        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}/{{checkpoint.pt,metrics.jsonl,confusion.png,curves.png,summary.json}}")
     return summary
 

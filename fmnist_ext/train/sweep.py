@@ -13,12 +13,14 @@ import argparse
 import csv
 import io
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import atomic, cli, recipes
 from ..model import KERNELS
 from .config import RunConfig
+from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
 from .run import train_run
 
@@ -123,23 +125,32 @@ def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
 
 
 def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, ds, progress: bool) -> int:
-    """Train every run, then print the table (best test accuracy first) and write sweep.csv."""
-    results = []
+    """Train every run, then print the table (best test accuracy first) and write sweep.csv.
+    A run that diverges is reported and left (its folder keeps its last finite
+    checkpoint); the others go on, the table lists it as diverged, and the exit
+    status is then EXIT_DIVERGED."""
+    results, diverged = [], []
     for r in runs:
         if d.main:
             print(f"== run {len(results) + 1}/{len(runs)}: {r.name}")
-        s = train_run(r.config, r.out, ds, device, d, progress=progress)
-        results.append(
-            {
-                **dict(zip(keys, r.values)),
-                "test_acc": s["test_acc"],
-                "train_acc": s["final"]["train_acc"],
-                "train_loss": s["final"]["train_loss"],
-                "epoch_time_s": round(s["mean_epoch_time_s"], 2),
-                "run": str(r.out),
-            }
-        )
-    results.sort(key=lambda r: r["test_acc"], reverse=True)
+        row = dict(zip(keys, r.values))
+        try:
+            s = train_run(r.config, r.out, ds, device, d, progress=progress)
+        except Diverged as e:
+            if d.main:
+                print(diverged_message(e, r.out), file=sys.stderr, flush=True)
+            diverged.append(r.name)
+            row.update(test_acc=None, train_acc=None, train_loss=None, epoch_time_s=None, status="diverged")
+        else:
+            row.update(
+                test_acc=s["test_acc"],
+                train_acc=s["final"]["train_acc"],
+                train_loss=s["final"]["train_loss"],
+                epoch_time_s=round(s["mean_epoch_time_s"], 2),
+                status="done",
+            )
+        results.append({**row, "run": str(r.out)})
+    results.sort(key=lambda r: -1.0 if r["test_acc"] is None else r["test_acc"], reverse=True)
     if d.main:
         cols = list(results[0])
         print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
@@ -147,7 +158,9 @@ def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, 
             print(
                 "| "
                 + " | ".join(
-                    f"{r[c]:.4f}" if isinstance(r[c], float) and c.endswith(("acc", "loss")) else str(r[c])
+                    f"{r[c]:.4f}"
+                    if isinstance(r[c], float) and c.endswith(("acc", "loss"))
+                    else ("" if r[c] is None else str(r[c]))
                     for c in cols
                 )
                 + " |"
@@ -158,4 +171,6 @@ def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, 
         w.writerows(results)
         atomic.write_text(base_out / "sweep.csv", buf.getvalue())
         print(f"\nwrote {base_out / 'sweep.csv'}")
-    return 0
+        if diverged:
+            print(f"{len(diverged)} run(s) diverged: {', '.join(diverged)}", file=sys.stderr, flush=True)
+    return EXIT_DIVERGED if diverged else 0
