@@ -27,7 +27,7 @@ from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
 from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
-from .interrupt import EXIT_INTERRUPTED, Interrupted
+from .interrupt import Interrupted, resume_command
 from .parser import build_parser
 from .run import train_run
 from .sweep import SweepRun, parse_sweep, plan_sweep, run_sweep
@@ -44,9 +44,10 @@ def main(argv=None) -> int:
         cli.fail(parser, str(e))
     except atomic.WriteError as e:  # a full disk, a folder made read-only during the run
         cli.fail(parser, str(e), status=1)
-    except KeyboardInterrupt:  # before training started (checks, data loading): nothing was written
-        print("\ninterrupted before training started; nothing was trained or saved", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # before training started (checks, data loading): nothing was written
+        what = "terminated" if isinstance(e, clirun.Terminated) else "interrupted"
+        print(f"\n{what} before training started; nothing was trained or saved", file=sys.stderr, flush=True)
+        return clirun.exit_status(e)
 
 
 def _main(parser, args, folders: contextlib.ExitStack) -> int:
@@ -96,7 +97,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         return EXIT_DIVERGED
     except Interrupted as e:
         if d.main:
-            cmd = f"python -m fmnist_ext.train --out {e.out} --resume"
+            cmd = resume_command(e.out, d)
             print(
                 f"\nstopped {e}; checkpoint saved to {e.out / 'checkpoint.pt'}.\n"
                 + (
@@ -107,8 +108,8 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+        return e.status
+    except KeyboardInterrupt as e:
         if d.main:
             print(
                 f"\naborted; the last checkpoint in {out} (if any) is intact"
@@ -116,7 +117,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return EXIT_INTERRUPTED
+        return clirun.exit_status(e)
     finally:
         shutdown(d)
 

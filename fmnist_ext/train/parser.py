@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "image is dropped).\n\nThe run folder is locked while a run uses it: a second run on it is refused. "
         "Exit status: 0 done, 2 a usage error (one line), 1 training diverged (a NaN/inf loss: the last "
         "finite checkpoint is kept) or a file could not be written (the previous "
-        "version is kept), 130 interrupted.",
+        "version is kept), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; progress saved as for Ctrl-C).",
     )
     p.add_argument(
         "--recipe",

@@ -65,7 +65,7 @@ def train_run(
             if sums is None:
                 if d.main:
                     state.save(ckpt_path)
-                raise Interrupted(f"epoch {state.epoch + 1}, after batch {state.step}", out)
+                raise Interrupted(f"epoch {state.epoch + 1}, after batch {state.step}", out, stop.exit_status)
             record, epoch_time = epoch_record(state, sums, test_x, test_y, d, device)
             check_epoch(state.model, record, f"end of epoch {state.epoch + 1}")  # before it is saved
             state.finish_epoch(record)
@@ -78,7 +78,7 @@ def train_run(
                     tb.epoch(state.epoch, record, state.model)
                 _print_epoch(state, record, epoch_time)
             if stop.check(d, device) and state.epoch < config.epochs:
-                raise Interrupted(f"after epoch {state.epoch}", out)
+                raise Interrupted(f"after epoch {state.epoch}", out, stop.exit_status)
     if tb is not None:
         tb.close()
     return finish(config, out, state.eval_model, ds, test_x, state.history, d.main, state.eval_weights)
