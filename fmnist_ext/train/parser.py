@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=cli.fraction, default=None, help="label smoothing in [0, 1) (baseline: 0)")
     g.add_argument(
         "--crop-pad",
-        type=cli.nonneg_int,
+        type=cli.crop_pad,
         default=None,
-        help="random-crop augmentation with this zero padding, 0 = off (baseline: 0)",
+        help=f"random-crop augmentation with this zero padding, 0 = off, at most {recipes.MAX_CROP_PAD} (baseline: 0)",
     )
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (baseline)")
     cli.flag_pair(

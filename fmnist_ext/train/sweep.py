@@ -55,7 +55,7 @@ SWEEP_TYPES = {
     "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES),
     "label_smoothing": cli.fraction,
-    "crop_pad": cli.nonneg_int,
+    "crop_pad": cli.crop_pad,
     "flip": _bool,
     "shuffle": _bool,
     "ema": cli.fraction,
