@@ -8,6 +8,10 @@ the previous version is intact.
 
 Permissions are those of a plain open(): a new file gets 0666 & ~umask, a
 replaced file keeps its mode (mkstemp alone would give 0600).
+
+Symlinks are never written through: the temp file is created with O_EXCL
+(mkstemp) and os.replace renames it over the name itself, so a symlink of
+that name is replaced by the new file and its target is left alone.
 """
 
 from __future__ import annotations
@@ -59,10 +63,15 @@ def current_umask() -> int:
 
 
 def _mode_for(path: Path) -> int:
+    """The mode of the regular file being replaced; a new file's otherwise (a symlink's
+    target lends it nothing: the rename replaces the link, never writes through it)."""
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        st = os.lstat(path)
     except OSError:
-        return 0o666 & ~current_umask()
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return stat.S_IMODE(st.st_mode)
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -110,7 +119,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not (kept by Python as surrogate escapes, e.g. a
+    path in sweep.csv) is written as the bytes it is, not refused after the work."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, paths
 from .model import KERNELS, FashionCNN
 
 FORMAT = "fmnist_ext.checkpoint/2"  # what save() writes: with the SHA-256 trailer
@@ -100,7 +100,11 @@ def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -
 
 
 def _read(path: Path) -> bytes:
-    if path.is_dir():
+    try:
+        what = paths.kind(path)
+    except paths.PathError as e:
+        raise CheckpointError(str(e)) from None
+    if what == paths.FOLDER:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
         size = path.stat().st_size
@@ -116,6 +120,7 @@ def _read(path: Path) -> bytes:
 
 
 def _verified_load(raw: bytes, map_location) -> dict:
+    _check_zip_members(raw)
     hashed = _has_trailer(raw)
     if hashed:
         body, recorded = raw[:-_TRAILER_LEN], raw[-64:].decode("ascii")
@@ -143,6 +148,30 @@ def _verified_load(raw: bytes, map_location) -> dict:
     if ckpt["format"] == FORMAT and not hashed:
         raise CheckpointError("damaged: its SHA-256 record (the end of the file) is missing or changed")
     return ckpt
+
+
+def _check_zip_members(raw: bytes) -> None:
+    """Before anything decompresses or allocates: the zip directory says every member
+    is stored as it is (torch.save writes them so) and their sizes add up to no more
+    than the file. A member compressed with DEFLATE would let a 1 MB file (with a
+    valid hash) expand to any size inside torch.load or a CRC check."""
+    if not raw.startswith(_ZIP_SIG):
+        return  # not a zip at all: refused below, with its own message
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            members = z.infolist()
+    except Exception as e:  # BadZipFile, and the odd struct error on a mangled archive
+        raise CheckpointError(f"damaged or not a checkpoint (bad zip archive: {e})") from None
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED or m.compress_size != m.file_size]
+    if packed:
+        raise CheckpointError(
+            f"not an fmnist_ext checkpoint (compressed zip member {packed[0]}; torch.save stores them uncompressed)"
+        )
+    total = sum(m.file_size for m in members)
+    if total > len(raw):
+        raise CheckpointError(
+            f"damaged or not a checkpoint (its zip members claim {total} bytes in a {len(raw)}-byte file)"
+        )
 
 
 def _has_trailer(raw: bytes) -> bool:

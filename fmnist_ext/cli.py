@@ -67,6 +67,21 @@ def seed(text: str) -> int:
     return _parsed(text, int, lambda v: SEED_MIN <= v <= SEED_MAX, "an integer in [-2**63, 2**64)")
 
 
+MAX_THREADS = 1024
+
+
+def thread_count(text: str) -> int:
+    """A torch thread count: [1, MAX_THREADS] (torch.set_num_threads takes a C int)."""
+    return _parsed(text, int, lambda v: 1 <= v <= MAX_THREADS, f"an integer in [1, {MAX_THREADS}]")
+
+
+def crop_pad(text: str) -> int:
+    """The random-crop padding: at most recipes.MAX_CROP_PAD."""
+    from .recipes import CROP_PAD_RANGE, MAX_CROP_PAD
+
+    return _parsed(text, int, lambda v: 0 <= v <= MAX_CROP_PAD, CROP_PAD_RANGE)
+
+
 def positive_float(text: str) -> float:
     return _parsed(text, float, lambda v: v > 0 and v != float("inf"), "a positive number")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .download import MIRROR_ENV, OFFICIAL_MIRROR, download_all
 from .idxfiles import FILES, SPLITS, DataError, files_in, keys_for, read_idx
 
@@ -80,9 +81,10 @@ def candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[str, Pat
 
 
 def _folder_state(d: Path, keys) -> str:
-    if not d.exists():
+    what = paths.kind(d)
+    if what == paths.MISSING:
         return "does not exist"
-    if not d.is_dir():
+    if what != paths.FOLDER:
         return "not a folder"
     _, missing = files_in(d, keys)
     return f"missing {', '.join(FILES[k].name + '[.gz]' for k in missing)}"
@@ -93,7 +95,7 @@ def _explicit_error(label: str, d: Path, keys) -> DataError:
     name = f"{label}={d}" if label == DATA_ENV else f"{label} {d}"
     tv = d / "FashionMNIST" / "raw"
     where = _folder_state(d, keys)
-    if d.is_dir() and tv.is_dir() and not files_in(d, keys)[0]:
+    if paths.kind(d) == paths.FOLDER and paths.kind(tv) == paths.FOLDER and not files_in(d, keys)[0]:
         where = f"{_folder_state(tv, keys)} in its torchvision layout {tv}"
     if not where.startswith("missing"):
         where += f" (needs {', '.join(FILES[k].name + '[.gz]' for k in keys)})"
@@ -124,12 +126,20 @@ def locate(
     chosen = explicit_choice(data_dir)
     tried = []
     for label, d in candidates(data_dir):
-        found, missing = files_in(d, keys)
-        if not missing:
-            return Located(found, d, label)
-        tried.append(f"  {label}: {d} ({_folder_state(d, keys)})")
+        try:
+            found, missing = files_in(d, keys)
+            if not missing:
+                return Located(found, d, label)
+            tried.append(f"  {label}: {d} ({_folder_state(d, keys)})")
+        except paths.PathError as e:  # a folder that may not be entered, a name too long
+            if chosen is not None:
+                raise DataError(f"{chosen[0]}: {e}") from None
+            tried.append(f"  {label}: {e}")
     if chosen is not None:
-        raise _explicit_error(*chosen, keys)
+        try:
+            raise _explicit_error(*chosen, keys)
+        except paths.PathError as e:
+            raise DataError(f"{chosen[0]}: {e}") from None
     if download:
         base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_MIRROR
         try:

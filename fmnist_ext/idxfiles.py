@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import paths
+
 IMAGE_SIZE = 28
 
 
@@ -91,12 +93,13 @@ LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
 def files_in(directory: Path, keys=None) -> tuple[dict[str, Path], list[str]]:
     """The files found in `directory` (raw preferred over .gz) and the keys missing
-    (of `keys`, default all four)."""
+    (of `keys`, default all four). Raises paths.PathError when a file's state
+    cannot be known (a folder that may not be entered, a name too long)."""
     found, missing = {}, []
     for key in keys or FILES:
         f = FILES[key]
         for candidate in (directory / f.name, directory / (f.name + ".gz")):
-            if candidate.is_file():
+            if paths.kind(candidate) == paths.FILE:
                 found[key] = candidate
                 break
         else:

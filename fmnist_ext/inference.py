@@ -53,8 +53,21 @@ _PARAM_NAMES = (
 
 def has_compiled_op(device: torch.device) -> bool:
     """True when the whole-model C++ op runs for tensors on `device`."""
-    # uses_compiled_kernels first: without the compiled library the op is not registered at all.
-    return device.type == "cpu" and uses_compiled_kernels(device) and has_kernel(OP_NAME, "CPU")
+    return device.type == "cpu" and _CPU_OP
+
+
+# Read once (the library is loaded by now): forward asks at every call, and a plain bool traces.
+# uses_compiled_kernels first: without the compiled library the op is not registered at all.
+_CPU_OP = uses_compiled_kernels("cpu") and has_kernel(OP_NAME, "CPU")
+
+
+def _register_fake() -> None:
+    """The op's fake kernel (torch.compile, torch.export, FakeTensor tracing): the same
+    computation operator by operator, on fake tensors (their shapes, dtypes and checks)."""
+
+    @torch.library.register_fake(OP_NAME)
+    def _fashion_cnn_inference_fake(input, *weights):
+        return FashionCNNInference._forward_ops(input, weights)
 
 
 def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,25 +131,19 @@ class FashionCNNInference(nn.Module):
         for name in _PARAM_NAMES:
             self.register_buffer(name, weights[name].detach().clone())
         self.training = False
-        self._cache_params()
 
     @classmethod
     def from_model(cls, model) -> FashionCNNInference:
         with torch.no_grad():
             return cls(fold(model))
 
-    def _cache_params(self) -> None:
-        # Cached once per .to()/.cpu()/.double(): attribute lookups of 10
-        # buffers through nn.Module.__getattr__ would cost microseconds per call.
-        self._params = tuple(getattr(self, n) for n in _PARAM_NAMES)
-        w = self._params[0]
-        self._dtype, self._device = w.dtype, w.device
-        self._uses_compiled_op = has_compiled_op(w.device)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._cache_params()
-        return out
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """The folded weights in the whole-model op's argument order: the module's
+        current buffers, read at every call (load_state_dict(assign=True) or an
+        assignment replaces them; a cached copy would keep computing with the old
+        ones). Straight from _buffers: nn.Module.__getattr__ costs microseconds each."""
+        buffers = self._buffers
+        return tuple(buffers[n] for n in _PARAM_NAMES)
 
     def train(self, mode: bool = True) -> FashionCNNInference:
         if mode:
@@ -149,20 +156,20 @@ class FashionCNNInference(nn.Module):
     @property
     def uses_compiled_op(self) -> bool:
         """True when forward is the single C++ op (CPU, compiled library)."""
-        return self._uses_compiled_op
+        return has_compiled_op(self._buffers["conv1_weight"].device)
 
-    def _check_input(self, input) -> None:
+    def _check_input(self, input, like: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"FashionCNNInference: expected input to be a Tensor, got {type(input).__name__}")
         if input.dim() != 4 or tuple(input.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"FashionCNNInference: expected input of shape [N, 1, 28, 28], got {list(input.shape)}")
-        if input.dtype != self._dtype:
+        if input.dtype != like.dtype:
             raise TypeError(
-                f"FashionCNNInference: expected input of dtype {self._dtype} (the model's), got {input.dtype}"
+                f"FashionCNNInference: expected input of dtype {like.dtype} (the model's), got {input.dtype}"
             )
-        if input.device != self._device:
+        if input.device != like.device:
             raise ValueError(
-                f"FashionCNNInference: expected input on {self._device} (the model's device), got {input.device}"
+                f"FashionCNNInference: expected input on {like.device} (the model's device), got {input.device}"
             )
         if input.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
@@ -171,14 +178,16 @@ class FashionCNNInference(nn.Module):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input(input)
-        if self._uses_compiled_op:
-            return torch.ops.fmnist_ext.fashion_cnn_inference(input, *self._params)
-        return self._forward_ops(input)
+        weights = self.weights()
+        self._check_input(input, weights[0])
+        if has_compiled_op(weights[0].device):
+            return torch.ops.fmnist_ext.fashion_cnn_inference(input, *weights)
+        return self._forward_ops(input, weights)
 
-    def _forward_ops(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _forward_ops(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The same computation operator by operator (CUDA, or no compiled library)."""
-        c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b, ow, ob = self._params
+        c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b, ow, ob = weights
         with torch.no_grad():
             x = conv_relu_maxpool2d(x, c1w, c1b, 0, 2)
             x = conv_relu_maxpool2d(x, c2w, c2b, 0, 2)
@@ -187,4 +196,9 @@ class FashionCNNInference(nn.Module):
             return F.linear(x, ow, ob)
 
     def extra_repr(self) -> str:
-        return f"dtype={self._dtype}, device={self._device}, compiled_op={self._uses_compiled_op}"
+        w = self._buffers["conv1_weight"]
+        return f"dtype={w.dtype}, device={w.device}, compiled_op={self.uses_compiled_op}"
+
+
+if _CPU_OP:
+    _register_fake()

@@ -38,8 +38,9 @@ def load_image(path: str, invert: str = "auto") -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                top = _integer_top(im)  # from the file's own pixel format, before any conversion
                 im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with a rotation tag
-                t = _to_gray28(im)
+                t = _to_gray28(im, top)
     except ImageError as e:  # a mode this tool cannot convert without guessing
         raise ImageError(f"{path}: {e}") from None
     except FileNotFoundError:
@@ -61,27 +62,39 @@ def load_image(path: str, invert: str = "auto") -> torch.Tensor:
     return t
 
 
-# Integer modes with more than 8 bits: Pillow's convert("L") clips them at 255
-# (a 16-bit photo becomes black and white), so they are scaled by the range of
-# their type first. "I" is how Pillow opens 16-bit PNGs too.
-_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+# 16-bit integer modes: Pillow's convert("L") clips them at 255 (a 16-bit photo
+# becomes black and white), so they are scaled from 0-65535 first.
+_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_gray28(im) -> torch.Tensor:
-    from PIL import Image
-
+def _integer_top(im) -> int | None:
+    """The top of the pixel range of a wide integer image as stored (65535 for 16
+    bits), None for other modes. Mode "I" is 32 bits (a TIFF's int32) unless the
+    file stores 16 (older Pillows open 16-bit PNGs as "I"): a 32-bit image has no
+    known range (0-200 and 0-2**31 files both exist), so it is refused, as is
+    a 32-bit float one."""
+    if im.mode in _MODES_16:
+        return 65535
+    if im.mode == "I":
+        args = im.tile[0][3] if im.tile else None  # (codec, extents, offset, args): the stored raw mode
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+            return 65535
+        raise ImageError("32-bit integer images are not supported (save it as 8- or 16-bit)")
     if im.mode == "F":  # no range to scale by: 0-1 and 0-255 files both exist, so guessing would be wrong
         raise ImageError("32-bit float images are not supported (save it as 8- or 16-bit)")
-    if im.mode in _WIDE_MODES:
+    return None
+
+
+def _to_gray28(im, top: int | None) -> torch.Tensor:
+    from PIL import Image
+
+    if top is not None:
         import numpy as np
 
-        top = _WIDE_MODES[im.mode]
         a = np.asarray(im).astype(np.float64)
         if a.size and (a.min() < 0 or a.max() > top):
-            raise ImageError(
-                f"pixel values {a.min():g}..{a.max():g} outside the 16-bit range 0..{top} "
-                "(32-bit integer images are not supported)"
-            )
+            raise ImageError(f"pixel values {a.min():g}..{a.max():g} outside the 16-bit range 0..{top}")
         im = Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), mode="L")
     else:
         im = im.convert("L")

@@ -61,6 +61,19 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "onecycle", "cosine")
 # torch.manual_seed accepts exactly this range (negative seeds are mapped into it)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def torch_seed(seed: int) -> int:
+    """The seed torch.manual_seed really uses: a negative one is taken modulo 2**64
+    (-1 and 2**64-1 seed the same run)."""
+    return seed % 2**64
+
+
+# Random crops of the zero-padded 28x28 image: with a larger pad a crop can miss the image entirely
+# (and the padded copy grows with the square of it: 100000 asked for 40 TB).
+MAX_CROP_PAD = 27
+CROP_PAD_RANGE = f"an integer in [0, {MAX_CROP_PAD}] (a larger pad can crop the 28x28 image away)"
+
 # keys added after the first checkpoints were written, with the value those runs had
 LATER_KEYS = {"clean_epochs": 0, "ema": 0.0}
 
@@ -90,7 +103,7 @@ _CHECKS = {
     "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "crop_pad": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "crop_pad": (lambda v: _is_int(v) and 0 <= v <= MAX_CROP_PAD, CROP_PAD_RANGE),
     "flip": (lambda v: isinstance(v, bool), "true or false"),
     "shuffle": (lambda v: isinstance(v, bool), "true or false"),
     "clean_epochs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),

@@ -5,7 +5,9 @@
         ...train...
 
 The lock is fcntl.flock on a hidden lock file inside the folder, held for the
-run's life and released by the OS when the process ends, however it ends. The
+run's life and released by the OS when the process ends, however it ends. It
+is opened without following links (paths.open_regular): a symlink or hard
+link of its name is refused, never written through. The
 lock file holds the owner (pid, host, start time) so that a second run on the
 same folder can say who has it. On exit the lock file is removed, and so is
 every folder this RunFolder created if nothing else was put in it (a run
@@ -18,8 +20,11 @@ import contextlib
 import datetime
 import fcntl
 import os
+import resource
 import socket
 from pathlib import Path
+
+from . import paths
 
 LOCK_NAME = ".fmnist_ext.lock"
 # What a training run writes into its folder (the tensorboard folder too).
@@ -32,20 +37,52 @@ class RunFolderError(Exception):
 
 def check_path(path: Path) -> None:
     """Whether `path` can be (or is) a run folder, without creating anything."""
-    if path.exists() and not path.is_dir():
+    what = _kind(path)
+    if what not in (paths.MISSING, paths.FOLDER):
         raise RunFolderError(f"{path} exists and is not a folder")
     ancestor = path
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
+    while what == paths.MISSING and ancestor.parent != ancestor:
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+        what = _kind(ancestor)
+    if what != paths.FOLDER:
         raise RunFolderError(f"{ancestor} is a file, so {path} cannot be created under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise RunFolderError(
             f"{ancestor} is not writable (permission denied), so {path} cannot be "
             f"{'used' if ancestor == path else 'created'}"
         )
+
+
+def _kind(path: Path) -> str:
+    try:
+        return paths.kind(path)
+    except paths.PathError as e:
+        raise RunFolderError(str(e)) from None
+
+
+# Descriptors kept free beside the locks: torch, the data files, matplotlib, checkpoint writes.
+SPARE_DESCRIPTORS = 256
+
+
+def make_room_for_locks(n: int) -> None:
+    """Let this process hold `n` more lock files open (a sweep holds one per run
+    folder): raise the soft descriptor limit (the default soft limit, 1024, is
+    below a sweep of ~1000 runs) up to the hard one, or refuse in one line before
+    anything is created when even the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = SPARE_DESCRIPTORS
+    need = in_use + n + SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise RunFolderError(
+            f"{n} locked folders (the sweep's and one per run) need {n} open files, and this process "
+            f"may open at most {hard} (ulimit -Hn); sweep fewer runs at a time"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 class RunFolder:
@@ -60,7 +97,7 @@ class RunFolder:
         try:
             if self.create:
                 self._make_dirs()
-            elif not self.path.is_dir():
+            elif _kind(self.path) != paths.FOLDER:
                 raise RunFolderError(f"{self.path}: no such folder")
             self._lock()
         except BaseException:
@@ -78,7 +115,7 @@ class RunFolder:
     def _make_dirs(self) -> None:
         missing = []
         p = self.path
-        while not p.exists():
+        while _kind(p) == paths.MISSING:
             missing.append(p)
             p = p.parent
         for p in reversed(missing):
@@ -92,10 +129,12 @@ class RunFolder:
 
     def _lock(self) -> None:
         for _ in range(10):  # retried only when the lock file was replaced under us
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except OSError as e:
-                raise RunFolderError(f"cannot create the lock file {self.lock_path} ({e.strerror or e})") from None
+            try:  # never through a symlink or hard link: the holder line would overwrite its target
+                fd = paths.open_regular(self.lock_path, os.O_RDWR | os.O_CREAT)
+            except paths.PathError as e:
+                raise RunFolderError(
+                    f"cannot use the lock file {e}; remove it if no run is using {self.path}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

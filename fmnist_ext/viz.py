@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, cli, clirun, data, outputs
+from . import atomic, cli, clirun, data, outputs, paths
 
 
 def _plt():
@@ -190,7 +190,11 @@ def main(argv=None) -> int:
     else:
         curves_cmd = subs["curves"]
         metrics = Path(args.run_dir) / "metrics.jsonl"
-        if not metrics.is_file():
+        try:
+            found = paths.kind(metrics) == paths.FILE
+        except paths.PathError as e:
+            cli.fail(curves_cmd, f"argument run_dir: {e}")
+        if not found:
             cli.fail(curves_cmd, f"argument run_dir: {metrics} does not exist")
         out = args.out or str(Path(args.run_dir) / "curves.png")
         _check_out(curves_cmd, out)

@@ -196,9 +196,13 @@ def test_a_real_worker_process():
         (["--threads", "0"], "--threads"),
         (["--device", "tpu"], "--device"),
         (["--device", "cuda", "--allocators", "default,tuned"], "--allocators: tuned changes glibc's malloc"),
+        # issue 17 items 10 and 11: the same allocator twice was timed twice; a thread count past a C int
+        (["--allocators", "default,default"], "--allocators: default given twice"),
+        (["--threads", "99999999999"], "--threads"),
     ],
 )
-def test_cli_rejects_bad_arguments(argv, msg, capsys):
+def test_cli_rejects_bad_arguments(argv, msg, capsys, monkeypatch):
+    monkeypatch.setattr(bench_model, "run_worker", _no_timing)  # a case not refused fails at once, not after minutes
     with pytest.raises(SystemExit) as e:
         bench_model.main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -335,3 +339,25 @@ def test_the_benchmark_hands_its_device_to_the_section(monkeypatch):
     report = runner.run(cli.build_parser().parse_args(argv), log=lambda m: None)
     assert seen["device"] == "cpu" and seen["training_only"] is True
     assert report["config"]["whole_model"].startswith("python -m fmnist_ext.benchmark.model --device cpu --quick")
+
+
+@pytest.mark.parametrize(
+    "outputs, msg",
+    [
+        (lambda tmp: ["--json", str(tmp)], "--json: {tmp} is a folder"),
+        (
+            lambda tmp: ["--json", str(tmp / "x"), "--markdown", str(tmp / "x")],
+            "--markdown: {tmp}/x is also the --json",
+        ),
+        (lambda tmp: ["--markdown", str(tmp / "file" / "x.md")], "--markdown: {tmp}/file (folder of"),
+    ],
+)
+def test_model_cli_checks_its_outputs_before_any_timing(monkeypatch, capsys, tmp_path, outputs, msg):
+    # issue 17 item 10: the outputs were checked only after minutes of timing (then a traceback lost the figures)
+    monkeypatch.setattr(bench_model, "run_worker", _no_timing)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench_model.main(["--quick", *outputs(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert msg.format(tmp=tmp_path) in err, err

@@ -304,6 +304,8 @@ def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
         ["--threads", "0"],
         ["--threads", "-2"],
         ["--threads", "x"],
+        ["--threads", "99999999999"],  # issue 17 item 11: past torch.set_num_threads' C int
+        ["--batch-sizes", "1,1000000000000"],  # issue 17 item 11: a terabyte allocation
         ["--blocks", "3"],
     ],
 )

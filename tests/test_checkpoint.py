@@ -4,6 +4,7 @@ file with one line naming it."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import struct
@@ -269,3 +270,56 @@ def test_run_state_round_trip_is_what_resume_checks(tmp_path):
     ck["step"] = other.steps_per_epoch  # what only building the run can find
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint\.pt: cannot resume from it \(step 3 is past"):
         other.restore(ck, path)
+
+
+def _rezipped(src: bytes, extra: dict[str, bytes], hashed: bool) -> bytes:
+    """The archive `src` with every member (and `extra`) DEFLATE-compressed, with the hash trailer if `hashed`."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(src)) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as out:
+        prefix = z.namelist()[0].split("/")[0]
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info))
+        for name, data in extra.items():
+            out.writestr(f"{prefix}/{name}", data)
+    raw = buf.getvalue()
+    if not hashed:
+        return raw
+    body = raw[:-2] + struct.pack("<H", checkpoint._TRAILER_LEN)
+    return body + checkpoint._TAG + hashlib.sha256(body).hexdigest().encode()
+
+
+@pytest.mark.parametrize("hashed", [True, False], ids=["format-2", "format-1"])
+@pytest.mark.parametrize("bomb", [False, True], ids=["deflated", "deflate-bomb"])
+def test_compressed_members_are_refused_before_anything_expands(trained, tmp_path, capsys, hashed, bomb):
+    # issue 17 item 2: a 1 MB file with a valid hash whose DEFLATE member expanded to 1 GiB inside torch.load
+    ck = checkpoint.load(trained[1] / "checkpoint.pt")
+    src = checkpoint.to_bytes(ck) if hashed else _torch_saved({**ck, "format": checkpoint.FORMAT_V1})
+    path = tmp_path / "packed.pt"
+    path.write_bytes(_rezipped(src, {"data/bomb": bytes(64 * 2**20)} if bomb else {}, hashed))
+    assert path.stat().st_size < 2 * 2**20
+    with pytest.raises(checkpoint.CheckpointError, match="compressed zip member"):
+        checkpoint.load(path)
+    assert exit_code(evaluate.main, [str(path), "--data-dir", str(trained[0]), *SYN[:2]]) == 2
+    _one_line_error(capsys, "argument checkpoint", "compressed zip member")
+
+
+def _torch_saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_members_claiming_more_bytes_than_the_file_are_refused(trained, tmp_path):
+    raw = bytearray(checkpoint.to_bytes(checkpoint.load(trained[1] / "checkpoint.pt")))
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    # the central directory's entry of that member: sizes set to 1 GiB, both (still "stored")
+    entry = raw.index(b"PK\x01\x02")
+    while struct.unpack("<I", raw[entry + 42 : entry + 46])[0] != info.header_offset:
+        entry = raw.index(b"PK\x01\x02", entry + 4)
+    raw[entry + 20 : entry + 28] = struct.pack("<II", 2**30, 2**30)
+    body = bytes(raw[: -checkpoint._TRAILER_LEN])  # and a valid hash, as a crafted file has
+    path = tmp_path / "sizes.pt"
+    path.write_bytes(body + checkpoint._TAG + hashlib.sha256(body).hexdigest().encode())
+    with pytest.raises(checkpoint.CheckpointError, match=r"members claim \d+ bytes"):
+        checkpoint.load(path)

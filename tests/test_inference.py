@@ -142,7 +142,7 @@ def test_the_operator_path_equals_the_operator_by_operator_path():
     # CPU only: elsewhere the operator-by-operator path is the only one.
     net = trained_model().for_inference()
     x = torch.randn(9, 1, 28, 28)
-    torch.testing.assert_close(net(x), net._forward_ops(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(x), net._forward_ops(x, net.weights()), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
@@ -217,7 +217,7 @@ class TestOperatorChecks:
 
     def args(self):
         net = trained_model().for_inference()
-        return [torch.randn(2, 1, 28, 28), *net._params]
+        return [torch.randn(2, 1, 28, 28), *net.weights()]
 
     def call(self, args):
         return torch.ops.fmnist_ext.fashion_cnn_inference(*args)
@@ -259,3 +259,45 @@ class TestOperatorChecks:
         assert [a.name for a in schema.arguments][:2] == ["input", "conv1_weight"]
         assert torch._C._dispatch_has_kernel_for_dispatch_key(inference.OP_NAME, "CPU")
         assert _library.LOADED
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda(compiled=False))
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "buffer_assignment"])
+def test_forward_reads_the_current_buffers(device, how):
+    # issue 17 item 3: a cached copy of the weights kept computing after the buffers were replaced
+    net = trained_model(device=device).for_inference()
+    other = trained_model(steps=5, device=device).for_inference()
+    x = torch.randn(3, 1, 28, 28, device=device)
+    want = other(x)
+    assert not torch.allclose(net(x), want)
+    if how == "load_state_dict_assign":
+        net.load_state_dict(other.state_dict(), assign=True)
+    else:
+        for name, t in other.named_buffers():
+            setattr(net, name, t)
+    torch.testing.assert_close(net(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not inference.has_compiled_op(torch.device("cpu")), reason="compiled library not loaded")
+@pytest.mark.parametrize("batch", [1, 5])
+def test_opcheck_of_the_whole_model_op(batch):
+    # issue 17 item 14: the op had no fake kernel (opcheck's fake-tensor and aot_dispatch checks need one)
+    net = trained_model().for_inference()
+    torch.library.opcheck(
+        torch.ops.fmnist_ext.fashion_cnn_inference.default,
+        (torch.randn(batch, 1, 28, 28), *net.weights()),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_export_of_the_inference_form(dtype):
+    # issue 17 item 14: torch.export of model.for_inference() failed (no fake kernel for the whole-model op)
+    net = trained_model(dtype=dtype).for_inference()
+    x = torch.randn(4, 1, 28, 28, dtype=dtype)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
+    if net.uses_compiled_op:
+        assert "fashion_cnn_inference" in str(exported.graph)
+    y = torch.randn(9, 1, 28, 28, dtype=dtype)
+    torch.testing.assert_close(exported.module()(y), net(y), rtol=0, atol=0)

@@ -118,8 +118,10 @@ def _truncated_png(path: Path) -> None:
         (lambda: __import__("PIL.Image").Image.new("F", (28, 28), 0.5), "32-bit float images are not supported"),
         (
             lambda: __import__("PIL.Image").Image.new("I", (28, 28), 70000),
-            "pixel values 70000..70000 outside the 16-bit range",
+            "32-bit integer images are not supported",
         ),
+        # issue 17 item 6: an int32 image within 0-255 was scaled as 16-bit (a black picture)
+        (lambda: __import__("PIL.Image").Image.new("I", (28, 28), 200), "32-bit integer images are not supported"),
     ],
 )
 def test_predict_refuses_modes_it_cannot_scale(ckpt, tmp_path, capsys, make, words):

@@ -121,3 +121,32 @@ def test_the_cuda_build_registered_both_ops():
     assert _library.build_info().WITH_CUDA, "the build did not compile the CUDA kernels"
     for op in (_library.FORWARD_OP, _library.BACKWARD_OP):
         assert _library.has_kernel(op, "CUDA"), f"{op}: no CUDA kernel"
+
+
+def _registered_ops() -> list[str]:
+    """Every operator the C++ sources define (m.def("name(...) -> ...")), with the schema."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    text = "\n".join(p.read_text() for p in sorted(csrc.rglob("*.cpp")))
+    text = re.sub(r'"\s*\n\s*"', "", text)  # C++ adjacent string literals, joined
+    return re.findall(r'm\.def\(\s*"(\w+)\((.*?)\)\s*->', text, re.S)
+
+
+def test_every_registered_operator_with_tensors_has_a_fake_kernel():
+    # issue 17 item 14: fashion_cnn_inference had none. A fake kernel is what torch.compile,
+    # torch.export and FakeTensor tracing need; opcheck (elsewhere) tests each one's results.
+    import fmnist_ext.inference  # registers the whole-model op's fake kernel
+
+    ops = _registered_ops()
+    assert {"conv_relu_maxpool2d", "channel_moments", "fashion_cnn_inference"} <= {n for n, _ in ops}
+    if not fmnist_ext.kernels_status()["compiled_library_loaded"]:
+        pytest.skip("compiled library not loaded")
+    missing = []
+    for name, args in ops:
+        if "Tensor" not in args:
+            continue  # _cpu_isa() and friends: nothing to trace
+        if not _library.has_kernel(f"fmnist_ext::{name}", "Meta"):
+            missing.append(name)
+    assert not missing, f"no fake (Meta) kernel: {missing}"

@@ -95,6 +95,10 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys, no_data_load, monkeypatch
         (["--sweep", "lr=0.01,0.010"], ["--sweep", "same setting"]),
         (["--sweep", "lr=0.01,0.01", "seed=1"], ["--sweep", "same setting"]),
         (["--lr", "0.1", "--sweep", "lr=0.01,0.02"], ["--sweep", "lr also given as --lr"]),
+        # issue 17 item 11: no upper bound (100000 asked for 40 TB, a 20-digit value overflowed), after the data load
+        (["--crop-pad", "100000"], ["--crop-pad", "[0, 27]"]),
+        (["--crop-pad", "99999999999999999999"], ["--crop-pad", "[0, 27]"]),
+        (["--sweep", "crop_pad=1,28"], ["--sweep", "crop_pad", "[0, 27]"]),
         (
             [
                 "--sweep",
@@ -103,10 +107,10 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys, no_data_load, monkeypatch
                 "label_smoothing=0.123456789012345",
                 "ema=0.123456789012345",
                 "seed=18446744073709551615",
-                "batch_size=123456789",
+                "batch_size=123456789012345",
                 "clean_epochs=123456789",
-                "crop_pad=123456789",
-                "epochs=123456789",
+                "crop_pad=27",
+                "epochs=123456789012345",
                 "schedule=onecycle",
                 "optimizer=adamw",
                 "kernels=stock",

@@ -238,3 +238,13 @@ def test_bad_cpu_isa_variable_is_one_line_for_info_and_train(tmp_path, value, fr
         assert "Traceback" not in out.stderr
         assert "FMNIST_CPU_ISA" in out.stderr and fragment in out.stderr
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["--json"], []])
+def test_info_into_a_closed_pipe_ends_quietly(argv):
+    # issue 17 item 12: `python -m fmnist_ext.info --json | true` ended in a BrokenPipeError traceback
+    from cli_helpers import assert_quiet, closed_pipe_run
+
+    rc, err = closed_pipe_run(["-m", "fmnist_ext.info", *argv])
+    assert rc == 141, err
+    assert_quiet(err)

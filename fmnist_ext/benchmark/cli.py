@@ -23,14 +23,16 @@ from .blocks import BLOCKS
 from .chart import render_png
 from .impls import IMPLS, NOT_IMPLS
 
+MAX_BATCH = 100_000  # a block's input at this batch is 0.3 GB; far beyond it is an allocation failure, not a figure
+
 
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not vals or any(not 1 <= v <= MAX_BATCH for v in vals):
+        raise argparse.ArgumentTypeError(f"expected integers in [1, {MAX_BATCH}], got {text!r}")
     return vals
 
 
@@ -60,19 +62,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     a CUDA device, and, unless --no-model, the fused op's compiled CUDA kernels (the
     whole-model section would otherwise time the reference as "fused"). (The numbers
     are checked by their argparse types.)"""
-    seen: dict[Path, str] = {}
     try:
-        for name in OUTPUTS:
-            path = getattr(args, name)
-            if path is None:
-                continue
-            if name == "png":
-                outputs.check_figure_format(path, "--png")
-            outputs.check_writable(path, f"--{name}")
-            key = path.resolve()
-            if key in seen:
-                raise outputs.OutputError(f"argument --{name}: {path} is also the {seen[key]} file")
-            seen[key] = f"--{name}"
+        outputs.check_outputs({f"--{name}": getattr(args, name) for name in OUTPUTS}, figures=("--png",))
     except outputs.OutputError as e:
         app_cli.fail(parser, str(e))
     for name in args.impls or ():
@@ -115,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
-        "--threads", type=app_cli.positive_int, default=None, help="torch threads for CPU (default: torch's default)"
+        "--threads", type=app_cli.thread_count, default=None, help="torch threads for CPU (default: torch's default)"
     )
     p.add_argument(
         "--batch-sizes",

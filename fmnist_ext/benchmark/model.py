@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, cli, kernels_status, uses_compiled_kernels
+from .. import atomic, cli, clirun, kernels_status, outputs, uses_compiled_kernels
 from .model_render import TARGETS, render
 from .model_worker import INFER_IMPLS, TRAIN_IMPLS
 
@@ -350,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated from default,tuned (default: both on cpu; --quick or cuda: default)",
     )
-    p.add_argument("--rounds", type=int, default=None, help="rounds per implementation (default 2; --quick 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument(
+        "--rounds", type=cli.positive_int, default=None, help="rounds per implementation (default 2; --quick 1)"
+    )
+    p.add_argument("--threads", type=cli.thread_count, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="do not time torch.compile")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--markdown", type=Path, default=None, help="write the markdown here")
@@ -365,6 +367,9 @@ def parse_allocators(parser: argparse.ArgumentParser, text: str | None, device: 
     bad = [v for v in vals if v not in ALLOCATORS]
     if bad or not vals:
         parser.error(f"argument --allocators: unknown {bad or text!r}; choose from {','.join(ALLOCATORS)}")
+    twice = sorted({v for v in vals if vals.count(v) > 1})
+    if twice:
+        parser.error(f"argument --allocators: {','.join(twice)} given twice (it would be timed twice)")
     not_here = [v for v in vals if v not in DEVICE_ALLOCATORS[device]]
     if not_here:
         parser.error(
@@ -374,26 +379,34 @@ def parse_allocators(parser: argparse.ArgumentParser, text: str | None, device: 
     return vals
 
 
+@clirun.guarded("fmnist_ext.benchmark.model", "python -m fmnist_ext.benchmark.model")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_bad_cpu_isa(parser)
     allocators = parse_allocators(parser, args.allocators, args.device)
-    for name in ("rounds", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"argument --{name}: must be >= 1")
     refusal = device_refusal(args.device)
     if refusal:
         cli.fail(parser, f"argument --device: {refusal}")
+    try:  # before the minutes of timing: a figure lost to a bad path is a run lost
+        outputs.check_outputs({"--json": args.json, "--markdown": args.markdown})
+    except outputs.OutputError as e:
+        cli.fail(parser, str(e))
     section = run_section(args.quick, allocators, args.rounds, args.threads, not args.no_compile, device=args.device)
     md = render(section)
     sys.stdout.write(md)
-    # atomic: an interrupted run never leaves a half-written file in place of an old one
-    if args.markdown:
-        atomic.write_text(args.markdown, md)
-    if args.json:
-        atomic.write_text(args.json, json.dumps(section, indent=2, allow_nan=False) + "\n")
-    return 0
+    # atomic: an interrupted run never leaves a half-written file in place of an old one. The JSON
+    # first (it holds everything); a failure (the disk filled since the check) is one line, exit 1.
+    writes = {"--json": lambda: json.dumps(section, indent=2, allow_nan=False) + "\n", "--markdown": lambda: md}
+    status = 0
+    for arg, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:
+            try:
+                atomic.write_text(path, writes[arg]())
+            except atomic.WriteError as e:
+                print(f"{parser.prog}: error: argument {arg}: {e}", file=sys.stderr, flush=True)
+                status = 1
+    return status
 
 
 if __name__ == "__main__":

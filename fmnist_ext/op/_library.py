@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from . import _elfcheck
+
 PACKAGE_DIR = Path(__file__).parent
 
 
 def _library_dir() -> Path:
     """Where _C.so and _build_info.py are: this package, or, from a source
     checkout, the installed build of the same version."""
-    if (PACKAGE_DIR / "_C.so").exists() or not (PACKAGE_DIR.parent.parent / "pyproject.toml").exists():
+    if os.path.exists(PACKAGE_DIR / "_C.so") or not os.path.exists(PACKAGE_DIR.parent.parent / "pyproject.toml"):
         return PACKAGE_DIR
     try:
         dist = importlib.metadata.distribution("fmnist-ext")
@@ -43,7 +45,7 @@ def _library_dir() -> Path:
     from .. import __version__
 
     installed = Path(str(dist.locate_file("fmnist_ext/op/_C.so")))
-    if dist.version == __version__ and installed.exists():
+    if dist.version == __version__ and os.path.exists(installed):
         return installed.parent
     return PACKAGE_DIR
 
@@ -61,28 +63,43 @@ class ReferenceFallbackWarning(UserWarning):
 
 
 @functools.cache
-def build_info():
-    """The build record CMake wrote beside the library (None if missing); read once."""
+def _read_build_info():
+    """(the build record CMake wrote beside the library, None) or (None, what is wrong
+    with it); read once. A damaged record (empty, cut short, edited) is a reason for the
+    fallback, never an exception out of `import fmnist_ext`."""
     path = LIBRARY_DIR / "_build_info.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("fmnist_ext.op._build_info", path)
-    info = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(info)
-    return info
+    if not os.path.exists(path):
+        return None, "the build record _build_info.py is missing (incomplete install)"
+    try:
+        spec = importlib.util.spec_from_file_location("fmnist_ext.op._build_info", path)
+        info = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(info)
+        if not isinstance(info.TORCH_VERSION, str):
+            raise TypeError(f"TORCH_VERSION is a {type(info.TORCH_VERSION).__name__}")
+    except Exception as e:  # SyntaxError, AttributeError, ...: whatever a damaged file raises
+        return None, f"the build record {path} is damaged ({type(e).__name__}: {e})"
+    return info, None
+
+
+def build_info():
+    """The build record CMake wrote beside the library (None if missing or damaged)."""
+    return _read_build_info()[0]
 
 
 def _load() -> tuple[bool, str | None]:
     """Load the compiled library; return (loaded, reason it was not)."""
     if os.environ.get("FMNIST_DISABLE_EXTENSION", "") not in ("", "0"):
         return False, "FMNIST_DISABLE_EXTENSION is set"
-    if not LIBRARY_PATH.exists():
+    if not os.path.exists(LIBRARY_PATH):
         return False, f"the compiled library {LIBRARY_PATH.name} is not installed (the package was not built)"
-    info = build_info()
+    info, problem = _read_build_info()
     if info is None:
-        return False, "the build record _build_info.py is missing (incomplete install)"
+        return False, problem
     if torch.__version__ != info.TORCH_VERSION:
         return False, (f"it was built against torch {info.TORCH_VERSION} but torch {torch.__version__} is running")
+    broken = _elfcheck.truncation(LIBRARY_PATH)  # dlopen of a truncated file can die of SIGBUS
+    if broken is not None:
+        return False, f"the compiled library {LIBRARY_PATH} is {broken}"
     try:
         torch.ops.load_library(str(LIBRARY_PATH))
     except (OSError, RuntimeError) as exc:

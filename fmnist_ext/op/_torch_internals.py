@@ -63,6 +63,23 @@ def apply_single_level(fn: type, *args):
         return fn.apply(*args)
 
 
+# --- Global module hooks ------------------------------------------------------------
+# nn.modules.module.register_module_forward_hook and its siblings register
+# hooks for every module; torch has no public way to ask whether any is
+# registered. The training-mode BatchNorm fold (bn_fold.py) bypasses the
+# modules' calls, so it must know, and runs the layers when there are any.
+
+
+def global_module_hooks() -> bool:
+    """Whether any global module hook (forward, forward pre, backward,
+    backward pre) is registered."""
+    from torch.nn.modules import module
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    names += ("_global_backward_pre_hooks",)
+    return any(getattr(module, name, True) for name in names)  # unknown: assume hooks (the layers run)
+
+
 # --- Redispatch below Autograd --------------------------------------------------
 # An Autograd kernel registered with with_keyset=True calls the next kernel
 # down (CPU, CUDA, Fake, Functionalize...) without recording a graph. The

@@ -22,7 +22,8 @@ The package, read top to bottom:
     step.py         one training step: eager, or replayed from a CUDA graph (--cuda-graphs)
     sweep.py        --sweep: parse, plan (all checked up front), run, the table
     distributed.py  torchrun: the Dist record, process group, all_reduce, barrier
-    interrupt.py    Ctrl-C: finish the batch, save, exit 130
+    interrupt.py    Ctrl-C or SIGTERM: finish the batch, save, exit 130 or 143; the resume command
+    divergence.py   a NaN/inf loss, weight or metric: stop, keep the last finite checkpoint, exit 1
     errors.py       UsageError: one line, exit 2
 """
 

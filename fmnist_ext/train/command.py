@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from .. import atomic, checkpoint, cli, clirun, data
-from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path
+from .. import atomic, checkpoint, cli, clirun, data, paths, recipes
+from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path, make_room_for_locks
 from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
+from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
-from .interrupt import EXIT_INTERRUPTED, Interrupted
+from .interrupt import Interrupted, resume_command
 from .parser import build_parser
 from .run import train_run
 from .step import graph_refusal
@@ -43,9 +45,10 @@ def main(argv=None) -> int:
         cli.fail(parser, str(e))
     except atomic.WriteError as e:  # a full disk, a folder made read-only during the run
         cli.fail(parser, str(e), status=1)
-    except KeyboardInterrupt:  # before training started (checks, data loading): nothing was written
-        print("\ninterrupted before training started; nothing was trained or saved", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # before training started (checks, data loading): nothing was written
+        what = "terminated" if isinstance(e, clirun.Terminated) else "interrupted"
+        print(f"\n{what} before training started; nothing was trained or saved", file=sys.stderr, flush=True)
+        return clirun.exit_status(e)
 
 
 def _main(parser, args, folders: contextlib.ExitStack) -> int:
@@ -101,9 +104,13 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         return 0
     except checkpoint.CheckpointError as e:
         raise UsageError("--resume", str(e)) from None
+    except Diverged as e:
+        if d.main:
+            print(f"\n{diverged_message(e, out)}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     except Interrupted as e:
         if d.main:
-            cmd = f"python -m fmnist_ext.train --out {e.out} --resume"
+            cmd = resume_command(e.out, d)
             print(
                 f"\nstopped {e}; checkpoint saved to {e.out / 'checkpoint.pt'}.\n"
                 + (
@@ -114,8 +121,8 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+        return e.status
+    except KeyboardInterrupt as e:
         if d.main:
             print(
                 f"\naborted; the last checkpoint in {out} (if any) is intact"
@@ -123,7 +130,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return EXIT_INTERRUPTED
+        return clirun.exit_status(e)
     finally:
         shutdown(d)
 
@@ -175,8 +182,13 @@ def _check_folders(args, out: Path, runs: list[SweepRun]) -> Dist:
         except RunFolderError as e:
             raise UsageError("--out", str(e)) from None
     d0 = dist_from_env()
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise UsageError("--resume", f"{out / 'checkpoint.pt'}: no such checkpoint file")
+    if args.resume:
+        try:
+            found = paths.kind(out / "checkpoint.pt") == paths.FILE
+        except paths.PathError as e:
+            raise UsageError("--resume", str(e)) from None
+        if not found:
+            raise UsageError("--resume", f"{out / 'checkpoint.pt'}: no such checkpoint file")
     return d0
 
 
@@ -185,17 +197,20 @@ def _lock_folders(folders: contextlib.ExitStack, args, out: Path, runs: list[Swe
     a sweep writes only sweep.csv beside its run folders)."""
     sweep = args.sweep is not None
     try:
+        make_room_for_locks(1 + len(runs))
         folders.enter_context(RunFolder(out, create=not args.resume))
         for r in runs:
             folders.enter_context(RunFolder(r.out))
     except RunFolderError as e:
         raise UsageError("--out", str(e)) from None
     for path in [] if args.resume else [r.out for r in runs] if sweep else [out]:
-        present = [name for name in RUN_FILES if (path / name).exists()]
+        present = [name for name in RUN_FILES if os.path.lexists(path / name)]  # a dangling symlink too
         if present:
             hint = "add --resume to continue it or " if "checkpoint.pt" in present and not sweep else ""
             raise UsageError("--out", f"{path} already holds a run ({', '.join(present)}); {hint}choose another --out")
-    if sweep and (out / "sweep.csv").exists():
+    if args.tensorboard and (out / "tensorboard").is_symlink():  # TensorBoard would write into its target
+        raise UsageError("--tensorboard", f"{out / 'tensorboard'} is a symbolic link; refusing to write through it")
+    if sweep and os.path.lexists(out / "sweep.csv"):
         raise UsageError("--out", f"{out / 'sweep.csv'} exists (an earlier sweep); choose another --out")
 
 
@@ -208,10 +223,11 @@ def _load_resume(args, out: Path, world_size: int) -> tuple[dict, RunConfig]:
         raise UsageError("--resume", str(e)) from None
     saved = RunConfig.from_checkpoint(resume["config"])
     given = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    normalized = saved.normalized()
     conflicts = [
         f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})"
         for k, v in given.items()
-        if getattr(saved, k) != v
+        if getattr(normalized, k) != (recipes.torch_seed(v) if k == "seed" else v)
     ]
     if conflicts:
         raise UsageError(

@@ -65,6 +65,13 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def trains_like(self, other: RunConfig) -> bool:
+        """Whether the two settings train the same run (seeds compared as torch uses them)."""
+        return self.normalized() == other.normalized()
+
+    def normalized(self) -> RunConfig:
+        return dataclasses.replace(self, seed=recipes.torch_seed(self.seed))
+
     @property
     def augmented_epochs(self) -> int:
         """Epochs that see crops and flips (the rest train on the plain images)."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..batches import Batches, eval_batches, plan_epoch
 from .distributed import Dist, all_reduce_sum
+from .divergence import check_loss
 from .interrupt import StopRequest
 from .state import RunState
 from .step import train_step
@@ -89,7 +90,9 @@ def train_epoch(
     )
     t0 = time.perf_counter()
     for x, y in bar:
-        logits, loss = step(x, y) if step is not None else train_step(state, net, x, y)
+        where = f"epoch {state.epoch + 1}, batch {state.step + 1}"
+        check = lambda loss, where=where: check_loss(loss, d, where)
+        logits, loss = step(x, y, check) if step is not None else train_step(state, net, x, y, check=check)
         if state.scheduler is not None:
             state.scheduler.step()
         if state.ema is not None:

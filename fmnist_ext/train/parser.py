@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the checkpoint was written with.\n\nBatches: when the last batch of an epoch (of each process) would "
         "hold a single image, that image joins the previous batch (BatchNorm cannot train on one image; no "
         "image is dropped).\n\nThe run folder is locked while a run uses it: a second run on it is refused. "
-        "Exit status: 0 done, 2 a usage error (one line), 1 a file could not be written (the previous "
-        "version is kept), 130 interrupted.",
+        "Exit status: 0 done, 2 a usage error (one line), 1 training diverged (a NaN/inf loss: the last "
+        "finite checkpoint is kept) or a file could not be written (the previous "
+        "version is kept), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; progress saved as for Ctrl-C).",
     )
     p.add_argument(
         "--recipe",
@@ -82,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=cli.fraction, default=None, help="label smoothing in [0, 1) (baseline: 0)")
     g.add_argument(
         "--crop-pad",
-        type=cli.nonneg_int,
+        type=cli.crop_pad,
         default=None,
-        help="random-crop augmentation with this zero padding, 0 = off (baseline: 0)",
+        help=f"random-crop augmentation with this zero padding, 0 = off, at most {recipes.MAX_CROP_PAD} (baseline: 0)",
     )
     cli.flag_pair(g, "flip", "random horizontal flips", "no flips (baseline)")
     cli.flag_pair(

@@ -19,6 +19,7 @@ from ..batches import normalize
 from ..evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .config import RunConfig
 from .distributed import Dist
+from .divergence import check_epoch
 from .epoch import epoch_record, train_epoch
 from .interrupt import Interrupted, StopRequest
 from .state import RunState
@@ -36,7 +37,8 @@ def train_run(
     tensorboard: bool = False,
     cuda_graphs: bool = False,
 ) -> dict:
-    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C.
+    """Train one run; return its summary. Raises Interrupted after saving on Ctrl-C, and
+    Diverged (nothing saved since the last finite epoch) when a number stops being finite.
     cuda_graphs: replay the training step from a CUDA graph (step.py; the
     caller checked step.graph_refusal)."""
     ckpt_path = out / "checkpoint.pt"
@@ -68,17 +70,20 @@ def train_run(
             if sums is None:
                 if d.main:
                     state.save(ckpt_path)
-                raise Interrupted(f"epoch {state.epoch + 1}, after batch {state.step}", out)
+                raise Interrupted(f"epoch {state.epoch + 1}, after batch {state.step}", out, stop.exit_status)
             record, epoch_time = epoch_record(state, sums, test_x, test_y, d, device)
+            check_epoch(state.model, record, f"end of epoch {state.epoch + 1}")  # before it is saved
             state.finish_epoch(record)
             if d.main:
                 state.save(ckpt_path)
-                atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+                atomic.write_text(
+                    out / "metrics.jsonl", "".join(json.dumps(h, allow_nan=False) + "\n" for h in state.history)
+                )
                 if tb is not None:
                     tb.epoch(state.epoch, record, state.model)
                 _print_epoch(state, record, epoch_time)
             if stop.check(d, device) and state.epoch < config.epochs:
-                raise Interrupted(f"after epoch {state.epoch}", out)
+                raise Interrupted(f"after epoch {state.epoch}", out, stop.exit_status)
     if tb is not None:
         tb.close()
     return finish(config, out, state.eval_model, ds, test_x, state.history, d.main, state.eval_weights)
@@ -131,7 +136,7 @@ def finish(config: RunConfig, out: Path, model, ds, test_x, history, main: bool,
             title=f"Test set, {config.recipe} recipe, {config.kernels} kernels: accuracy {acc:.4f}",
         )
         viz.save_curves(history, out / "curves.png")
-        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}/{{checkpoint.pt,metrics.jsonl,confusion.png,curves.png,summary.json}}")
     return summary
 

@@ -51,18 +51,21 @@ def graph_refusal(config, device: torch.device | str, world_size: int) -> str | 
     return None
 
 
-def _step_body(state, net, x, y):
+def _step_body(state, net, x, y, check=None):
     logits = net(x)
     loss = state.criterion(logits, y)
+    if check is not None:
+        check(loss)  # divergence.check_loss: before the step, so the weights stay finite
     loss.backward()
     state.optimizer.step()
     return logits, loss
 
 
-def train_step(state, net, x, y, set_to_none: bool = True):
-    """One eager step on (x, y); returns (logits, loss)."""
+def train_step(state, net, x, y, set_to_none: bool = True, check=None):
+    """One eager step on (x, y); returns (logits, loss). check(loss), if
+    given, runs before the backward and may raise to stop the step."""
     state.optimizer.zero_grad(set_to_none=set_to_none)
-    return _step_body(state, net, x, y)
+    return _step_body(state, net, x, y, check)
 
 
 class GraphedStep:
@@ -86,33 +89,36 @@ class GraphedStep:
         self.outputs = None
         self.eager_steps = 0
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, check=None):
+        """check(loss) as for train_step; a replayed step cannot stop half
+        way, so there it runs after the step (the weights may then hold that
+        step's non-finite values, which the caller must not save)."""
         if x.shape[0] != self.batch_size:
             # Zeroing in place once the graph exists: its backward writes into
             # these very gradient tensors, which the eager step then sums into.
-            return train_step(self.state, self.net, x, y, set_to_none=self.graph is None)
+            return train_step(self.state, self.net, x, y, set_to_none=self.graph is None, check=check)
         if self.static_x is None:
             self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.outputs
         if not self.capture:
-            return train_step(self.state, self.net, self.static_x, self.static_y, set_to_none=False)
-        if self.eager_steps < self.warmup:
+            return train_step(self.state, self.net, self.static_x, self.static_y, set_to_none=False, check=check)
+        if self.graph is None and self.eager_steps < self.warmup:
             self.eager_steps += 1
-            return self._on_side_stream()
-        self._capture()
-        self.graph.replay()  # capturing records the step; the replay runs it
+            return self._on_side_stream(check)
+        if self.graph is None:
+            self._capture()  # capturing records the step; the replay runs it
+        self.graph.replay()
+        if check is not None:
+            check(self.outputs[1])
         return self.outputs
 
-    def _on_side_stream(self):
+    def _on_side_stream(self, check):
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(main)  # after the copy into the static buffers (and the main stream's last use of memory)
         with torch.cuda.stream(side):
-            out = train_step(self.state, self.net, self.static_x, self.static_y)
+            out = train_step(self.state, self.net, self.static_x, self.static_y, check=check)
         main.wait_stream(side)
         return out
 

@@ -13,12 +13,14 @@ import argparse
 import csv
 import io
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import atomic, cli, recipes
 from ..model import KERNELS
 from .config import RunConfig
+from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
 from .run import train_run
 
@@ -53,7 +55,7 @@ SWEEP_TYPES = {
     "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES),
     "label_smoothing": cli.fraction,
-    "crop_pad": cli.nonneg_int,
+    "crop_pad": cli.crop_pad,
     "flip": _bool,
     "shuffle": _bool,
     "ema": cli.fraction,
@@ -111,34 +113,44 @@ def plan_sweep(args, grid, base_out: Path) -> list[SweepRun]:
         if len(name.encode()) > 255:
             raise UsageError("--sweep", f"run folder name {name[:60]}... is longer than 255 bytes; sweep fewer keys")
         for other in runs:
-            if other.config == config or other.name == name:
+            if other.config.trains_like(config) or other.name == name:
                 what = f"run {name} comes twice" if other.name == name else f"runs {other.name} and {name} are the same"
                 raise UsageError(
                     "--sweep",
-                    f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010); give each value once",
+                    f"{what}: the same setting (a value given twice, e.g. 0.01 and 0.010, or seeds -1 and "
+                    "2**64-1, which torch treats as one); give each value once",
                 )
         runs.append(SweepRun(name, values, config, base_out / name))
     return runs
 
 
 def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, ds, progress: bool) -> int:
-    """Train every run, then print the table (best test accuracy first) and write sweep.csv."""
-    results = []
+    """Train every run, then print the table (best test accuracy first) and write sweep.csv.
+    A run that diverges is reported and left (its folder keeps its last finite
+    checkpoint); the others go on, the table lists it as diverged, and the exit
+    status is then EXIT_DIVERGED."""
+    results, diverged = [], []
     for r in runs:
         if d.main:
             print(f"== run {len(results) + 1}/{len(runs)}: {r.name}")
-        s = train_run(r.config, r.out, ds, device, d, progress=progress)
-        results.append(
-            {
-                **dict(zip(keys, r.values)),
-                "test_acc": s["test_acc"],
-                "train_acc": s["final"]["train_acc"],
-                "train_loss": s["final"]["train_loss"],
-                "epoch_time_s": round(s["mean_epoch_time_s"], 2),
-                "run": str(r.out),
-            }
-        )
-    results.sort(key=lambda r: r["test_acc"], reverse=True)
+        row = dict(zip(keys, r.values))
+        try:
+            s = train_run(r.config, r.out, ds, device, d, progress=progress)
+        except Diverged as e:
+            if d.main:
+                print(diverged_message(e, r.out), file=sys.stderr, flush=True)
+            diverged.append(r.name)
+            row.update(test_acc=None, train_acc=None, train_loss=None, epoch_time_s=None, status="diverged")
+        else:
+            row.update(
+                test_acc=s["test_acc"],
+                train_acc=s["final"]["train_acc"],
+                train_loss=s["final"]["train_loss"],
+                epoch_time_s=round(s["mean_epoch_time_s"], 2),
+                status="done",
+            )
+        results.append({**row, "run": str(r.out)})
+    results.sort(key=lambda r: -1.0 if r["test_acc"] is None else r["test_acc"], reverse=True)
     if d.main:
         cols = list(results[0])
         print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
@@ -146,7 +158,9 @@ def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, 
             print(
                 "| "
                 + " | ".join(
-                    f"{r[c]:.4f}" if isinstance(r[c], float) and c.endswith(("acc", "loss")) else str(r[c])
+                    f"{r[c]:.4f}"
+                    if isinstance(r[c], float) and c.endswith(("acc", "loss"))
+                    else ("" if r[c] is None else str(r[c]))
                     for c in cols
                 )
                 + " |"
@@ -157,4 +171,6 @@ def run_sweep(runs: list[SweepRun], keys: list[str], base_out: Path, d, device, 
         w.writerows(results)
         atomic.write_text(base_out / "sweep.csv", buf.getvalue())
         print(f"\nwrote {base_out / 'sweep.csv'}")
-    return 0
+        if diverged:
+            print(f"{len(diverged)} run(s) diverged: {', '.join(diverged)}", file=sys.stderr, flush=True)
+    return EXIT_DIVERGED if diverged else 0
