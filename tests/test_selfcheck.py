@@ -27,9 +27,9 @@ def wrong_output(x, w, b, padding, pool):
     return y + bump
 
 
-class _WrongWeightGrad(torch.autograd.Function):
-    """The right forward and a grad_weight off by 0.1% (like a kernel that
-    drops a term of its reduction)."""
+class _ReferenceBlock(torch.autograd.Function):
+    """The reference forward and backward; subclasses change the grad_weight
+    the backward returns (tweak), as a broken kernel would."""
 
     @staticmethod
     def forward(ctx, x, w, b, padding, pool):
@@ -37,13 +37,21 @@ class _WrongWeightGrad(torch.autograd.Function):
         ctx.padding, ctx.pool = padding, pool
         return reference.conv_relu_maxpool2d(x, w, b, padding, pool)
 
-    @staticmethod
-    def backward(ctx, g):
+    @classmethod
+    def backward(cls, ctx, g):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
             y = reference.conv_relu_maxpool2d(*leaves, ctx.padding, ctx.pool)
             gx, gw, gb = torch.autograd.grad(y, leaves, g)
-        return gx if ctx.needs_input_grad[0] else None, gw * 1.001, gb, None, None
+        return gx if ctx.needs_input_grad[0] else None, cls.tweak(gw), gb, None, None
+
+
+class _WrongWeightGrad(_ReferenceBlock):
+    """grad_weight off by 0.1% (like a kernel that drops a term of its reduction)."""
+
+    @staticmethod
+    def tweak(gw):
+        return gw * 1.001
 
 
 def wrong_weight_grad(x, w, b, padding, pool):
@@ -104,28 +112,16 @@ def test_battery_data_make_float32_exact():
         assert torch.equal(a.double(), e)
 
 
-class _Unrepeatable(torch.autograd.Function):
-    """The right forward; each backward's grad_weight differs in its last bit
-    from the one before (like a reduction with atomics)."""
+class _Unrepeatable(_ReferenceBlock):
+    """Each backward's grad_weight differs in its last bit from the one
+    before (like a reduction with atomics)."""
 
     calls = 0
 
     @staticmethod
-    def forward(ctx, x, w, b, padding, pool):
-        ctx.save_for_backward(x, w, b)
-        ctx.padding, ctx.pool = padding, pool
-        return reference.conv_relu_maxpool2d(x, w, b, padding, pool)
-
-    @staticmethod
-    def backward(ctx, g):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-            y = reference.conv_relu_maxpool2d(*leaves, ctx.padding, ctx.pool)
-            gx, gw, gb = torch.autograd.grad(y, leaves, g)
+    def tweak(gw):
         _Unrepeatable.calls += 1
-        if _Unrepeatable.calls % 2 == 0:
-            gw = torch.nextafter(gw, torch.full_like(gw, float("inf")))
-        return gx if ctx.needs_input_grad[0] else None, gw, gb, None, None
+        return torch.nextafter(gw, torch.full_like(gw, float("inf"))) if _Unrepeatable.calls % 2 == 0 else gw
 
 
 def test_a_backward_that_does_not_repeat_bitwise_is_refused(monkeypatch, capsys):

@@ -15,29 +15,15 @@ from fmnist_app_helpers import exit_code, no_torchrun_env  # noqa: F401 (an auto
 
 import fmnist_ext
 from fmnist_ext import train
+from fmnist_ext.recipes import RECIPES
 from fmnist_ext.train.config import RunConfig
 from fmnist_ext.train.state import RunState
 from fmnist_ext.train.step import GraphedStep, graph_refusal, train_step
 
 
 def _config(kernels: str, **over) -> RunConfig:
-    base = dict(
-        recipe="baseline",
-        seed=3,
-        kernels=kernels,
-        optimizer="adam",
-        lr=0.01,
-        batch_size=16,
-        epochs=1,
-        weight_decay=0.0,
-        schedule="none",
-        label_smoothing=0.0,
-        crop_pad=0,
-        flip=False,
-        shuffle=True,
-        clean_epochs=0,
-        ema=0.0,
-    )
+    base = dict(recipe="baseline", seed=3, kernels=kernels, **RECIPES["baseline"])
+    base.update(batch_size=16, epochs=1)
     return RunConfig(**{**base, **over})
 
 
