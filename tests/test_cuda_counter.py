@@ -35,8 +35,6 @@ EXPECTED = [
 
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory):
-    if driver.find_compiler() is None:
-        pytest.fail("the counter needs a C++20 compiler (g++; set CXX)")
     exe = driver.build_counter(tmp_path_factory.mktemp("counter"), driver.HERE / "count_selftest.cpp")
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -96,9 +96,10 @@ COUNTER_FLAGS = [
 def build_counter(out_dir: Path, src: Path | None = None) -> Path:
     """Compiles the counting harness (harness.cpp, or `src`: count_selftest.cpp)
     with counter.cpp; returns the executable."""
-    cxx = find_compiler()
+    # GCC's --param spelling of the flags (clang takes them as -mllvm options).
+    cxx = os.environ.get("CXX") if "g++" in os.path.basename(os.environ.get("CXX", "")) else shutil.which("g++")
     if cxx is None:
-        raise FileNotFoundError("no C++ compiler (g++/clang++) on PATH; set CXX")
+        raise FileNotFoundError("the counting build needs g++ (COUNTER_FLAGS are GCC's); none on PATH")
     src = src or HERE / "harness.cpp"
     exe = out_dir / f"{src.stem}_count"
     obj = out_dir / "counter.o"
