@@ -182,6 +182,8 @@ FMNIST_HD void load_vec(const T* p, T (&v)[N]) {
 #pragma unroll
     for (int k = 0; k < N; ++k) v[k] = p[k];
   }
+#elif defined(FMNIST_EMU_LOAD_VEC)
+  FMNIST_EMU_LOAD_VEC(p, v);  // the counting harness: one access per GPU vector load
 #else
   for (int k = 0; k < N; ++k) v[k] = p[k];
 #endif

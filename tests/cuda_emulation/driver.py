@@ -81,6 +81,40 @@ def build_all(
     return {san: exe for san, (exe, _, _) in jobs.items()}
 
 
+# The counting build (counter.h): GCC's kernel-address instrumentation with
+# every check an outlined call (counter.cpp defines the calls), no stack or
+# global-variable checks; -O2 without vectorisation, close to what the GPU
+# compiler keeps in registers (the GPU has no SIMD within a thread).
+COUNTER_FLAGS = [
+    "-fsanitize=kernel-address",
+    "--param=asan-instrumentation-with-call-threshold=0",
+    "--param=asan-stack=0",
+    "--param=asan-globals=0",
+]
+
+
+def build_counter(out_dir: Path, src: Path | None = None) -> Path:
+    """Compiles the counting harness (harness.cpp, or `src`: count_selftest.cpp)
+    with counter.cpp; returns the executable."""
+    # GCC's --param spelling of the flags (clang takes them as -mllvm options).
+    cxx = os.environ.get("CXX") if "g++" in os.path.basename(os.environ.get("CXX", "")) else shutil.which("g++")
+    if cxx is None:
+        raise FileNotFoundError("the counting build needs g++ (COUNTER_FLAGS are GCC's); none on PATH")
+    src = src or HERE / "harness.cpp"
+    exe = out_dir / f"{src.stem}_count"
+    obj = out_dir / "counter.o"
+    common = ["-std=c++20", "-O2", "-fno-tree-vectorize", "-DFMNIST_EMU_COUNT", f"-I{CSRC}", f"-I{HERE}"]
+    cmds = [
+        [cxx, *common, "-c", str(HERE / "counter.cpp"), "-o", str(obj)],
+        [cxx, *common, *COUNTER_FLAGS, "-rdynamic", str(src), str(obj), "-o", str(exe), "-pthread", "-ldl"],
+    ]
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"counter build failed ({' '.join(cmd)}):\n{r.stdout}{r.stderr}")
+    return exe
+
+
 def write_tensor(path: Path, t: torch.Tensor) -> None:
     t = t.detach()
     if t.numel() == 0:

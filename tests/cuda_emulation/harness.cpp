@@ -15,7 +15,9 @@
 // as DIR/NAME.out, .ind (fwd) or .gi, .gw, .gb (bwd), contiguous, the
 // kernels launched (grid, threads, shared memory, name) to DIR/NAME.launches
 // and the launch plans of the call (plan.h's, for the SM count the op used)
-// to DIR/NAME.plan, one "kernel key=value..." line per plan.
+// to DIR/NAME.plan, one "kernel key=value..." line per plan. The counting
+// build (FMNIST_EMU_COUNT, counter.h) also writes DIR/NAME.counts: per
+// launch, its warp-level counts.
 #include "shim.h"  // first: the CUDA stand-ins
 
 #include <cxxabi.h>
@@ -76,6 +78,7 @@ HostTensor alloc(const std::vector<int64_t>& sizes, size_t elem, int fill) {
   const size_t bytes = static_cast<size_t>(t.numel()) * elem;
   t.data.reset(new unsigned char[bytes]);
   std::memset(t.data.get(), fill, bytes);
+  FMNIST_EMU_HOOK(fmnist_emu::count::register_global(t.data.get(), bytes));
   return t;
 }
 
@@ -96,7 +99,8 @@ struct HostBackend {
   int sms = 1;
   uint64_t seed = 0;
   int launches = 0;
-  std::string log;  // one line per launch: grid.x grid.y threads smem kernel
+  std::string log;     // one line per launch: grid.x grid.y threads smem kernel
+  std::string counts;  // the counting build: one line per launch, counter.cpp's
 
   // Uninitialised memory is 0x7F bytes: a kernel that leaves an element of
   // an `empty` output unwritten shows up as a huge value.
@@ -140,6 +144,10 @@ struct HostBackend {
            "\n";
     fmnist_emu::run_grid(grid, static_cast<unsigned>(threads), smem, seed * 1000 + launches,
                          [&] { kernel(args...); });
+    FMNIST_EMU_HOOK(counts +=
+                    fmnist_emu::count::end_launch() + " threads=" + std::to_string(threads) +
+                    " smem=" + std::to_string(smem) +
+                    " kernel=" + symbol_name(reinterpret_cast<const void*>(kernel)) + "\n");
   }
 };
 
@@ -161,6 +169,7 @@ HostTensor read_tensor(const std::string& path) {
   t.elem = static_cast<size_t>(get());
   const int64_t bytes = get();
   t.data.reset(new unsigned char[bytes]);
+  FMNIST_EMU_HOOK(fmnist_emu::count::register_global(t.data.get(), static_cast<size_t>(bytes)));
   f.read(reinterpret_cast<char*>(t.data.get()), bytes);
   if (!f) throw std::runtime_error("truncated " + path);
   return t;
@@ -245,6 +254,7 @@ void run_case(const std::string& base, std::map<std::string, std::vector<std::st
     write_tensor(base + ".gb", gb);
   }
   std::ofstream(base + ".launches") << be.log;
+  FMNIST_EMU_HOOK(std::ofstream(base + ".counts") << be.counts);
   write_plans(base + ".plan", g, sizeof(T), plan_sm_count(be), m.at("op").at(0) == "fwd");
 }
 

@@ -11,6 +11,10 @@
 //     values, never a valid offset), so AddressSanitizer reports any access
 //     past it and a read of an unwritten element shows in the results;
 //   * blocks run one after another in a shuffled order (seeded).
+//   * FMNIST_EMU_COUNT (the counting build, driver.build_counter): every
+//     kernel thread reports its block's shared memory, barriers and vector
+//     loads to counter.h's counter, which counts warp-level shared-memory
+//     wavefronts, global sectors and barriers per launch.
 // Not emulated, because the kernels do not use them: static __shared__,
 // atomics, warp intrinsics (__shfl*, __ldg, ...), cooperative groups. Using
 // one fails to compile here.
@@ -50,7 +54,27 @@ inline thread_local std::barrier<>* tl_sync = nullptr;
 inline thread_local unsigned char* tl_smem = nullptr;
 }  // namespace fmnist_emu
 
-inline void __syncthreads() { fmnist_emu::tl_sync->arrive_and_wait(); }
+#if defined(FMNIST_EMU_COUNT)
+#include "counter.h"
+#define FMNIST_EMU_HOOK(call) call
+namespace fmnist_emu {
+// kernels.cuh's load_vec on the host: one counted access per GPU vector load
+// (16 bytes when the GPU loads float4 / double2, else one per element).
+template <typename T, int N>
+inline void counted_load_vec(const T* p, T (&v)[N]) {
+  constexpr bool vec = (sizeof(T) == 4 && N % 4 == 0) || (sizeof(T) == 8 && N % 2 == 0);
+  count::vector_load(p, v, sizeof(T) * N, vec ? 16 : sizeof(T));
+}
+}  // namespace fmnist_emu
+#define FMNIST_EMU_LOAD_VEC(p, v) ::fmnist_emu::counted_load_vec(p, v)
+#else
+#define FMNIST_EMU_HOOK(call)
+#endif
+
+inline void __syncthreads() {
+  FMNIST_EMU_HOOK(fmnist_emu::count::barrier());
+  fmnist_emu::tl_sync->arrive_and_wait();
+}
 
 #define FMNIST_DYNAMIC_SMEM(name) unsigned char* const name = ::fmnist_emu::tl_smem
 
@@ -132,7 +156,11 @@ void run_grid(dim3 grid, unsigned threads, size_t smem_bytes, uint64_t seed, con
   std::shuffle(order.begin(), order.end(), std::mt19937_64(seed));
 
   std::unique_ptr<unsigned char[]> smem;
+  FMNIST_EMU_HOOK(count::begin_launch(threads, smem_bytes));
+  // (The completion step after each block ends it for the counter.)
+  FMNIST_EMU_HOOK(bool started = false;)
   auto fresh_smem = [&]() noexcept {
+    FMNIST_EMU_HOOK(if (started) count::end_block(); started = true;)
     smem.reset(smem_bytes > 0 ? new unsigned char[smem_bytes] : nullptr);
     if (smem_bytes > 0) std::memset(smem.get(), 0x7F, smem_bytes);
   };
@@ -149,7 +177,9 @@ void run_grid(dim3 grid, unsigned threads, size_t smem_bytes, uint64_t seed, con
     for (const dim3& b : order) {
       blockIdx = b;
       tl_smem = smem.get();
+      FMNIST_EMU_HOOK(count::begin_thread(t, tl_smem));
       body();
+      FMNIST_EMU_HOOK(count::end_thread());
       block_done.arrive_and_wait();
     }
   });
