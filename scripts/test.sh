@@ -30,8 +30,9 @@ fi
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
 "$py" -m pip install -q --no-build-isolation -C build-dir="build/torch-$torch_version" ".[test]"
 
+# With no test files named, pytest collects the current folder (tests/).
 # Run from tests/ so that `import fmnist_ext` finds the installed package (with
 # its compiled library), not the source folder.
 cd tests
 "$py" -m fmnist_ext.info
-FMNIST_REQUIRE_COMPILED=1 "$py" -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -ra "$@" .
+FMNIST_REQUIRE_COMPILED=1 "$py" -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -ra "$@"
