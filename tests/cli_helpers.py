@@ -62,3 +62,28 @@ def popen_with_sigint(cmd: list[str], **kwargs) -> subprocess.Popen:
     ignored; Python then installs no KeyboardInterrupt handler and the signal
     would never arrive. The child restores the default disposition itself."""
     return subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def signal_while_loading(module: str, argv: list[str], sig: int) -> tuple[int, str]:
+    """Run fmnist_ext.<module>'s main(argv) in a child whose data.load blocks;
+    once loading has begun, send it `sig` (its default disposition restored,
+    as popen_with_sigint does); return (exit code, stderr)."""
+    code = (
+        f"import sys, time; from fmnist_ext import data, {module}\n"
+        "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
+        f"data.load = slow\nsys.exit({module}.main(sys.argv[1:]))\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
+    )
+    try:
+        assert p.stdout.readline().strip() == "loading"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    return p.returncode, err

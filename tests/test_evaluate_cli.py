@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from cli_helpers import (
     assert_quiet,
     closed_pipe_run,
     one_error_line,
-    popen_with_sigint,
+    signal_while_loading,
     t10k_only_folder,
     untrained_checkpoint,
 )
@@ -70,24 +68,8 @@ def test_evaluate_ctrl_c_while_loading_is_exit_130(ckpt, monkeypatch, capsys):
 
 def test_evaluate_real_sigint_while_loading(ckpt, tmp_path):
     # A real Ctrl-C (SIGINT) in another process, while data.load is running.
-    code = (
-        "import sys, time; from fmnist_ext import data, evaluate\n"
-        "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
-        "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n"
-    )
-    p = popen_with_sigint(
-        [sys.executable, "-c", code, str(ckpt), "--no-download"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert p.stdout.readline().strip() == "loading"
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == 130, err
+    rc, err = signal_while_loading("evaluate", [str(ckpt), "--no-download"], signal.SIGINT)
+    assert rc == 130, err
     assert err.strip().splitlines() == ["python -m fmnist_ext.evaluate: interrupted"], err
 
 

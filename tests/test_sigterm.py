@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from cli_helpers import untrained_checkpoint
+from cli_helpers import signal_while_loading, untrained_checkpoint
 from fmnist_app_helpers import exit_code, no_torchrun_env, write_dataset  # noqa: F401  (fixture)
 
 from fmnist_ext import checkpoint, train
@@ -64,37 +64,15 @@ def test_sigterm_during_training_saves_and_resume_finishes(syn, tmp_path):
 
 def test_sigterm_while_evaluate_loads_is_one_line(tmp_path):
     ckpt = untrained_checkpoint(tmp_path / "ckpt.pt")
-    code = (
-        "import sys, time; from fmnist_ext import data, evaluate\n"
-        "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
-        "data.load = slow\nsys.exit(evaluate.main(sys.argv[1:]))\n"
-    )
-    p = _popen([sys.executable, "-c", code, str(ckpt), "--no-download"])
-    try:
-        assert p.stdout.readline().strip() == "loading"
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == EXIT_TERMINATED, err
+    rc, err = signal_while_loading("evaluate", [str(ckpt), "--no-download"], signal.SIGTERM)
+    assert rc == EXIT_TERMINATED, err
     assert err.strip().splitlines() == ["python -m fmnist_ext.evaluate: terminated"], err
 
 
 def test_sigterm_while_train_loads_leaves_nothing(syn, tmp_path):
     out = tmp_path / "run"
-    code = (
-        "import sys, time; from fmnist_ext import data, train\n"
-        "def slow(*a, **k):\n    print('loading', flush=True); time.sleep(60)\n"
-        "data.load = slow\nsys.exit(train.main(sys.argv[1:]))\n"
-    )
-    p = _popen([sys.executable, "-c", code, "--data-dir", str(syn), *SYN, "--out", str(out)])
-    try:
-        assert p.stdout.readline().strip() == "loading"
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == EXIT_TERMINATED, err
+    rc, err = signal_while_loading("train", ["--data-dir", str(syn), *SYN, "--out", str(out)], signal.SIGTERM)
+    assert rc == EXIT_TERMINATED, err
     assert "terminated before training started; nothing was trained or saved" in err and "Traceback" not in err
     assert not out.exists()
 
