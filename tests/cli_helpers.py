@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from fmnist_app_helpers import write_dataset
 
-from fmnist_ext import checkpoint, idxfiles
+from fmnist_ext import checkpoint
+from fmnist_ext.data import idx as idxfiles
 from fmnist_ext.model import FashionCNN
 
 NO_NET = ["--no-verify", "--no-download"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_ext import data, idxfiles
+from fmnist_ext import data
+from fmnist_ext.data import idx as idxfiles
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

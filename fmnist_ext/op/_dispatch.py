@@ -1,4 +1,4 @@
-"""Helpers the ops' Autograd kernels share (_autograd.py, moments.py): whether
+"""Helpers the ops' Autograd kernels share (fused_conv.py, moments.py): whether
 a call needs autodiff, and the redispatch below the Autograd key when it
 does not. Imports only torch, so it loads with or without the compiled
 library."""
