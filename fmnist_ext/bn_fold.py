@@ -22,7 +22,7 @@ is one stock makes too, and its error obeys the same bound: for the logits
 and every gradient, |Q_float32 - Q_float64| <= 4 * spread(Q), spread being
 how far the float64 step moves when every value it computes is moved by u
 (= 2**-24) times its sum of |terms| (tests/rounding_bounds.py derives it;
-tests/test_bn_fold.py checks it, on plain data and on a mean of 250 std).
+tests/app/test_bn_fold.py checks it, on plain data and on a mean of 250 std).
 The price is one elementwise pass over h (and its gradient's sum).
 
 What it saves: nn.BatchNorm2d's forward and backward over the full

@@ -1,5 +1,5 @@
 """IDX reading and checking, the lookup order, the atomic download, the real
-files: the data layer (data.py, idxfiles.py, download.py) in one file,
+files: the data layer (data.py, idx.py, download.py) in one file,
 slightly over 400 lines, since its tests share the synthetic-file fixtures."""
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 from fmnist_app_helpers import real_data_dir, synthetic, write_dataset, write_idx
 
 from fmnist_ext import data
-from fmnist_ext.data import download
-from fmnist_ext.data import idx as idxfiles
+from fmnist_ext.data import download, idx
 
 
 @pytest.fixture
@@ -40,8 +39,8 @@ def test_idx_round_trip(tmp_path, suffix):
     write_idx(tmp_path / f"img{suffix}", images)
     write_idx(tmp_path / f"lab{suffix}", labels)
     assert (tmp_path / f"img{suffix}").read_bytes()[:2] == (b"\x1f\x8b" if suffix else b"\x00\x00")
-    got_i = idxfiles.read_idx(tmp_path / f"img{suffix}", "images")
-    got_l = idxfiles.read_idx(tmp_path / f"lab{suffix}", "labels")
+    got_i = idx.read_idx(tmp_path / f"img{suffix}", "images")
+    got_l = idx.read_idx(tmp_path / f"lab{suffix}", "labels")
     assert got_i.dtype == torch.uint8 and got_i.shape == (37, 28, 28)
     assert torch.equal(got_i, images) and torch.equal(got_l, labels)
 
@@ -49,10 +48,10 @@ def test_idx_round_trip(tmp_path, suffix):
 def test_gzip_detected_by_content_not_name(tmp_path):
     images, _ = synthetic(3)
     write_idx(tmp_path / "noext", images, compress=True)
-    assert torch.equal(idxfiles.read_idx(tmp_path / "noext", "images"), images)
+    assert torch.equal(idx.read_idx(tmp_path / "noext", "images"), images)
 
 
-def _images_bytes(n=4, rows=28, cols=28, magic=idxfiles.IMAGES_MAGIC, extra=0):
+def _images_bytes(n=4, rows=28, cols=28, magic=idx.IMAGES_MAGIC, extra=0):
     return struct.pack(">IIII", magic, n, rows, cols) + bytes(n * rows * cols + extra)
 
 
@@ -60,13 +59,13 @@ def _images_bytes(n=4, rows=28, cols=28, magic=idxfiles.IMAGES_MAGIC, extra=0):
     "payload, kind, message",
     [
         (_images_bytes(magic=0x00000801), "images", "wrong magic"),
-        (struct.pack(">II", idxfiles.IMAGES_MAGIC, 4), "labels", "wrong magic"),
+        (struct.pack(">II", idx.IMAGES_MAGIC, 4), "labels", "wrong magic"),
         (_images_bytes()[:-1], "images", "truncated"),
         (_images_bytes()[:10], "images", "truncated header"),
         (_images_bytes(extra=5), "images", "unexpected bytes"),
         (_images_bytes(rows=27), "images", "27x28"),
-        (struct.pack(">II", idxfiles.LABELS_MAGIC, 3) + bytes([1, 10, 2]), "labels", "label 10 at index 1"),
-        (struct.pack(">II", idxfiles.LABELS_MAGIC, 3) + bytes([1, 2]), "labels", "truncated"),
+        (struct.pack(">II", idx.LABELS_MAGIC, 3) + bytes([1, 10, 2]), "labels", "label 10 at index 1"),
+        (struct.pack(">II", idx.LABELS_MAGIC, 3) + bytes([1, 2]), "labels", "truncated"),
         (b"\x00\x00", "labels", "too short"),
     ],
 )
@@ -74,26 +73,26 @@ def test_bad_idx_refused_naming_file(tmp_path, payload, kind, message):
     path = tmp_path / "bad-file"
     path.write_bytes(payload)
     with pytest.raises(data.DataError, match=message) as e:
-        idxfiles.read_idx(path, kind)
+        idx.read_idx(path, kind)
     assert str(path) in str(e.value)
     # the same inside a gzip
     gz = tmp_path / "bad-file.gz"
     gz.write_bytes(gzip.compress(payload))
     with pytest.raises(data.DataError, match=message):
-        idxfiles.read_idx(gz, kind)
+        idx.read_idx(gz, kind)
 
 
 def test_truncated_gzip_refused(tmp_path):
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(_images_bytes())[:-20])
     with pytest.raises(data.DataError, match="corrupt or truncated gzip"):
-        idxfiles.read_idx(path, "images")
+        idx.read_idx(path, "images")
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):
     write_dataset(tmp_path, n_train=50, n_test=20)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", synthetic(19)[1])
-    paths, missing = idxfiles.files_in(tmp_path)
+    paths, missing = idx.files_in(tmp_path)
     assert not missing
     with pytest.raises(data.DataError, match=r"20 images but .* 19 labels"):
         data.load_split(paths, "test", verify=False)
@@ -101,17 +100,17 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
 
 def test_checksum_verification_on_decompressed_bytes(tmp_path):
     write_dataset(tmp_path, n_train=50, n_test=20)
-    paths, _ = idxfiles.files_in(tmp_path)
+    paths, _ = idx.files_in(tmp_path)
     with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: .*47040016"):
         data.load_split(paths, "train", verify=True)
     # right size, wrong content -> checksum mismatch
-    f = idxfiles.IdxFile("x", "x", "labels", "", hashlib.md5(b"other").hexdigest(), 28, 20)
+    f = idx.IdxFile("x", "x", "labels", "", hashlib.md5(b"other").hexdigest(), 28, 20)
     lab = tmp_path / "lab"
     write_idx(lab, synthetic(20)[1])
     with pytest.raises(data.DataError, match="checksum mismatch"):
-        idxfiles.read_idx(lab, "labels", verify=f)
-    good = idxfiles.IdxFile("x", "x", "labels", "", hashlib.md5(lab.read_bytes()).hexdigest(), 28, 20)
-    assert idxfiles.read_idx(lab, "labels", verify=good).shape == (20,)
+        idx.read_idx(lab, "labels", verify=f)
+    good = idx.IdxFile("x", "x", "labels", "", hashlib.md5(lab.read_bytes()).hexdigest(), 28, 20)
+    assert idx.read_idx(lab, "labels", verify=good).shape == (20,)
 
 
 # ------------------------------------------------------------------ lookup order
@@ -208,11 +207,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_download_all_atomic_and_checked(server, tmp_path):
     base, files = server
-    md5s = {k: hashlib.md5(files[f.name + ".gz"]).hexdigest() for k, f in idxfiles.FILES.items()}
+    md5s = {k: hashlib.md5(files[f.name + ".gz"]).hexdigest() for k, f in idx.FILES.items()}
     dest = tmp_path / "dl"
     paths = download.download_all(dest, base + "/ok/", md5s=md5s, progress=False)
-    assert _leftovers(dest) == sorted(f.name + ".gz" for f in idxfiles.FILES.values())
-    assert all(paths[k].read_bytes() == files[f.name + ".gz"] for k, f in idxfiles.FILES.items())
+    assert _leftovers(dest) == sorted(f.name + ".gz" for f in idx.FILES.values())
+    assert all(paths[k].read_bytes() == files[f.name + ".gz"] for k, f in idx.FILES.items())
     ds = data.load_split(paths, "train", verify=False)
     assert len(ds) == 600
 
@@ -323,8 +322,8 @@ def test_load_says_which_folder_it_used(isolated, monkeypatch):
 
 def _test_files_only(folder: Path) -> Path:
     write_dataset(folder)
-    for key in idxfiles.SPLITS["train"]:
-        (folder / (idxfiles.FILES[key].name + ".gz")).unlink()
+    for key in idx.SPLITS["train"]:
+        (folder / (idx.FILES[key].name + ".gz")).unlink()
     return folder
 
 
@@ -349,9 +348,9 @@ def test_test_split_needs_only_the_test_files(isolated, monkeypatch):
 
 def test_unknown_or_no_split_is_refused():
     with pytest.raises(ValueError, match="split must be one of"):
-        idxfiles.keys_for(("validation",))
+        idx.keys_for(("validation",))
     with pytest.raises(ValueError, match="at least one"):
-        idxfiles.keys_for(())
+        idx.keys_for(())
 
 
 # ------------------------------------------------------------------ decompression bombs
@@ -382,13 +381,13 @@ def _peak_mb(fn) -> float:
 def test_gzip_bomb_refused_without_decompressing_it(tmp_path, verify):
     # 200 MB of zeros behind a header announcing the official t10k labels (10,008 bytes): ~200 KB on disk.
     bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
-    _write_bomb(bomb, struct.pack(">II", idxfiles.LABELS_MAGIC, 10_000), 200 << 20)
+    _write_bomb(bomb, struct.pack(">II", idx.LABELS_MAGIC, 10_000), 200 << 20)
     assert bomb.stat().st_size < 2 << 20
     errors = []
 
     def read():
         try:
-            idxfiles.read_idx(bomb, "labels", idxfiles.FILES["t10k-labels"] if verify else None)
+            idx.read_idx(bomb, "labels", idx.FILES["t10k-labels"] if verify else None)
         except data.DataError as e:
             errors.append(str(e))
 
@@ -400,7 +399,7 @@ def test_gzip_bomb_refused_without_decompressing_it(tmp_path, verify):
 def test_gzip_bomb_in_the_data_folder_is_refused_by_load(isolated):
     folder = _test_files_only(isolated / "d")
     images = folder / "t10k-images-idx3-ubyte.gz"
-    _write_bomb(images, struct.pack(">IIII", idxfiles.IMAGES_MAGIC, 10_000, 28, 28), 200 << 20)
+    _write_bomb(images, struct.pack(">IIII", idx.IMAGES_MAGIC, 10_000, 28, 28), 200 << 20)
     errors = []
 
     def load():
@@ -417,13 +416,13 @@ def test_gzip_bomb_in_the_data_folder_is_refused_by_load(isolated):
 def test_oversized_raw_file_not_read_whole(tmp_path):
     path = tmp_path / "labels"
     with open(path, "wb") as f:
-        f.write(struct.pack(">II", idxfiles.LABELS_MAGIC, 4) + bytes(4))
+        f.write(struct.pack(">II", idx.LABELS_MAGIC, 4) + bytes(4))
         f.truncate(64 << 20)  # sparse: 64 MB the header does not announce
     errors = []
 
     def read():
         try:
-            idxfiles.read_idx(path, "labels")
+            idx.read_idx(path, "labels")
         except data.DataError as e:
             errors.append(str(e))
 

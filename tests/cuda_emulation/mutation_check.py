@@ -8,7 +8,7 @@ summing grad_weight in block order as the atomics before the fix did, the
 old winner-index rule, the old SM-count cache, and the boundary mutations:
 each bound at the end of a batch, chunk, slice set or pool row loosened by
 one, or a plan that drops a partly filled last block or chunk), runs
-the harness tests of tests/test_cuda.py against the copy, and reports whether
+the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
 half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 35
 minutes for all 27).
@@ -308,7 +308,7 @@ def run_one(name, edits, sanitizer):
             "no:cacheprovider",
             "-x",
             "-q",
-            "test_cuda.py",
+            "op/test_cuda.py",
             "-k",
             "harness",
         ]
