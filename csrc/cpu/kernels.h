@@ -24,7 +24,8 @@
 //   backward_lists.h    which windows pass a gradient: winner lists, masked
 //                       gradients (grad_bias), window decodes
 //   backward_kernels.h  grad_weight and grad_input of one channel's winners
-//   backward.h          backward_images
+//   backward_plan.h     the backward's path and buffers, chosen once per call
+//   backward.h          backward_images, executing the plan
 // Memory traffic: the forward reads the input once and writes out + indices
 // once; the backward reads input, grad_out and indices once and writes
 // grad_input once. Everything else (image copies, rearranged weights,
