@@ -1,7 +1,7 @@
 """grad_weight of a block with several input channels, on every CPU kernel build.
 
 The CPU kernels compute it with the input channels in the vector lanes
-(kernels_impl.h, weight_grad_cl) when a filter row of the channels-last input
+(backward_kernels.h, weight_grad_cl) when a filter row of the channels-last input
 (kw pixels x cin padded to whole vectors) is 1, 2, 3, 4, 5, 6 or 10 vectors,
 and otherwise over planar filter rows. These cases hit every such width in
 float32 and float64 (8 and 4 lanes), the fallback, and each output mask that

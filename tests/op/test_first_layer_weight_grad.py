@@ -2,7 +2,7 @@
 the model's block 1), on every CPU kernel build.
 
 The CPU kernels compute grad_weight and grad_bias of such a block straight
-from the saved indices (kernels_impl.h, weight_grad_cells) when a filter row
+from the saved indices (backward_kernels.h, weight_grad_cells) when a filter row
 fits one vector and kh <= 8; otherwise, and whenever grad_input is asked for,
 they go through a list of the winners. The main grid (test_conv_relu_maxpool2d.py) asks for
 grad_input, so these cases are here: against stock, and against the winner
