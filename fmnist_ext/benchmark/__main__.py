@@ -1,7 +1,264 @@
-"""`python -m fmnist_ext.benchmark ...`: the benchmark's command line (cli.py)."""
+"""The benchmark's command line: `python -m fmnist_ext.benchmark`, `python python/benchmark.py`,
+`fmnist-benchmark`. Every bad argument is a one-line error (exit 2) before anything is
+timed, so a long run cannot end with its results unwritable; the files are written
+atomically, and before stdout, so `... | head` closing the pipe loses none."""
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+import time
+import traceback
+from pathlib import Path
 
-from .cli import main
+import torch
 
-sys.exit(main())
+from .. import atomic
+from . import blocks, report, whole_model
+from .measure import (
+    ATOL_SCALE,
+    RTOL,
+    STOCK_ERROR_FACTOR,
+    ceilings,
+    cli,
+    clock,
+    cold_compiles,
+    first_line,
+    fp32_means_fp32,
+    loadavg,
+    machine,
+)
+
+SCHEMA = "fmnist_ext.benchmark/3"
+BATCH_SIZES = {"cpu": [1, 64, 256, 1000, 4096], "cuda": [1, 64, 256, 1000, 4096, 10000], "quick": [1, 64]}
+QUICK_IMPLS = ["fused", "stock", "inference"]  # with --quick, unless --impls says otherwise
+ALL_IMPLS = list(dict.fromkeys([*blocks.IMPLS, *whole_model.TRAIN, *whole_model.INFER]))
+MAX_BATCH = 100_000  # a block's input is 0.3 GB there; far beyond it is an allocation failure, not a figure
+OUTPUTS = ("json", "png", "markdown")
+
+
+def _list(kind, choices=None):
+    """An argparse type: comma-separated values of `kind`, each one of `choices` if given, none twice."""
+
+    def parse(text: str) -> list:
+        try:
+            vals = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+        bad = [v for v in vals if choices is not None and v not in choices]
+        if bad or not vals or len(set(vals)) < len(vals):
+            what = f"unknown {','.join(map(str, bad))}" if bad else "empty or repeated"
+            raise argparse.ArgumentTypeError(f"{what} in {text!r}; choose from {','.join(map(str, choices or []))}")
+        return vals
+
+    return parse
+
+
+def _batch(text: str) -> int:
+    v = cli.positive_int(text)
+    if v > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_BATCH}, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.OneLineErrorParser(
+        prog="fmnist-benchmark",
+        description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch and torch.compile: per conv "
+        "block of the seed CNN (passes and batch sizes, interleaved in one process), then the whole model "
+        "(training step and epoch, eval inference; each implementation in its own process). Every "
+        "implementation is checked against stock on the timed inputs first and refused if it differs.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where everything runs (default cpu)")
+    p.add_argument("--threads", type=cli.thread_count, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: batch 1,64, no torch.compile, short timings, "
+        "whole model at batch 256 with a 3-step epoch, one round, default allocator (explicit flags win)",
+    )
+    p.add_argument(
+        "--impls",
+        type=_list(str, ALL_IMPLS),
+        default=None,
+        help="comma-separated from "
+        f"{','.join(ALL_IMPLS)}; each section times those it has, and stock (default: all; --quick: "
+        f"{','.join(QUICK_IMPLS)})",
+    )
+    p.add_argument("--blocks", type=_list(int, list(blocks.BLOCKS)), default=[1, 2], help="conv blocks (default 1,2)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_list(_batch),
+        default=None,
+        help="per-block batch sizes (default 1,64,256,1000,4096; cuda: also 10000)",
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=cli.positive_float,
+        default=None,
+        help="per-block seconds of timing per implementation and row (default 1; --quick 0.05)",
+    )
+    p.add_argument("--no-blocks", action="store_true", help="skip the per-block rows")
+    p.add_argument("--no-model", action="store_true", help="skip the whole model")
+    p.add_argument("--rounds", type=cli.positive_int, default=None, help="whole model: rounds (default 2; --quick 1)")
+    p.add_argument(
+        "--allocators",
+        type=_list(str, list(whole_model.ALLOCATORS)),
+        default=None,
+        help="whole model: glibc malloc settings (default: default,tuned on cpu; default on cuda "
+        "and with --quick; tuned = " + " ".join(f"{k}={v}" for k, v in whole_model.ALLOCATORS["tuned"].items()) + ")",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the markdown report here (also printed)")
+    p.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        help="write the per-block speedup chart here (format from the extension: png, svg, pdf, ...)",
+    )
+    return p
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks argparse's types cannot make, before any timing (one line, exit 2)."""
+    try:
+        cli.check_outputs({f"--{name}": getattr(args, name) for name in OUTPUTS}, figures=("--png",))
+    except cli.OutputError as e:
+        cli.fail(parser, str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        cli.fail(parser, "argument --device: cuda requested but torch sees no CUDA device")
+    if args.no_blocks and args.no_model:
+        cli.fail(parser, "argument --no-model: not allowed with --no-blocks (nothing would be timed)")
+    if args.no_blocks and args.png:
+        cli.fail(parser, "argument --png: the chart is of the per-block rows, which --no-blocks skips")
+    if not args.no_model:
+        not_here = [a for a in args.allocators or () if a not in whole_model.DEVICE_ALLOCATORS[args.device]]
+        if not_here:
+            cli.fail(
+                parser,
+                f"argument --allocators: {','.join(not_here)} changes glibc's malloc, which holds no "
+                f"{args.device} tensors",
+            )
+        refusal = whole_model.device_refusal(args.device)
+        if refusal:
+            cli.fail(parser, f"argument --device: {refusal} (--no-model times the per-block rows only)")
+
+
+def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dict:
+    """Everything `args` asks for, as the report (a JSON-able dict); progress lines to `log` (stderr)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start, device = time.perf_counter(), torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    fp32_means_fp32(device)
+    torch.manual_seed(0)
+    impls = args.impls or (QUICK_IMPLS if args.quick else ALL_IMPLS)
+    block_impls = [n for n in blocks.IMPLS if n in ("stock", *impls)]
+    cfg = {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "impls": block_impls,
+        "blocks": [] if args.no_blocks else args.blocks,
+        "batch_sizes": args.batch_sizes or BATCH_SIZES["quick" if args.quick else device.type],
+        "passes": blocks.PASSES,
+        "blocks_spec": {b: blocks.BLOCKS[b].describe() for b in args.blocks},
+        "min_run_time_s": args.min_run_time or (0.05 if args.quick else 1.0),
+        "rounds": blocks.ROUNDS,
+        "timing": "torch.utils.benchmark blocked_autorange, implementations interleaved in rounds, order rotated; "
+        "median over all rounds",
+        "correctness_gate": f"elementwise |impl - ref| <= max({ATOL_SCALE:g} * max|ref|, {STOCK_ERROR_FACTOR:g} * "
+        f"stock's own max error) + {RTOL:g} * |ref|, ref = stock in float64, for the output and every gradient "
+        "(whole model: loss and gradients, or logits), on the timed inputs, before timing",
+        "flop_convention": "forward F = 2*Cout*Hconv*Wconv*Cin*k*k per image; fwd = F, fwd+bwd = 2F, fwd+bwd+dx = 3F",
+        "bytes_convention": "forward: read input, weight, bias, write pooled output; backward: read grad_output, "
+        "input, weight, write grad_weight, grad_bias (+ grad_input); saved tensors not counted",
+    }
+    desc = machine(device, cfg["threads"], repo_dir)
+    log(
+        f"fmnist-benchmark: {device.type}, {cfg['threads']} threads, {','.join(impls)}{', quick' if args.quick else ''}"
+    )
+    log("measuring the machine's ceilings (sgemm, copy) ...")
+    rows: list[dict] = []
+    out = {
+        "schema": SCHEMA,
+        "config": cfg,
+        "machine": desc,
+        "ceilings": ceilings(device, cfg["threads"], args.quick),
+        "rows": rows,
+        "whole_model": None,
+    }
+    with cold_compiles():
+        failed: dict[str, str] = {}
+        if "compile" in block_impls and cfg["blocks"]:
+            try:  # one-time start-up (imports, toolchain checks), not charged to the first row
+                t0 = clock(device)
+                torch.compile(lambda v: torch.relu(v * 2.0) + 1.0, dynamic=False)(torch.randn(8, device=device))
+                cfg["compile_startup_s"] = clock(device) - t0
+            except Exception as exc:
+                failed["compile"] = first_line(exc)
+        blocks.bench_rows(
+            cfg["blocks"],
+            cfg["batch_sizes"],
+            block_impls,
+            device,
+            cfg["threads"],
+            cfg["min_run_time_s"],
+            out["ceilings"],
+            failed,
+            rows,
+            log,
+        )
+    if not args.no_model:
+        log("whole model, one process per implementation ...")
+        try:
+            out["whole_model"] = whole_model.run_section(
+                device.type, args.quick, impls, args.allocators, args.rounds, cfg["threads"], log
+            )
+        except Exception as exc:  # the per-block rows measured so far stay
+            traceback.print_exc()
+            out["whole_model"] = {"skipped": first_line(exc)}
+    desc["loadavg_at_end"] = loadavg()
+    out["duration_s"] = time.perf_counter() - t_start
+    return out
+
+
+def write_outputs(args: argparse.Namespace, rep: dict, md: str) -> list[str]:
+    """Write the requested files atomically, the JSON first (it holds everything); the
+    one-line errors of those that failed."""
+    writers = {
+        "json": lambda path: atomic.write_text(path, json.dumps(rep, indent=2, allow_nan=False) + "\n"),
+        "png": lambda path: report.render_png(rep, path),
+        "markdown": lambda path: atomic.write_text(path, md),
+    }
+    errors = []
+    for name in OUTPUTS:
+        path = getattr(args, name)
+        try:
+            if path is not None:
+                writers[name](path)
+        except (OSError, ValueError) as e:
+            errors.append(
+                f"fmnist-benchmark: error: argument --{name}: cannot write {path}: {getattr(e, 'strerror', None) or e}"
+            )
+    return errors
+
+
+@cli.guarded("fmnist_ext.benchmark", name="fmnist-benchmark")
+def main(argv: list[str] | None = None, repo_dir: Path | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.refuse_bad_cpu_isa(parser)
+    check_arguments(parser, args)
+    rep = run(args, repo_dir)
+    md = report.render_markdown(rep)
+    errors = write_outputs(args, rep, md)  # files before stdout: `... | head` closing the pipe must not lose them
+    for line in errors:
+        print(line, file=sys.stderr)
+    sys.stdout.write(md)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The report as markdown (printed, and --markdown) and the speedup chart (--png).
+Every figure is a time measured in the run or a ratio of two such times; REFUSED,
+skipped and failed entries carry their one-line reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import atomic
+from .blocks import BLOCKS, PASSES
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    ms = s * 1e3
+    return f"{ms * 1e3:.0f} µs" if ms < 1 else f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def _num(v: float | None, suffix: str = "") -> str:
+    """Compact, no exponent: 1234, 12.3, 1.23, 0.012."""
+    if v is None:
+        return "-"
+    return f"{v:.0f}{suffix}" if v >= 100 else f"{v:.3g}{suffix}" if v >= 1e-3 else f"0{suffix}"
+
+
+def _not_ok(entry: dict) -> str:
+    why = entry.get("reason") or "; ".join(dict.fromkeys(entry.get("errors", [])))
+    return f"{entry['status'].upper()}: {why}"
+
+
+def render_markdown(report: dict) -> str:
+    m, cfg, c = report["machine"], report["config"], report["ceilings"]
+    git, ks = m["git"], m["kernels_status"]
+    commit = f"{git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
+    fused = "compiled kernels" if m["fused_uses_compiled_kernels"] else "PURE-PYTORCH REFERENCE"
+    isa = f" ({ks['cpu_isa']})" if cfg["device"] == "cpu" and ks.get("cpu_isa") else ""
+    gpu = f", {m['cuda_device']}" if m["cuda_device"] else ""
+    out = [
+        "# fmnist_ext benchmark",
+        "",
+        f"{m['date']} | {m['cpu_model']} ({m['cpu_affinity'] or m['cpu_count']} usable cores{gpu}) | device "
+        f"{cfg['device']}, {cfg['threads']} threads | torch {m['torch']} | fused: {fused}{isa} | commit {commit}"
+        + (" | QUICK run" if cfg["quick"] else ""),
+        "",
+        f"Machine ceilings, measured in this run: sgemm {c['sgemm']['n']}^3 **{c['sgemm']['gflops']:.1f} GFLOP/s**; "
+        f"copy **{c['copy']['gbps']:.1f} GB/s** (read + write).",
+    ]
+    by_block: dict[int, list[dict]] = {}
+    for r in report["rows"]:
+        by_block.setdefault(r["block"], []).append(r)
+    if by_block:
+        out += [
+            "",
+            "Per block: medians of interleaved timings; `vs stock` = stock's time / this time in the same row "
+            "(> 1: faster). GFLOP/s and GB/s count the dense work and minimal traffic (JSON `config`).",
+        ]
+    for bi, rows in by_block.items():
+        out += [
+            "",
+            f"## {BLOCKS[bi].describe()}",
+            "",
+            "| batch | pass | impl | median | vs stock | GFLOP/s | % sgemm | GB/s | % copy |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            cells = [str(r["batch"]), r["pass"], r["impl"]]
+            if r["status"] != "ok":
+                cells += [_not_ok(r), "", "", "", "", ""]
+            else:
+                cells += [
+                    _ms(r["median_s"]),
+                    _num(r["speedup_vs_stock"], "x"),
+                    _num(r["gflops"]),
+                    _num(100 * r["frac_sgemm"]),
+                    _num(r["gbps"]),
+                    _num(100 * r["frac_copy"]),
+                ]
+            out.append("| " + " | ".join(cells) + " |")
+    compiled = [r for r in report["rows"] if r.get("compile_s") is not None]
+    if compiled:
+        out += [
+            "",
+            f"torch.compile, cold compile of each row's first call (start-up before the first row: "
+            f"{cfg['compile_startup_s']:.1f} s):",
+            "",
+            "| block | batch | pass | compile s |",
+            "|---:|---:|---|---:|",
+        ]
+        out += [f"| {r['block']} | {r['batch']} | {r['pass']} | {r['compile_s']:.2f} |" for r in compiled]
+    section = report["whole_model"]
+    if section is None or "skipped" in section:
+        out += ["", f"## Whole model: {'not run (--no-model)' if section is None else section['skipped']}"]
+    else:
+        out += _whole_model(section)
+    out += ["", f"Total benchmark time: {report['duration_s']:.0f} s"]
+    return "\n".join(out) + "\n"
+
+
+def _whole_model(section: dict) -> list[str]:
+    cfg = section["config"]
+    where = f"{cfg['device']} ({cfg['gpu']}; every time read after torch.cuda.synchronize())" if cfg["gpu"] else "cpu"
+    out = [
+        "",
+        "## Whole model (FashionCNN, each implementation in its own process)",
+        "",
+        f"Device {where}, {cfg['threads']} threads. Best of {cfg['rounds']} rounds (one process per implementation "
+        f"and round, order rotated). Training: batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 images "
+        f"normalised per step, epoch = {cfg['epoch_steps']} steps. `vs stock`: stock eager's time / this time, "
+        "same allocator setting; `first call`: the first step or forward (torch.compile: a cold compile). "
+        + (f"torch.compile: one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else ""),
+    ]
+    for alloc, a in section["allocators"].items():
+        env = " ".join(f"{k}={v}" for k, v in cfg["allocators"][alloc].items()) or "glibc defaults"
+        out += [
+            "",
+            f"### Allocator: {alloc} ({env})",
+            "",
+            "| training | step | vs stock | epoch | vs stock | first call |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for impl, t in a["train"].items():
+            if t["status"] != "ok":
+                out.append(f"| {impl} | {_not_ok(t)} | | | | |")
+                continue
+            out.append(
+                f"| {impl} | {_ms(t['step']['median_s'])} | {_num(t.get('step_vs_stock'), 'x')} | "
+                f"{t['epoch']['median_s']:.2f} s | {_num(t.get('epoch_vs_stock'), 'x')} | {t['first_call_s']:.2f} s |"
+            )
+        if a["infer"]:
+            out += [
+                "",
+                "| eval forward (no_grad) | "
+                + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"])
+                + " |",
+                "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
+            ]
+        for impl, batches in a["infer"].items():
+            cells = []
+            for row in batches.values():
+                ok = row["status"] == "ok"
+                cells += (
+                    [_ms(row["forward"]["median_s"]), _num(row.get("forward_vs_stock"), "x")]
+                    if ok
+                    else [_not_ok(row), ""]
+                )
+            out.append(f"| {'for_inference()' if impl == 'inference' else impl} | " + " | ".join(cells) + " |")
+        prof = a.get("profile")
+        if prof and "error" in prof:
+            out += ["", f"Profile: ERROR {prof['error']}"]
+        elif prof:
+            per = prof["self_cpu_s_per_step"]
+            total = sum(per.values())
+            host = "" if cfg["device"] == "cpu" else "; on the GPU: the host's Python, dispatch and launch time"
+            out += [
+                "",
+                f"Fused training step by phase and layer (torch.profiler self CPU time per step{host}; "
+                f"{prof['steps']} steps, {_ms(prof['wall_per_step_s'])}/step wall under the profiler):",
+                "",
+                "| phase / layer | ms/step | share |",
+                "|---|---:|---:|",
+            ]
+            out += [
+                f"| {k.replace('|', '/')} | {v * 1e3:.2f} | {100 * v / total:.0f}% |"
+                for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+                if v >= 0.005 * total
+            ]
+    out += ["", f"Whole-model section: {section['duration_s']:.0f} s"]
+    return out
+
+
+def render_png(report: dict, path: Path) -> None:
+    """Speedup over stock (log axis): one panel per implementation and block, bars per
+    batch size and pass; a row not timed is marked, not drawn. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {(r["impl"], r["block"], r["batch"], r["pass"]): r for r in report["rows"]}
+    impls = [i for i in report["config"]["impls"] if i != "stock" and any(k[0] == i for k in rows)]
+    blocks, batches = report["config"]["blocks"], report["config"]["batch_sizes"]
+    colors = dict(zip(PASSES, ("#4C72B0", "#DD8452", "#55A868")))
+    fig, axes = plt.subplots(
+        max(len(impls), 1), len(blocks), figsize=(6.5 * len(blocks), 3.4 * max(len(impls), 1) + 1), squeeze=False
+    )
+    width = 0.8 / len(PASSES)
+    for ax_row, impl in zip(axes, impls):
+        for ax, bi in zip(ax_row, blocks):
+            for k, pass_name in enumerate(PASSES):
+                for j, batch in enumerate(batches):
+                    r, x = rows.get((impl, bi, batch, pass_name)), j + (k - 1) * width
+                    if r is None:
+                        continue
+                    if r["status"] != "ok":
+                        ax.text(
+                            x, 1, r["status"].upper(), rotation=90, ha="center", va="bottom", fontsize=7, color="red"
+                        )
+                        continue
+                    v = r["speedup_vs_stock"]
+                    ax.bar(x, v, width, color=colors[pass_name])
+                    ax.text(
+                        x,
+                        v,
+                        f"{v:.2f}" if v < 10 else f"{v:.0f}",
+                        ha="center",
+                        va="bottom" if v >= 1 else "top",
+                        fontsize=7,
+                    )
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+            ax.set(xlabel="batch size", ylabel="speedup over stock (x, log)")
+            ax.set_title(f"{impl}: {BLOCKS[bi].describe()}", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in PASSES]
+    fig.legend(handles, [f"{p}: {doc}" for p, doc in PASSES.items()], loc="lower center", fontsize=8, frameon=False)
+    cfg = report["config"]
+    fig.suptitle(
+        f"fmnist_ext speedup over stock eager - {cfg['device']}, {cfg['threads']} threads, torch "
+        f"{report['machine']['torch']}{' (QUICK run)' if cfg['quick'] else ''}",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0.1 if len(impls) <= 1 else 0.06, 1, 0.97))
+    atomic.save_figure(fig, path, dpi=110)
+    plt.close(fig)
