@@ -23,7 +23,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 TINY_TRAIN = {"task": "train", "device": "cpu", "threads": 1, "batch": 32, "epoch_steps": 2}
 TINY_TRAIN.update(warmup_steps=1, timed_steps=2)
-TINY_INFER = {"task": "infer", "device": "cpu", "threads": 1, "infer_batches": [1, 5], "min_time_s": 0.01, "blocks": 2}
+TINY_INFER = {"task": "infer", "device": "cpu", "threads": 1, "infer_batches": [1, 5], "min_time_s": 0.01}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -44,7 +44,7 @@ def test_infer_task_checks_then_times(device):
         for b in ("1", "5"):
             row = res["batches"][b]
             assert row["check"]["ok"], (impl, row["check"])
-            assert row["forward"]["median_s"] > 0 and row["forward"]["n"] == 2
+            assert row["forward"]["median_s"] > 0 and row["forward"]["n"] >= 1
 
 
 class _Off(torch.nn.Module):
@@ -127,7 +127,7 @@ def _fake_worker(calls, specs=None):
 def test_run_section_bookkeeping(monkeypatch):
     calls = []
     monkeypatch.setattr(whole_model, "run_worker", _fake_worker(calls))
-    monkeypatch.setitem(whole_model.FULL, "infer_batches", [1, 64])
+    monkeypatch.setitem(whole_model.SETTINGS, "infer_batches", ([1, 64], [1, 64]))
     sec = whole_model.run_section("cpu", quick=False, threads=2, log=lambda m: None)
     assert sec["config"]["rounds"] == 2 and list(sec["allocators"]) == ["default", "tuned"]
     # compile: one process, in the first allocator setting only; everything else once per round and setting
@@ -214,7 +214,7 @@ def test_a_cuda_section_runs_every_worker_on_cuda_with_one_allocator(monkeypatch
     monkeypatch.setattr(whole_model, "run_worker", _fake_worker(calls, specs))
     monkeypatch.setattr(whole_model, "device_refusal", lambda device: None)
     monkeypatch.setattr(whole_model.torch.cuda, "get_device_name", lambda *a: "Fake GPU 80GB")
-    monkeypatch.setitem(whole_model.FULL, "infer_batches", [1, 64])
+    monkeypatch.setitem(whole_model.SETTINGS, "infer_batches", ([1, 64], [1, 64]))
     sec = whole_model.run_section("cuda", quick=False, impls=["fused"], rounds=1, log=lambda m: None)
     assert specs and all(spec["device"] == "cuda" for spec in specs)
     assert {a for a, _, _ in calls} == {"default"}  # glibc's malloc settings: not on cuda

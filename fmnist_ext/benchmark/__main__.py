@@ -22,7 +22,6 @@ from .measure import (
     STOCK_ERROR_FACTOR,
     ceilings,
     cli,
-    clock,
     cold_compiles,
     first_line,
     fp32_means_fp32,
@@ -166,50 +165,20 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         "blocks_spec": {b: blocks.BLOCKS[b].describe() for b in args.blocks},
         "min_run_time_s": args.min_run_time or (0.05 if args.quick else 1.0),
         "rounds": blocks.ROUNDS,
-        "timing": "torch.utils.benchmark blocked_autorange, implementations interleaved in rounds, order rotated; "
-        "median over all rounds",
+        "timing": "torch.utils.benchmark blocked_autorange, interleaved in rounds, order rotated; median of all",
         "correctness_gate": f"elementwise |impl - ref| <= max({ATOL_SCALE:g} * max|ref|, {STOCK_ERROR_FACTOR:g} * "
         f"stock's own max error) + {RTOL:g} * |ref|, ref = stock in float64, for the output and every gradient "
         "(whole model: loss and gradients, or logits), on the timed inputs, before timing",
-        "flop_convention": "forward F = 2*Cout*Hconv*Wconv*Cin*k*k per image; fwd = F, fwd+bwd = 2F, fwd+bwd+dx = 3F",
-        "bytes_convention": "forward: read input, weight, bias, write pooled output; backward: read grad_output, "
-        "input, weight, write grad_weight, grad_bias (+ grad_input); saved tensors not counted",
+        "flops_and_bytes": "conventions: fmnist_ext/benchmark/blocks.py",
     }
     desc = machine(device, cfg["threads"], repo_dir)
-    log(
-        f"fmnist-benchmark: {device.type}, {cfg['threads']} threads, {','.join(impls)}{', quick' if args.quick else ''}"
-    )
+    log(f"fmnist-benchmark: {device.type}, {cfg['threads']} threads, {','.join(impls)}{', quick' * args.quick}")
     log("measuring the machine's ceilings (sgemm, copy) ...")
-    rows: list[dict] = []
-    out = {
-        "schema": SCHEMA,
-        "config": cfg,
-        "machine": desc,
-        "ceilings": ceilings(device, cfg["threads"], args.quick),
-        "rows": rows,
-        "whole_model": None,
-    }
+    rows: list[dict] = []  # filled as measured: the rows done survive a failure
+    out = {"schema": SCHEMA, "config": cfg, "machine": desc, "rows": rows, "whole_model": None}
+    out["ceilings"] = ceilings(device, cfg["threads"], args.quick)
     with cold_compiles():
-        failed: dict[str, str] = {}
-        if "compile" in block_impls and cfg["blocks"]:
-            try:  # one-time start-up (imports, toolchain checks), not charged to the first row
-                t0 = clock(device)
-                torch.compile(lambda v: torch.relu(v * 2.0) + 1.0, dynamic=False)(torch.randn(8, device=device))
-                cfg["compile_startup_s"] = clock(device) - t0
-            except Exception as exc:
-                failed["compile"] = first_line(exc)
-        blocks.bench_rows(
-            cfg["blocks"],
-            cfg["batch_sizes"],
-            block_impls,
-            device,
-            cfg["threads"],
-            cfg["min_run_time_s"],
-            out["ceilings"],
-            failed,
-            rows,
-            log,
-        )
+        cfg["compile_startup_s"] = blocks.bench_rows(cfg, device, out["ceilings"], rows, log)
     if not args.no_model:
         log("whole model, one process per implementation ...")
         try:
@@ -239,9 +208,8 @@ def write_outputs(args: argparse.Namespace, rep: dict, md: str) -> list[str]:
             if path is not None:
                 writers[name](path)
         except (OSError, ValueError) as e:
-            errors.append(
-                f"fmnist-benchmark: error: argument --{name}: cannot write {path}: {getattr(e, 'strerror', None) or e}"
-            )
+            why = getattr(e, "strerror", None) or e
+            errors.append(f"fmnist-benchmark: error: argument --{name}: cannot write {path}: {why}")
     return errors
 
 

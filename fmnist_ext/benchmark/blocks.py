@@ -202,17 +202,29 @@ def bench_row(block, batch, pass_name, impls, device, threads, min_run_time, cei
     return list(records.values())
 
 
-def bench_rows(blocks, batch_sizes, impls, device, threads, min_run_time, ceilings, failed, rows: list, log) -> None:
-    """Every row of `blocks` x `batch_sizes` x PASSES appended to `rows` as it is
-    measured (the rows done survive a later failure), one progress line each."""
-    for bi in blocks:
-        for batch in batch_sizes:
+def bench_rows(cfg: dict, device: torch.device, ceilings: dict, rows: list, log) -> float | None:
+    """Every row of cfg's blocks x batch sizes x PASSES, appended to `rows` as it is
+    measured, one progress line each. Returns the one-time torch.compile start-up
+    (imports, toolchain checks: not charged to the first row), if compile is timed."""
+    failed: dict[str, str] = {}  # an implementation that could not be built: skipped in every row
+    startup_s = None
+    if "compile" in cfg["impls"] and cfg["blocks"]:
+        try:
+            t0 = clock(device)
+            torch.compile(lambda v: torch.relu(v * 2.0) + 1.0, dynamic=False)(torch.randn(8, device=device))
+            startup_s = clock(device) - t0
+        except Exception as exc:
+            failed["compile"] = first_line(exc)
+    for bi in cfg["blocks"]:
+        for batch in cfg["batch_sizes"]:
             for pass_name in PASSES:
                 t0 = time.perf_counter()
-                recs = bench_row(BLOCKS[bi], batch, pass_name, impls, device, threads, min_run_time, ceilings, failed)
+                args = (cfg["impls"], device, cfg["threads"], cfg["min_run_time_s"], ceilings, failed)
+                recs = bench_row(BLOCKS[bi], batch, pass_name, *args)
                 rows += recs
                 done = ", ".join(
                     f"{r['impl']} {r['median_s'] * 1e3:.3g} ms" if r["status"] == "ok" else f"{r['impl']} {r['status']}"
                     for r in recs
                 )
                 log(f"  block {bi} B={batch} {pass_name}: {done} ({time.perf_counter() - t0:.1f} s)")
+    return startup_s

@@ -107,7 +107,8 @@ def stats(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": times[0], "n": len(times)}
 
 
-def _autorange(run: Callable, threads: int, min_run_time: float) -> list[float]:
+def autorange(run: Callable, threads: int, min_run_time: float) -> list[float]:
+    """Per-call times of `run`, in blocks of calls (torch.utils.benchmark; it synchronizes CUDA)."""
     timer = tbench.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).times
 
@@ -119,7 +120,7 @@ def time_interleaved(runs: dict[str, Callable], min_run_time: float, threads: in
     names, times = list(runs), {n: [] for n in runs}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name] += _autorange(runs[name], threads, min_run_time / rounds)
+            times[name] += autorange(runs[name], threads, min_run_time / rounds)
     return {n: stats(t) for n, t in times.items()}
 
 
@@ -153,25 +154,15 @@ def ceilings(device: torch.device, threads: int, quick: bool) -> dict:
     n, mib, t = (1024, 64, 0.2) if quick else (4096, 256, 1.0)
     a = torch.randn(n, n, device=device)
     c = torch.empty_like(a)
-    sgemm_s = statistics.median(_autorange(lambda: torch.mm(a, a, out=c), threads, t))
+    sgemm_s = statistics.median(autorange(lambda: torch.mm(a, a, out=c), threads, t))
     a = c = None  # freed before the copy's buffers
     src = torch.randn(mib << 18, device=device)
     dst = torch.empty_like(src)
-    copy_s = statistics.median(_autorange(lambda: dst.copy_(src), threads, t))
+    copy_s = statistics.median(autorange(lambda: dst.copy_(src), threads, t))
     nbytes = 2 * src.numel() * 4
     return {
-        "sgemm": {
-            "what": f"torch.mm, two float32 {n}x{n}, 2*n^3 FLOPs",
-            "n": n,
-            "median_s": sgemm_s,
-            "gflops": 2 * n**3 / sgemm_s / 1e9,
-        },
-        "copy": {
-            "what": f"dst.copy_(src), {mib} MiB float32, bytes read + written",
-            "bytes": nbytes,
-            "median_s": copy_s,
-            "gbps": nbytes / copy_s / 1e9,
-        },
+        "sgemm": {"n": n, "median_s": sgemm_s, "gflops": 2 * n**3 / sgemm_s / 1e9},
+        "copy": {"bytes": nbytes, "median_s": copy_s, "gbps": nbytes / copy_s / 1e9},
     }
 
 

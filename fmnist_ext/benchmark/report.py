@@ -29,6 +29,16 @@ def _not_ok(entry: dict) -> str:
     return f"{entry['status'].upper()}: {why}"
 
 
+def _table(head: str, rows: list[list[str]]) -> list[str]:
+    """A markdown table: `head` as "name:align | ..." (align l or r), one list of cells per row."""
+    cols = [c.rsplit(":", 1) for c in head.split(" | ")]
+    lines = [
+        "| " + " | ".join(name for name, _ in cols) + " |",
+        "|" + "|".join("---:" if al == "r" else "---" for _, al in cols) + "|",
+    ]
+    return ["", *lines, *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def render_markdown(report: dict) -> str:
     m, cfg, c = report["machine"], report["config"], report["ceilings"]
     git, ks = m["git"], m["kernels_status"]
@@ -41,53 +51,49 @@ def render_markdown(report: dict) -> str:
         "",
         f"{m['date']} | {m['cpu_model']} ({m['cpu_affinity'] or m['cpu_count']} usable cores{gpu}) | device "
         f"{cfg['device']}, {cfg['threads']} threads | torch {m['torch']} | fused: {fused}{isa} | commit {commit}"
-        + (" | QUICK run" if cfg["quick"] else ""),
+        + " | QUICK run"
+        * cfg["quick"],
         "",
         f"Machine ceilings, measured in this run: sgemm {c['sgemm']['n']}^3 **{c['sgemm']['gflops']:.1f} GFLOP/s**; "
         f"copy **{c['copy']['gbps']:.1f} GB/s** (read + write).",
     ]
-    by_block: dict[int, list[dict]] = {}
-    for r in report["rows"]:
-        by_block.setdefault(r["block"], []).append(r)
-    if by_block:
+    if report["rows"]:
         out += [
             "",
             "Per block: medians of interleaved timings; `vs stock` = stock's time / this time in the same row "
-            "(> 1: faster). GFLOP/s and GB/s count the dense work and minimal traffic (JSON `config`).",
+            "(> 1: faster). GFLOP/s and GB/s count the dense work and minimal traffic (see blocks.py).",
         ]
-    for bi, rows in by_block.items():
-        out += [
-            "",
-            f"## {BLOCKS[bi].describe()}",
-            "",
-            "| batch | pass | impl | median | vs stock | GFLOP/s | % sgemm | GB/s | % copy |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    for bi in cfg["blocks"]:
+        cells = [
+            [
+                str(r["batch"]),
+                r["pass"],
+                r["impl"],
+                _ms(r["median_s"]),
+                _num(r["speedup_vs_stock"], "x"),
+                _num(r["gflops"]),
+                _num(100 * r["frac_sgemm"]),
+                _num(r["gbps"]),
+                _num(100 * r["frac_copy"]),
+            ]
+            if r["status"] == "ok"
+            else [str(r["batch"]), r["pass"], r["impl"], _not_ok(r), "", "", "", "", ""]
+            for r in report["rows"]
+            if r["block"] == bi
         ]
-        for r in rows:
-            cells = [str(r["batch"]), r["pass"], r["impl"]]
-            if r["status"] != "ok":
-                cells += [_not_ok(r), "", "", "", "", ""]
-            else:
-                cells += [
-                    _ms(r["median_s"]),
-                    _num(r["speedup_vs_stock"], "x"),
-                    _num(r["gflops"]),
-                    _num(100 * r["frac_sgemm"]),
-                    _num(r["gbps"]),
-                    _num(100 * r["frac_copy"]),
-                ]
-            out.append("| " + " | ".join(cells) + " |")
+        out += ["", f"## {BLOCKS[bi].describe()}"]
+        out += _table(
+            "batch:r | pass:l | impl:l | median:r | vs stock:r | GFLOP/s:r | % sgemm:r | GB/s:r | % copy:r", cells
+        )
     compiled = [r for r in report["rows"] if r.get("compile_s") is not None]
     if compiled:
         out += [
             "",
-            f"torch.compile, cold compile of each row's first call (start-up before the first row: "
+            "torch.compile, cold compile of each row's first call (start-up before the first row: "
             f"{cfg['compile_startup_s']:.1f} s):",
-            "",
-            "| block | batch | pass | compile s |",
-            "|---:|---:|---|---:|",
         ]
-        out += [f"| {r['block']} | {r['batch']} | {r['pass']} | {r['compile_s']:.2f} |" for r in compiled]
+        cells = [[str(r["block"]), str(r["batch"]), r["pass"], f"{r['compile_s']:.2f}"] for r in compiled]
+        out += _table("block:r | batch:r | pass:l | compile s:r", cells)
     section = report["whole_model"]
     if section is None or "skipped" in section:
         out += ["", f"## Whole model: {'not run (--no-model)' if section is None else section['skipped']}"]
@@ -100,6 +106,7 @@ def render_markdown(report: dict) -> str:
 def _whole_model(section: dict) -> list[str]:
     cfg = section["config"]
     where = f"{cfg['device']} ({cfg['gpu']}; every time read after torch.cuda.synchronize())" if cfg["gpu"] else "cpu"
+    compiled = f"`{cfg['compile_timed_in']}` allocator setting only" if cfg["compile_timed_in"] else "not timed"
     out = [
         "",
         "## Whole model (FashionCNN, each implementation in its own process)",
@@ -107,44 +114,38 @@ def _whole_model(section: dict) -> list[str]:
         f"Device {where}, {cfg['threads']} threads. Best of {cfg['rounds']} rounds (one process per implementation "
         f"and round, order rotated). Training: batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 images "
         f"normalised per step, epoch = {cfg['epoch_steps']} steps. `vs stock`: stock eager's time / this time, "
-        "same allocator setting; `first call`: the first step or forward (torch.compile: a cold compile). "
-        + (f"torch.compile: one round, `{cfg['compile_timed_in']}` allocator only." if cfg["compile_timed_in"] else ""),
+        f"same allocator setting; `first call`: the first step or forward. torch.compile: one round, {compiled}.",
     ]
     for alloc, a in section["allocators"].items():
         env = " ".join(f"{k}={v}" for k, v in cfg["allocators"][alloc].items()) or "glibc defaults"
-        out += [
-            "",
-            f"### Allocator: {alloc} ({env})",
-            "",
-            "| training | step | vs stock | epoch | vs stock | first call |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for impl, t in a["train"].items():
-            if t["status"] != "ok":
-                out.append(f"| {impl} | {_not_ok(t)} | | | | |")
-                continue
-            out.append(
-                f"| {impl} | {_ms(t['step']['median_s'])} | {_num(t.get('step_vs_stock'), 'x')} | "
-                f"{t['epoch']['median_s']:.2f} s | {_num(t.get('epoch_vs_stock'), 'x')} | {t['first_call_s']:.2f} s |"
-            )
-        if a["infer"]:
-            out += [
-                "",
-                "| eval forward (no_grad) | "
-                + " | ".join(f"batch {b} | vs stock" for b in cfg["infer_batches"])
-                + " |",
-                "|---|" + "---:|---:|" * len(cfg["infer_batches"]),
+        cells = [
+            [
+                impl,
+                _ms(t["step"]["median_s"]),
+                _num(t.get("step_vs_stock"), "x"),
+                f"{t['epoch']['median_s']:.2f} s",
+                _num(t.get("epoch_vs_stock"), "x"),
+                f"{t['first_call_s']:.2f} s",
             ]
+            if t["status"] == "ok"
+            else [impl, _not_ok(t), "", "", "", ""]
+            for impl, t in a["train"].items()
+        ]
+        out += ["", f"### Allocator: {alloc} ({env})"]
+        out += _table("training:l | step:r | vs stock:r | epoch:r | vs stock:r | first call:r", cells)
+        cells = []
         for impl, batches in a["infer"].items():
-            cells = []
+            cells.append(["for_inference()" if impl == "inference" else impl])
             for row in batches.values():
                 ok = row["status"] == "ok"
-                cells += (
-                    [_ms(row["forward"]["median_s"]), _num(row.get("forward_vs_stock"), "x")]
-                    if ok
-                    else [_not_ok(row), ""]
+                cells[-1] += (
+                    [_ms(row["forward"]["median_s"]), _num(row["forward_vs_stock"], "x")] if ok else [_not_ok(row), ""]
                 )
-            out.append(f"| {'for_inference()' if impl == 'inference' else impl} | " + " | ".join(cells) + " |")
+        if cells:
+            out += _table(
+                "eval forward (no_grad):l" + "".join(f" | batch {b}:r | vs stock:r" for b in cfg["infer_batches"]),
+                cells,
+            )
         prof = a.get("profile")
         if prof and "error" in prof:
             out += ["", f"Profile: ERROR {prof['error']}"]
@@ -156,15 +157,10 @@ def _whole_model(section: dict) -> list[str]:
                 "",
                 f"Fused training step by phase and layer (torch.profiler self CPU time per step{host}; "
                 f"{prof['steps']} steps, {_ms(prof['wall_per_step_s'])}/step wall under the profiler):",
-                "",
-                "| phase / layer | ms/step | share |",
-                "|---|---:|---:|",
             ]
-            out += [
-                f"| {k.replace('|', '/')} | {v * 1e3:.2f} | {100 * v / total:.0f}% |"
-                for k, v in sorted(per.items(), key=lambda kv: -kv[1])
-                if v >= 0.005 * total
-            ]
+            top = [(k, v) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005 * total]
+            cells = [[k.replace("|", "/"), f"{v * 1e3:.2f}", f"{100 * v / total:.0f}%"] for k, v in top]
+            out += _table("phase / layer:l | ms/step:r | share:r", cells)
     out += ["", f"Whole-model section: {section['duration_s']:.0f} s"]
     return out
 
@@ -192,20 +188,18 @@ def render_png(report: dict, path: Path) -> None:
                     r, x = rows.get((impl, bi, batch, pass_name)), j + (k - 1) * width
                     if r is None:
                         continue
-                    if r["status"] != "ok":
-                        ax.text(
-                            x, 1, r["status"].upper(), rotation=90, ha="center", va="bottom", fontsize=7, color="red"
-                        )
-                        continue
-                    v = r["speedup_vs_stock"]
-                    ax.bar(x, v, width, color=colors[pass_name])
+                    v = r["speedup_vs_stock"] if r["status"] == "ok" else 1
+                    if r["status"] == "ok":
+                        ax.bar(x, v, width, color=colors[pass_name])
+                    label = r["status"].upper() if r["status"] != "ok" else f"{v:.2f}" if v < 10 else f"{v:.0f}"
                     ax.text(
                         x,
                         v,
-                        f"{v:.2f}" if v < 10 else f"{v:.0f}",
+                        label,
                         ha="center",
                         va="bottom" if v >= 1 else "top",
                         fontsize=7,
+                        rotation=90 * (r["status"] != "ok"),
                     )
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
             ax.set_yscale("log")

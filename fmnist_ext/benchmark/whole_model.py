@@ -28,29 +28,18 @@ DEVICE_ALLOCATORS = {"cpu": ("default", "tuned"), "cuda": ("default",)}
 WORKER_TIMEOUT_S = 600
 TASK_KEYS = {
     "train": ("batch", "epoch_steps", "warmup_steps", "timed_steps"),
-    "infer": ("infer_batches", "min_time_s", "blocks"),
+    "infer": ("infer_batches", "min_time_s"),
+    "profile": ("batch", "profile_steps"),
 }
-FULL = {
-    "batch": 1000,
-    "epoch_steps": 60,
-    "warmup_steps": 3,
-    "timed_steps": 10,
-    "infer_batches": [1, 1000],
-    "min_time_s": 0.5,
-    "blocks": 5,
-    "profile_steps": 5,
-    "rounds": 2,
-}
-QUICK = {
-    "batch": 256,
-    "epoch_steps": 3,
-    "warmup_steps": 1,
-    "timed_steps": 3,
-    "infer_batches": [1, 64],
-    "min_time_s": 0.05,
-    "blocks": 3,
-    "profile_steps": 0,
-    "rounds": 1,
+SETTINGS = {  # name: (full run, --quick)
+    "batch": (1000, 256),
+    "epoch_steps": (60, 3),
+    "warmup_steps": (3, 1),
+    "timed_steps": (10, 3),
+    "infer_batches": ([1, 1000], [1, 64]),
+    "min_time_s": (0.5, 0.05),  # of timed forwards per implementation, batch size and round
+    "profile_steps": (5, 0),
+    "rounds": (2, 1),
 }
 
 
@@ -125,7 +114,7 @@ def run_section(
     refusal = device_refusal(device)
     if refusal:
         raise ValueError(refusal)
-    t_start, cfg = time.perf_counter(), dict(QUICK if quick else FULL)
+    t_start, cfg = time.perf_counter(), {k: v[quick] for k, v in SETTINGS.items()}
     allocators = allocators or list(DEVICE_ALLOCATORS[device][: 1 if quick else None])
     if any(a not in DEVICE_ALLOCATORS[device] for a in allocators):
         raise ValueError(f"allocators {allocators}: on {device} only {', '.join(DEVICE_ALLOCATORS[device])}")
@@ -160,9 +149,7 @@ def run_section(
                 a["infer"][n] = {str(b): _summary(r, ("forward",)) for b, r in zip(cfg["infer_batches"], per_batch)}
         _ratios(a)
         if cfg["profile"]:
-            a["profile"] = run_worker(
-                {**base, "task": "profile", "batch": cfg["batch"], "profile_steps": cfg["profile_steps"]}, alloc
-            )
+            a["profile"] = run_worker({**base, "task": "profile", **{k: cfg[k] for k in TASK_KEYS["profile"]}}, alloc)
         section["allocators"][alloc] = a
     section["duration_s"] = time.perf_counter() - t_start
     return section
@@ -170,11 +157,9 @@ def run_section(
 
 def _ratios(a: dict) -> None:
     """stock's time / each implementation's, same allocator setting (`*_vs_stock`)."""
-    rows = [(a["train"], n, ("step", "epoch")) for n in a["train"]]
-    rows += [(a["infer"][n], b, ("forward",)) for n in a["infer"] for b in a["infer"][n]]
-    for table, key, timed in rows:
-        stock = a["train"].get("stock") if table is a["train"] else a["infer"].get("stock", {}).get(key)
-        row = table[key]
-        for t in timed:
-            if row["status"] == "ok" and stock and stock["status"] == "ok":
-                row[f"{t}_vs_stock"] = stock[t]["median_s"] / row[t]["median_s"]
+    stock_train, stock_infer = a["train"].get("stock"), a["infer"].get("stock", {})
+    pairs = [(t, stock_train, ("step", "epoch")) for t in a["train"].values()]
+    pairs += [(row, stock_infer.get(b), ("forward",)) for rows in a["infer"].values() for b, row in rows.items()]
+    for row, stock, timed in pairs:
+        if row["status"] == "ok" and stock and stock["status"] == "ok":
+            row.update({f"{t}_vs_stock": stock[t]["median_s"] / row[t]["median_s"] for t in timed})
