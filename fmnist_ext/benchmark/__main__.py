@@ -15,19 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from . import blocks, report, whole_model
-from .measure import (
-    ATOL_SCALE,
-    RTOL,
-    STOCK_ERROR_FACTOR,
-    ceilings,
-    cli,
-    cold_compiles,
-    first_line,
-    fp32_means_fp32,
-    loadavg,
-    machine,
-)
+from . import blocks, measure, report, whole_model
+from .measure import cli
+from .whole_model import ALLOCATORS
 
 SCHEMA = "fmnist_ext.benchmark/3"
 BATCH_SIZES = {"cpu": [1, 64, 256, 1000, 4096], "cuda": [1, 64, 256, 1000, 4096, 10000], "quick": [1, 64]}
@@ -37,28 +27,28 @@ MAX_BATCH = 100_000  # a block's input is 0.3 GB there; far beyond it is an allo
 OUTPUTS = ("json", "png", "markdown")
 
 
-def _list(kind, choices=None):
-    """An argparse type: comma-separated values of `kind`, each one of `choices` if given, none twice."""
+def _list(kind, what: str, choices=None):
+    """An argparse type: comma-separated `what`, each `kind(text)` (and one of `choices`), none twice."""
 
     def parse(text: str) -> list:
         try:
             vals = [kind(t.strip()) for t in text.split(",") if t.strip()]
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
         bad = [v for v in vals if choices is not None and v not in choices]
         if bad or not vals or len(set(vals)) < len(vals):
-            what = f"unknown {','.join(map(str, bad))}" if bad else "empty or repeated"
-            raise argparse.ArgumentTypeError(f"{what} in {text!r}; choose from {','.join(map(str, choices or []))}")
+            why = f"unknown {','.join(map(str, bad))}" if bad else "empty or repeated"
+            raise argparse.ArgumentTypeError(f"{why} in {text!r}; choose from {','.join(map(str, choices or []))}")
         return vals
 
     return parse
 
 
 def _batch(text: str) -> int:
-    v = cli.positive_int(text)
-    if v > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_BATCH}, got {text!r}")
-    return v
+    """A batch size: an integer in [1, MAX_BATCH] (ValueError otherwise)."""
+    if not 1 <= int(text) <= MAX_BATCH:
+        raise ValueError(f"not in [1, {MAX_BATCH}]")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,56 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmnist-benchmark",
         description="Time the fused Conv2d+ReLU+MaxPool2d op against stock PyTorch and torch.compile: per conv "
         "block of the seed CNN (passes and batch sizes, interleaved in one process), then the whole model "
-        "(training step and epoch, eval inference; each implementation in its own process). Every "
-        "implementation is checked against stock on the timed inputs first and refused if it differs.",
+        "(training step and epoch, eval inference; each implementation in its own process, best of rounds). "
+        "Every implementation is checked against stock on the timed inputs first, and refused if it differs.",
+        epilog="--quick: per-block batch sizes 1,64 and 0.05 s per row; whole model at batch 256 with a 3-step "
+        "epoch, eval at batch 1,64, one round, default allocator, no profile; implementations "
+        f"{','.join(QUICK_IMPLS)}. Flags given explicitly win. Allocator settings: default (glibc's) and tuned ("
+        + " ".join(f"{k}={v}" for k, v in ALLOCATORS["tuned"].items())
+        + "); on cuda only default.",
     )
+    names = _list(str, "names", ALL_IMPLS)
+    block_numbers = _list(int, "block numbers", list(blocks.BLOCKS))
+    batch_sizes = _list(_batch, f"batch sizes in [1, {MAX_BATCH}]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where everything runs (default cpu)")
-    p.add_argument("--threads", type=cli.thread_count, default=None, help="torch threads (default: torch's)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: batch 1,64, no torch.compile, short timings, "
-        "whole model at batch 256 with a 3-step epoch, one round, default allocator (explicit flags win)",
-    )
-    p.add_argument(
-        "--impls",
-        type=_list(str, ALL_IMPLS),
-        default=None,
-        help="comma-separated from "
-        f"{','.join(ALL_IMPLS)}; each section times those it has, and stock (default: all; --quick: "
-        f"{','.join(QUICK_IMPLS)})",
-    )
-    p.add_argument("--blocks", type=_list(int, list(blocks.BLOCKS)), default=[1, 2], help="conv blocks (default 1,2)")
-    p.add_argument(
-        "--batch-sizes",
-        type=_list(_batch),
-        default=None,
-        help="per-block batch sizes (default 1,64,256,1000,4096; cuda: also 10000)",
-    )
-    p.add_argument(
-        "--min-run-time",
-        type=cli.positive_float,
-        default=None,
-        help="per-block seconds of timing per implementation and row (default 1; --quick 0.05)",
-    )
+    p.add_argument("--threads", type=cli.thread_count, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="smoke run, about a minute (see below)")
+    p.add_argument("--impls", type=names, help=f"from {','.join(ALL_IMPLS)} (default all; stock always)")
+    p.add_argument("--blocks", type=block_numbers, default=[1, 2], help="conv blocks (default 1,2)")
+    p.add_argument("--batch-sizes", type=batch_sizes, help="per block (default 1,64,256,1000,4096; cuda: +10000)")
+    p.add_argument("--min-run-time", type=cli.positive_float, help="seconds per implementation and row (default 1)")
     p.add_argument("--no-blocks", action="store_true", help="skip the per-block rows")
     p.add_argument("--no-model", action="store_true", help="skip the whole model")
-    p.add_argument("--rounds", type=cli.positive_int, default=None, help="whole model: rounds (default 2; --quick 1)")
-    p.add_argument(
-        "--allocators",
-        type=_list(str, list(whole_model.ALLOCATORS)),
-        default=None,
-        help="whole model: glibc malloc settings (default: default,tuned on cpu; default on cuda "
-        "and with --quick; tuned = " + " ".join(f"{k}={v}" for k, v in whole_model.ALLOCATORS["tuned"].items()) + ")",
-    )
-    p.add_argument("--json", type=Path, default=None, help="write every figure and the machine description here")
-    p.add_argument("--markdown", type=Path, default=None, help="write the markdown report here (also printed)")
-    p.add_argument(
-        "--png",
-        type=Path,
-        default=None,
-        help="write the per-block speedup chart here (format from the extension: png, svg, pdf, ...)",
-    )
+    p.add_argument("--rounds", type=cli.positive_int, help="whole model: rounds, best kept (default 2)")
+    p.add_argument("--allocators", type=_list(str, "names", list(ALLOCATORS)), help="whole model: default,tuned")
+    p.add_argument("--json", type=Path, help="write every figure and the machine description here")
+    p.add_argument("--markdown", type=Path, help="write the markdown report here (it is also printed)")
+    p.add_argument("--png", type=Path, help="write the per-block speedup chart here (png, svg, pdf, ...)")
     return p
 
 
@@ -134,11 +99,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not args.no_model:
         not_here = [a for a in args.allocators or () if a not in whole_model.DEVICE_ALLOCATORS[args.device]]
         if not_here:
-            cli.fail(
-                parser,
-                f"argument --allocators: {','.join(not_here)} changes glibc's malloc, which holds no "
-                f"{args.device} tensors",
-            )
+            why = f"changes glibc's malloc, which holds no {args.device} tensors"
+            cli.fail(parser, f"argument --allocators: {','.join(not_here)} {why}")
         refusal = whole_model.device_refusal(args.device)
         if refusal:
             cli.fail(parser, f"argument --device: {refusal} (--no-model times the per-block rows only)")
@@ -150,7 +112,7 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
     t_start, device = time.perf_counter(), torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    fp32_means_fp32(device)
+    measure.fp32_means_fp32(device)
     torch.manual_seed(0)
     impls = args.impls or (QUICK_IMPLS if args.quick else ALL_IMPLS)
     block_impls = [n for n in blocks.IMPLS if n in ("stock", *impls)]
@@ -166,18 +128,16 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
         "min_run_time_s": args.min_run_time or (0.05 if args.quick else 1.0),
         "rounds": blocks.ROUNDS,
         "timing": "torch.utils.benchmark blocked_autorange, interleaved in rounds, order rotated; median of all",
-        "correctness_gate": f"elementwise |impl - ref| <= max({ATOL_SCALE:g} * max|ref|, {STOCK_ERROR_FACTOR:g} * "
-        f"stock's own max error) + {RTOL:g} * |ref|, ref = stock in float64, for the output and every gradient "
-        "(whole model: loss and gradients, or logits), on the timed inputs, before timing",
+        "correctness_gate": measure.GATE,
         "flops_and_bytes": "conventions: fmnist_ext/benchmark/blocks.py",
     }
-    desc = machine(device, cfg["threads"], repo_dir)
+    desc = measure.machine(device, cfg["threads"], repo_dir)
     log(f"fmnist-benchmark: {device.type}, {cfg['threads']} threads, {','.join(impls)}{', quick' * args.quick}")
     log("measuring the machine's ceilings (sgemm, copy) ...")
     rows: list[dict] = []  # filled as measured: the rows done survive a failure
     out = {"schema": SCHEMA, "config": cfg, "machine": desc, "rows": rows, "whole_model": None}
-    out["ceilings"] = ceilings(device, cfg["threads"], args.quick)
-    with cold_compiles():
+    out["ceilings"] = measure.ceilings(device, cfg["threads"], args.quick)
+    with measure.cold_compiles():
         cfg["compile_startup_s"] = blocks.bench_rows(cfg, device, out["ceilings"], rows, log)
     if not args.no_model:
         log("whole model, one process per implementation ...")
@@ -187,8 +147,8 @@ def run(args: argparse.Namespace, repo_dir: Path | None = None, log=None) -> dic
             )
         except Exception as exc:  # the per-block rows measured so far stay
             traceback.print_exc()
-            out["whole_model"] = {"skipped": first_line(exc)}
-    desc["loadavg_at_end"] = loadavg()
+            out["whole_model"] = {"skipped": measure.first_line(exc)}
+    desc["loadavg_at_end"] = measure.loadavg()
     out["duration_s"] = time.perf_counter() - t_start
     return out
 

@@ -54,6 +54,11 @@ def first_line(exc: BaseException) -> str:
 
 RTOL = ATOL_SCALE = 1e-4  # |impl - ref| <= ATOL_SCALE * max|ref| + RTOL * |ref|, elementwise
 STOCK_ERROR_FACTOR = 4.0  # against float64: "about as accurate as stock"
+GATE = (
+    f"elementwise |impl - ref| <= max({ATOL_SCALE:g} * max|ref|, {STOCK_ERROR_FACTOR:g} * stock's max error) + {RTOL:g}"
+    " * |ref|, ref = stock in float64, for the output and every gradient (whole model: the loss and every gradient,"
+    " or the logits), on the timed inputs, before timing"
+)
 
 
 def compare(got: Sequence, want: Sequence, names: Sequence[str], exact: Sequence | None = None) -> dict:

@@ -4,6 +4,7 @@ skipped and failed entries carry their one-line reason."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from .. import atomic
@@ -172,6 +173,7 @@ def render_png(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = {(r["impl"], r["block"], r["batch"], r["pass"]): r for r in report["rows"]}
     impls = [i for i in report["config"]["impls"] if i != "stock" and any(k[0] == i for k in rows)]
@@ -183,28 +185,25 @@ def render_png(report: dict, path: Path) -> None:
     width = 0.8 / len(PASSES)
     for ax_row, impl in zip(axes, impls):
         for ax, bi in zip(ax_row, blocks):
-            for k, pass_name in enumerate(PASSES):
-                for j, batch in enumerate(batches):
-                    r, x = rows.get((impl, bi, batch, pass_name)), j + (k - 1) * width
-                    if r is None:
-                        continue
-                    v = r["speedup_vs_stock"] if r["status"] == "ok" else 1
-                    if r["status"] == "ok":
+            ys = [1.0]
+            for (k, pass_name), (j, batch) in itertools.product(enumerate(PASSES), enumerate(batches)):
+                r, x = rows.get((impl, bi, batch, pass_name)), j + (k - 1) * width
+                if r is not None:
+                    ok = r["status"] == "ok"
+                    v = r["speedup_vs_stock"] if ok else 1.0
+                    ys.append(v)
+                    if ok:
                         ax.bar(x, v, width, color=colors[pass_name])
-                    label = r["status"].upper() if r["status"] != "ok" else f"{v:.2f}" if v < 10 else f"{v:.0f}"
-                    ax.text(
-                        x,
-                        v,
-                        label,
-                        ha="center",
-                        va="bottom" if v >= 1 else "top",
-                        fontsize=7,
-                        rotation=90 * (r["status"] != "ok"),
-                    )
+                    label = f"{v:.2f}" if v < 10 else f"{v:.0f}"
+                    kw = {"va": "bottom" if v >= 1 else "top", "rotation": 0 if ok else 90, "color": "k" if ok else "r"}
+                    ax.text(x, v, label if ok else r["status"].upper(), ha="center", fontsize=7, **kw)
+            lo, hi = min(ys) / 2, max(ys) * 2
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-            ax.set_yscale("log")
+            ax.set(yscale="log", ylim=(lo, hi), xlabel="batch size", ylabel="speedup over stock (x, log)")
+            ax.set_yticks([t * 10.0**e for e in range(-3, 5) for t in (1, 2, 5) if lo <= t * 10.0**e <= hi])
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xticks(range(len(batches)), [str(b) for b in batches])
-            ax.set(xlabel="batch size", ylabel="speedup over stock (x, log)")
             ax.set_title(f"{impl}: {BLOCKS[bi].describe()}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in PASSES]
     fig.legend(handles, [f"{p}: {doc}" for p, doc in PASSES.items()], loc="lower center", fontsize=8, frameon=False)

@@ -80,35 +80,22 @@ def run_worker(spec: dict, allocator: str) -> dict:
         return {"error": f"unreadable output: {lines[-1][:300]}"}
 
 
-def _best(runs: list[dict], key: str) -> dict:
-    """The run with the lowest median of `key`, with every round's median."""
-    done = [r[key] for r in runs]
-    return {**min(done, key=lambda s: s["median_s"]), "round_medians_s": [s["median_s"] for s in done]}
-
-
 def _summary(runs: list[dict], timed: tuple[str, ...]) -> dict:
-    """One implementation over the rounds: failed (no process gave figures),
-    refused (the gate said no in any round) or ok with the best of rounds."""
+    """One implementation over the rounds: failed (no process gave figures), refused (the
+    gate said no in any round) or ok, each of `timed` the best round's (lowest median)."""
     good = [r for r in runs if "error" not in r]
     out = {"status": "failed", "errors": [r["error"] for r in runs if "error" in r]}
     if good:
         bad = [r["check"] for r in good if not r["check"]["ok"]]
         out.update(status="refused" if bad else "ok", check=(bad or [good[0]["check"]])[0])
-        out["reason"] = bad[0]["reason"] if bad else None
-        out["first_call_s"] = good[0]["first_call_s"]
-        out.update({key: _best(good, key) for key in timed if not bad})
+        out.update(reason=bad[0]["reason"] if bad else None, first_call_s=good[0]["first_call_s"])
+        for key in timed if not bad else ():
+            medians = [r[key]["median_s"] for r in good]
+            out[key] = {**min((r[key] for r in good), key=lambda t: t["median_s"]), "round_medians_s": medians}
     return out
 
 
-def run_section(
-    device: str,
-    quick: bool,
-    impls: list[str] | None = None,
-    allocators: list[str] | None = None,
-    rounds: int | None = None,
-    threads: int | None = None,
-    log=print,
-) -> dict:
+def run_section(device: str, quick: bool, impls=None, allocators=None, rounds=None, threads=None, log=print) -> dict:
     """Every implementation of TRAIN and INFER named in `impls` (all by default;
     stock always) on `device`; the section's figures as a JSON-able dict."""
     refusal = device_refusal(device)
