@@ -14,6 +14,7 @@ grad_weight, grad_bias (and grad_input for fwd+bwd+dx).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ IMPLS = {
 }
 
 
-def make_inputs(block: Block, batch: int, device: torch.device, dtype=torch.float32) -> dict:
+def make_inputs(block: Block, batch: int, device: torch.device) -> dict:
     """Inputs like the model's: block 1 normalised uint8-like images, block 2
     standard-normal activations; nn.Conv2d's default weight and bias init; a fixed
     random grad_output. Block 2's activations, weights and bias are rounded to
@@ -117,7 +118,7 @@ def make_inputs(block: Block, batch: int, device: torch.device, dtype=torch.floa
     if block.index == 2:
         w, b = _round(w, 10), _round(b, 16)
     g = torch.randn((batch, block.cout, block.conv_hw // 2, block.conv_hw // 2), generator=gen)
-    return {k: t.to(device, dtype).contiguous() for k, t in zip("xwbg", (x, w, b, g))}
+    return {k: t.to(device).contiguous() for k, t in zip("xwbg", (x, w, b, g))}
 
 
 def _round(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,18 +167,9 @@ def bench_row(block, batch, pass_name, impls, device, threads, min_run_time, cei
     want = runner(stock_block, inputs, pass_name)()
     exact = runner(stock_block, {k: t.double() for k, t in inputs.items()}, pass_name)()
     flops, nbytes = block.flops(batch, pass_name), block.bytes_moved(batch, pass_name)
-    records, runs = {}, {}
+    records, runs, key = {}, {}, {"block": block.index, "batch": batch, "pass": pass_name}
     for name in ["stock", *(n for n in impls if n != "stock")]:
-        rec = records[name] = {
-            "block": block.index,
-            "batch": batch,
-            "pass": pass_name,
-            "impl": name,
-            "status": "ok",
-            "reason": None,
-            "flops": flops,
-            "bytes": nbytes,
-        }
+        rec = records[name] = {**key, "impl": name, "status": "ok", "reason": None, "flops": flops, "bytes": nbytes}
         if name not in failed:
             try:
                 fn, rec["compile_s"] = IMPLS[name](inputs, pass_name)
@@ -215,16 +207,12 @@ def bench_rows(cfg: dict, device: torch.device, ceilings: dict, rows: list, log)
             startup_s = clock(device) - t0
         except Exception as exc:
             failed["compile"] = first_line(exc)
-    for bi in cfg["blocks"]:
-        for batch in cfg["batch_sizes"]:
-            for pass_name in PASSES:
-                t0 = time.perf_counter()
-                args = (cfg["impls"], device, cfg["threads"], cfg["min_run_time_s"], ceilings, failed)
-                recs = bench_row(BLOCKS[bi], batch, pass_name, *args)
-                rows += recs
-                done = ", ".join(
-                    f"{r['impl']} {r['median_s'] * 1e3:.3g} ms" if r["status"] == "ok" else f"{r['impl']} {r['status']}"
-                    for r in recs
-                )
-                log(f"  block {bi} B={batch} {pass_name}: {done} ({time.perf_counter() - t0:.1f} s)")
+    for bi, batch, pass_name in itertools.product(cfg["blocks"], cfg["batch_sizes"], PASSES):
+        t0 = time.perf_counter()
+        args = (cfg["impls"], device, cfg["threads"], cfg["min_run_time_s"], ceilings, failed)
+        rows += (recs := bench_row(BLOCKS[bi], batch, pass_name, *args))
+        done = [
+            f"{r['impl']} " + (f"{r['median_s'] * 1e3:.3g} ms" if r["status"] == "ok" else r["status"]) for r in recs
+        ]
+        log(f"  block {bi} B={batch} {pass_name}: {', '.join(done)} ({time.perf_counter() - t0:.1f} s)")
     return startup_s

@@ -207,15 +207,12 @@ def machine(device: torch.device, threads: int, repo_dir: Path | None) -> dict:
             dirty = bool(_git(["status", "--porcelain", "--untracked-files=no"], d))
             git = {"commit": commit, "dirty": dirty, "dir": str(d)}
             break
-    env = (
-        "MALLOC_MMAP_THRESHOLD_",
-        "MALLOC_TRIM_THRESHOLD_",
-        "FMNIST_CPU_ISA",
-        "FMNIST_DISABLE_EXTENSION",
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-    )
-    desc = {
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(("MALLOC_", "FMNIST_CPU_ISA", "FMNIST_DISABLE_EXTENSION", "OMP_", "MKL_"))
+    }
+    return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": _cpu("model name") or platform.processor() or platform.machine(),
         "cpu_flags": [f for f in (_cpu("flags") or "").split() if f.startswith(SIMD_FLAGS)],
@@ -234,6 +231,5 @@ def machine(device: torch.device, threads: int, repo_dir: Path | None) -> dict:
         "kernels_status": fmnist_ext.kernels_status(),
         "fused_uses_compiled_kernels": fmnist_ext.uses_compiled_kernels(device),
         "git": git,
-        "env": {k: os.environ[k] for k in env if k in os.environ},
+        "env": env,  # allocator, kernel build and thread settings
     }
-    return desc
