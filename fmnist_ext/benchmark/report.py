@@ -11,9 +11,7 @@ from .. import atomic
 from .blocks import BLOCKS, PASSES
 
 
-def _ms(s: float | None) -> str:
-    if s is None:
-        return "-"
+def _ms(s: float) -> str:
     ms = s * 1e3
     return f"{ms * 1e3:.0f} µs" if ms < 1 else f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
 
@@ -107,15 +105,15 @@ def render_markdown(report: dict) -> str:
 def _whole_model(section: dict) -> list[str]:
     cfg = section["config"]
     where = f"{cfg['device']} ({cfg['gpu']}; every time read after torch.cuda.synchronize())" if cfg["gpu"] else "cpu"
-    compiled = f"`{cfg['compile_timed_in']}` allocator setting only" if cfg["compile_timed_in"] else "not timed"
+    compiled = f"one round, `{cfg['compile_timed_in']}` allocator only" if cfg["compile_timed_in"] else "not timed"
     out = [
         "",
         "## Whole model (FashionCNN, each implementation in its own process)",
         "",
-        f"Device {where}, {cfg['threads']} threads. Best of {cfg['rounds']} rounds (one process per implementation "
+        f"Device {where}, {cfg['threads']} threads. Best of {cfg['rounds']} round(s) (one process per implementation "
         f"and round, order rotated). Training: batch {cfg['batch']}, Adam lr 0.01, synthetic uint8 images "
         f"normalised per step, epoch = {cfg['epoch_steps']} steps. `vs stock`: stock eager's time / this time, "
-        f"same allocator setting; `first call`: the first step or forward. torch.compile: one round, {compiled}.",
+        f"same allocator setting; `first call`: the first step or forward. torch.compile: {compiled}.",
     ]
     for alloc, a in section["allocators"].items():
         env = " ".join(f"{k}={v}" for k, v in cfg["allocators"][alloc].items()) or "glibc defaults"
