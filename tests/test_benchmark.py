@@ -284,16 +284,19 @@ def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, arg
     assert words.format(t=tmp_path) in _one_line_error(capsys, ["--quick", *args(tmp_path)])
 
 
-def test_script_rejects_nan_quickly():
-    # The reported hang: --min-run-time nan made blocked_autorange loop forever.
+@pytest.mark.parametrize("command", [[str(SCRIPT)], ["-m", "fmnist_ext.benchmark"]])
+def test_both_spellings_reject_nan_quickly(command):
+    # The reported hang: --min-run-time nan made blocked_autorange loop forever. From python/, `-m`
+    # imports the installed package (as the script does), not the checkout's sources.
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--min-run-time", "nan"],
-        cwd=REPO,
+        [sys.executable, *command, "--quick", "--min-run-time", "nan"],
+        cwd=SCRIPT.parent,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2 and "--min-run-time" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("fmnist-benchmark: error: argument --min-run-time:")
 
 
 def test_outputs_written_atomically(tmp_path, monkeypatch):
@@ -305,7 +308,7 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
         "machine": {"torch": torch.__version__},
         "rows": [],
     }
-    rep["config"]["quick"] = True  # a chart of no rows: savefig is reached
+    rep["config"]["quick"] = True
     png = tmp_path / "b.png"
     png.write_bytes(b"old chart")
 
