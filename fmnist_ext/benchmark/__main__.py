@@ -60,27 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Every implementation is checked against stock on the timed inputs first, and refused if it differs.",
         epilog="--quick: per-block batch sizes 1,64 and 0.05 s per row; whole model at batch 256 with a 3-step "
         "epoch, eval at batch 1,64, one round, default allocator, no profile; implementations "
-        f"{','.join(QUICK_IMPLS)}. Flags given explicitly win. Allocator settings: default (glibc's) and tuned ("
+        f"{','.join(QUICK_IMPLS)}. Explicit flags win. Each section times the implementations of --impls it has, "
+        "and stock always. Allocator settings: default (glibc's) and tuned ("
         + " ".join(f"{k}={v}" for k, v in ALLOCATORS["tuned"].items())
         + "); on cuda only default.",
     )
-    names = _list(str, "names", ALL_IMPLS)
+    names, allocators = _list(str, "names", ALL_IMPLS), _list(str, "names", list(ALLOCATORS))
     block_numbers = _list(int, "block numbers", list(blocks.BLOCKS))
     batch_sizes = _list(_batch, f"batch sizes in [1, {MAX_BATCH}]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where everything runs (default cpu)")
-    p.add_argument("--threads", type=cli.thread_count, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=cli.thread_count, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="smoke run, about a minute (see below)")
-    p.add_argument("--impls", type=names, help=f"from {','.join(ALL_IMPLS)} (default all; stock always)")
-    p.add_argument("--blocks", type=block_numbers, default=[1, 2], help="conv blocks (default 1,2)")
-    p.add_argument("--batch-sizes", type=batch_sizes, help="per block (default 1,64,256,1000,4096; cuda: +10000)")
-    p.add_argument("--min-run-time", type=cli.positive_float, help="seconds per implementation and row (default 1)")
+    p.add_argument("--impls", type=names, metavar="LIST", help=f"from {','.join(ALL_IMPLS)} (default all)")
+    p.add_argument("--blocks", type=block_numbers, metavar="LIST", default=[1, 2], help="conv blocks (default 1,2)")
+    p.add_argument("--batch-sizes", type=batch_sizes, metavar="LIST", help="default 1,64,256,1000,4096 (cuda +10000)")
+    p.add_argument(
+        "--min-run-time", type=cli.positive_float, metavar="S", help="seconds per block row and impl (default 1)"
+    )
     p.add_argument("--no-blocks", action="store_true", help="skip the per-block rows")
     p.add_argument("--no-model", action="store_true", help="skip the whole model")
-    p.add_argument("--rounds", type=cli.positive_int, help="whole model: rounds, best kept (default 2)")
-    p.add_argument("--allocators", type=_list(str, "names", list(ALLOCATORS)), help="whole model: default,tuned")
-    p.add_argument("--json", type=Path, help="write every figure and the machine description here")
-    p.add_argument("--markdown", type=Path, help="write the markdown report here (it is also printed)")
-    p.add_argument("--png", type=Path, help="write the per-block speedup chart here (png, svg, pdf, ...)")
+    p.add_argument("--rounds", type=cli.positive_int, metavar="N", help="whole model: rounds, best kept (default 2)")
+    p.add_argument("--allocators", type=allocators, metavar="LIST", help="whole model: default,tuned")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write every figure and the machine description here")
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="write the markdown report here (also printed)")
+    p.add_argument("--png", type=Path, metavar="PATH", help="write the block speedup chart here (.png, .svg, .pdf)")
     return p
 
 
