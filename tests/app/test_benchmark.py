@@ -1,12 +1,7 @@
-"""Smoke tests of the benchmark script (python/benchmark.py, fmnist_ext.benchmark).
-One file for the one command: its flags, outputs, refusals and gate (over
-400 lines for that reason; the whole-model section is test_bench_model.py).
-
-They check that a --quick run produces the markdown, JSON and PNG with the
-documented structure, and that the correctness gate refuses an implementation
-that does not match stock (no timing of these is asserted: the figures come
-from a tiny, noisy run).
-"""
+"""The benchmark (python/benchmark.py, python -m fmnist_ext.benchmark): a --quick run
+end to end, the per-block rows' correctness gate and cost model, and the command
+line's refusals and output files. The whole-model section is test_bench_model.py.
+No timing is asserted: the figures come from a tiny, noisy run."""
 
 from __future__ import annotations
 
@@ -19,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_ext.benchmark import blocks, cli, compile_cache, gate, impls, render, rows, runner, timing
+from fmnist_ext.benchmark import __main__ as bench
+from fmnist_ext.benchmark import blocks, report
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "python" / "benchmark.py"
+COMPILED = os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0")
 
 
 @pytest.fixture
@@ -32,95 +29,66 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-# --- the whole script --------------------------------------------------------
-
-
 def test_quick_run_writes_markdown_json_png(tmp_path):
-    out_json, out_png, out_md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
+    out = {ext: tmp_path / f"b.{ext}" for ext in ("json", "png", "md")}
+    argv = ["--quick", "--threads", "1", "--json", out["json"], "--png", out["png"], "--markdown", out["md"]]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--threads",
-            "1",
-            "--json",
-            str(out_json),
-            "--png",
-            str(out_png),
-            "--markdown",
-            str(out_md),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(SCRIPT), *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    report = json.loads(out_json.read_text())
-    assert report["schema"] == runner.SCHEMA
-    cfg = report["config"]
+    rep = json.loads(out["json"].read_text())
+    cfg, m, ceil = rep["config"], rep["machine"], rep["ceilings"]
+    assert rep["schema"] == bench.SCHEMA
     assert cfg["quick"] is True and cfg["device"] == "cpu" and cfg["threads"] == 1
-    assert cfg["batch_sizes"] == [1, 64] and cfg["blocks"] == [1, 2]
-    assert set(cfg["impls"]) == {"fused", "stock"}
-
-    m = report["machine"]
-    for key in ("date", "cpu_model", "cpu_count", "torch", "kernels_status", "git", "env", "loadavg_at_start"):
+    assert cfg["batch_sizes"] == [1, 64] and cfg["blocks"] == [1, 2] and cfg["impls"] == ["stock", "fused"]
+    for key in ("date", "cpu_model", "cpu_flags", "cpu_count", "kernels_status", "git", "env", "loadavg_at_end"):
         assert key in m, key
-    assert m["torch"] == torch.__version__
-    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
-        assert m["fused_uses_compiled_kernels"] is True
-    assert "cpu_isa" in m["kernels_status"]
+    assert m["torch"] == torch.__version__ and "cpu_isa" in m["kernels_status"]
+    assert m["git"]["commit"] and len(m["git"]["commit"]) == 40
+    assert m["fused_uses_compiled_kernels"] is True or not COMPILED
+    assert ceil["sgemm"]["gflops"] > 0 and ceil["copy"]["gbps"] > 0
 
-    peaks = report["peaks"]
-    assert peaks["sgemm"]["gflops"] > 0 and peaks["sgemm"]["median_s"] > 0
-    assert peaks["copy"]["gbps"] > 0 and peaks["copy"]["bytes"] > 0
-
-    rows = report["rows"]
-    keys = {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows}
-    expected = {(b, n, p, i) for b in (1, 2) for n in (1, 64) for p in blocks.PASSES for i in ("fused", "stock")}
-    assert keys == expected
+    rows = rep["rows"]
+    assert {(r["block"], r["batch"], r["pass"], r["impl"]) for r in rows} == {
+        (b, n, p, i) for b in (1, 2) for n in (1, 64) for p in blocks.PASSES for i in ("fused", "stock")
+    }
+    stock = {(r["block"], r["batch"], r["pass"]): r for r in rows if r["impl"] == "stock"}
     for r in rows:
-        assert r["status"] == "ok", r
-        assert r["check"]["ok"] is True
-        assert r["median_s"] > 0 and r["n_measurements"] >= timing.ROUNDS
+        assert r["status"] == "ok" and r["check"]["ok"] is True, r
+        assert r["median_s"] > 0 and r["n"] >= blocks.ROUNDS
         assert r["flops"] == blocks.BLOCKS[r["block"]].flops(r["batch"], r["pass"])
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
-        assert r["frac_peak_flops"] == pytest.approx(r["gflops"] / peaks["sgemm"]["gflops"])
-        assert r["frac_peak_bw"] == pytest.approx(r["gbps"] / peaks["copy"]["gbps"])
-        if r["impl"] == "stock":
-            assert r["speedup_vs_stock"] == 1.0
-        else:
-            stock = next(
-                s
-                for s in rows
-                if s["impl"] == "stock" and (s["block"], s["batch"], s["pass"]) == (r["block"], r["batch"], r["pass"])
-            )
-            assert r["speedup_vs_stock"] == pytest.approx(stock["median_s"] / r["median_s"])
+        assert r["frac_sgemm"] == pytest.approx(r["gflops"] / ceil["sgemm"]["gflops"])
+        assert r["frac_copy"] == pytest.approx(r["gbps"] / ceil["copy"]["gbps"])
+        base = stock[(r["block"], r["batch"], r["pass"])]["median_s"]
+        assert r["speedup_vs_stock"] == pytest.approx(base / r["median_s"])
 
-    # the whole model: the whole-model section's quick form (training step and epoch, one process each)
-    assert report["whole_model"]["config"]["device"] == "cpu" and report["whole_model"]["config"]["gpu"] is None
-    assert cfg["whole_model"].startswith("python -m fmnist_ext.benchmark.model --device cpu --quick")
-    train = report["whole_model"]["allocators"]["default"]["train"]
-    assert set(train) == {"fused", "stock"}
-    assert train["fused"]["status"] == "ok", train["fused"]
-    for impl in ("fused", "stock"):
-        assert train[impl]["step"]["median_s"] > 0
-        assert train[impl]["epoch"]["median_s"] > 0
-    assert train["fused"]["step_vs_stock"] > 0
-    if os.environ.get("FMNIST_REQUIRE_COMPILED", "") not in ("", "0"):
-        assert train["fused"]["fused_compiled"] is True
+    # the whole model, each implementation in its own process: training, and eval including for_inference()
+    section = rep["whole_model"]
+    assert section["config"]["device"] == "cpu" and section["config"]["gpu"] is None
+    assert list(section["allocators"]) == ["default"]
+    a = section["allocators"]["default"]
+    assert set(a["train"]) == {"fused", "stock"} and set(a["infer"]) == {"stock", "fused", "inference"}
+    for t in a["train"].values():
+        assert t["status"] == "ok" and t["step"]["median_s"] > 0 and t["epoch"]["median_s"] > 0, t
+    assert a["train"]["fused"]["step_vs_stock"] > 0
+    for impl in a["infer"].values():
+        assert set(impl) == {"1", "64"} and all(
+            b["status"] == "ok" and b["forward"]["median_s"] > 0 for b in impl.values()
+        )
+    assert a["infer"]["inference"]["1"]["forward_vs_stock"] > 0
 
-    md = out_md.read_text()
+    md = out["md"].read_text()
     assert md == proc.stdout
-    assert "| batch | pass | impl | median ms | vs stock |" in md
-    assert "## Whole model" in md and "\nDevice: cpu.\n" in md and "REFUSED" not in md
-    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| batch | pass | impl | median | vs stock |" in md and "| for_inference() |" in md
+    assert "## Whole model" in md and "REFUSED" not in md
+    assert "issue" not in md.lower() and "target" not in md.lower()  # measurements, not verdicts
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- the correctness gate ------------------------------------------------------
+# --- the correctness gate ---------------------------------------------------------
 
 
 class _WrongWeightGrad(torch.autograd.Function):
@@ -129,191 +97,130 @@ class _WrongWeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w, b)
-        return impls.stock_block(x, w, b)
+        return blocks.stock_block(x, w, b)
 
     @staticmethod
     def backward(ctx, g):
-        x, w, b = ctx.saved_tensors
         with torch.enable_grad():
-            xx, ww, bb = (t.detach().requires_grad_(True) for t in (x, w, b))
-            gx, gw, gb = torch.autograd.grad(impls.stock_block(xx, ww, bb), (xx, ww, bb), g)
+            xx, ww, bb = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+            gx, gw, gb = torch.autograd.grad(blocks.stock_block(xx, ww, bb), (xx, ww, bb), g)
         return gx, gw * 1.01, gb
 
 
 def _wrong_output(x, w, b):
-    return impls.stock_block(x, w, b) * 1.001
+    return blocks.stock_block(x, w, b) * 1.001
 
 
-def _raises(x, w, b):
-    raise RuntimeError("kernel exploded")
+def _inputs(block, batch):
+    return blocks.make_inputs(blocks.BLOCKS[block], batch, torch.device("cpu"))
+
+
+def _exact(inputs, pass_name):
+    return blocks.runner(blocks.stock_block, {k: t.double() for k, t in inputs.items()}, pass_name)()
 
 
 @pytest.mark.parametrize("block", [1, 2])
 @pytest.mark.parametrize("pass_name", blocks.PASSES)
 def test_gate_accepts_the_real_implementations(block, pass_name):
-    inp = impls.make_inputs(blocks.BLOCKS[block], 3, torch.device("cpu"))
-    for name, fn in impls.base_impls().items():
-        res = gate.check_implementation(fn, inp, pass_name)
-        assert res.ok, (name, res.reason)
-        assert set(res.max_rel_err) == set(impls.RESULT_NAMES[pass_name])
+    inputs = _inputs(block, 3)
+    for fn in (blocks.stock_block, blocks.fused_block):
+        res = blocks.check(fn, inputs, pass_name)
+        assert res["ok"], (fn, res["reason"])
+        assert set(res["max_rel_err"]) == set(blocks.RESULTS[pass_name])
 
 
 def test_block2_inputs_make_every_convolution_sum_exact_in_float32():
-    # So float32 fused and stock pick the float64 yardstick's pool winners
-    # even at batch 1000 (unrounded inputs had near-ties there, and the gate
-    # refused the fused backward for an equally right winner).
-    inp = impls.make_inputs(blocks.BLOCKS[2], 1000, torch.device("cpu"))
-    conv32 = torch.nn.functional.conv2d(inp.x, inp.w, inp.b)
-    conv64 = torch.nn.functional.conv2d(inp.x.double(), inp.w.double(), inp.b.double())
+    # So float32 fused and stock pick the float64 yardstick's pool winners even at
+    # batch 1000 (unrounded inputs had near-ties there, and the gate refused a correct backward).
+    inputs = _inputs(2, 1000)
+    conv32 = torch.nn.functional.conv2d(inputs["x"], inputs["w"], inputs["b"])
+    conv64 = torch.nn.functional.conv2d(*(inputs[k].double() for k in "xwb"))
     assert torch.equal(conv32.double(), conv64)
-    assert 0.9 < inp.x.std().item() < 1.1  # still standard-normal activations
+    assert 0.9 < inputs["x"].std().item() < 1.1  # still standard-normal activations
 
 
-def test_gate_refuses_a_wrong_output():
-    inp = impls.make_inputs(blocks.BLOCKS[1], 4, torch.device("cpu"))
-    res = gate.check_implementation(_wrong_output, inp, "fwd")
-    assert not res.ok and res.reason.startswith("output differs from stock")
-
-
-def test_gate_refuses_a_wrong_gradient_but_not_its_forward():
-    inp = impls.make_inputs(blocks.BLOCKS[2], 4, torch.device("cpu"))
-    assert gate.check_implementation(_WrongWeightGrad.apply, inp, "fwd").ok
+def test_gate_refuses_wrong_outputs_gradients_shapes_and_exceptions():
+    res = blocks.check(_wrong_output, _inputs(1, 4), "fwd")
+    assert not res["ok"] and res["reason"].startswith("output differs from stock")
+    inputs = _inputs(2, 4)
+    assert blocks.check(_WrongWeightGrad.apply, inputs, "fwd")["ok"]  # its forward is right
     for pass_name in ("fwd+bwd", "fwd+bwd+dx"):
-        res = gate.check_implementation(_WrongWeightGrad.apply, inp, pass_name)
-        assert not res.ok and res.reason.startswith("grad_weight differs from stock"), res.reason
+        res = blocks.check(_WrongWeightGrad.apply, inputs, pass_name)
+        assert not res["ok"] and res["reason"].startswith("grad_weight differs from stock"), res["reason"]
+    res = blocks.check(lambda x, w, b: torch.relu(torch.conv2d(x, w, b)), _inputs(1, 2), "fwd")
+    assert not res["ok"] and "shape" in res["reason"]
 
+    def raises(x, w, b):
+        raise RuntimeError("kernel exploded")
 
-def test_gate_refuses_an_implementation_that_raises():
-    inp = impls.make_inputs(blocks.BLOCKS[1], 2, torch.device("cpu"))
-    res = gate.check_implementation(_raises, inp, "fwd")
-    assert not res.ok and "RuntimeError: kernel exploded" in res.reason
-
-
-def test_gate_refuses_a_wrong_shape():
-    inp = impls.make_inputs(blocks.BLOCKS[1], 2, torch.device("cpu"))
-    res = gate.check_implementation(lambda x, w, b: torch.relu(torch.conv2d(x, w, b)), inp, "fwd")
-    assert not res.ok and "shape" in res.reason
-
-
-def test_refused_implementation_gets_no_speed(monkeypatch, restore_threads):
-    """End to end: a broken 'fused' is checked, refused, not timed, and shown as REFUSED."""
-    real = impls.base_impls()
-    monkeypatch.setattr(impls, "base_impls", lambda: {**real, "fused": _wrong_output})
-    args = cli.build_parser().parse_args(
-        ["--quick", "--no-model", "--threads", "1", "--blocks", "1", "--batch-sizes", "2", "--min-run-time", "0.01"]
-    )
-    report = runner.run(args, log=lambda msg: None)
-    fused = [r for r in report["rows"] if r["impl"] == "fused"]
-    assert len(fused) == len(blocks.PASSES)
-    for r in fused:
-        assert r["status"] == "refused" and "output differs from the float64 reference" in r["reason"]
-        assert "median_s" not in r and "speedup_vs_stock" not in r
-    others = [r for r in report["rows"] if r["impl"] != "fused"]
-    assert others and all(r["status"] == "ok" and r["median_s"] > 0 for r in others)
-    md = render.render_markdown(report)
-    assert md.count("| fused | REFUSED: output differs from the float64 reference") == len(blocks.PASSES)
-    json.dumps(report, allow_nan=False)  # still serialisable
-
-
-def test_compile_failure_is_skipped_with_its_reason(monkeypatch):
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    state = compile_cache.CompileState()
-    recs = rows.bench_row(
-        blocks.BLOCKS[2],
-        2,
-        "fwd",
-        {"stock": impls.stock_block, "compile": None},
-        torch.device("cpu"),
-        1,
-        0.01,
-        None,
-        state,
-    )
-    comp = next(r for r in recs if r["impl"] == "compile")
-    assert comp["status"] == "skipped" and "RuntimeError: no compiler here" in comp["reason"]
-    assert "median_s" not in comp
-    # later rows are skipped with the same reason, without trying again
-    recs = rows.bench_row(
-        blocks.BLOCKS[2],
-        2,
-        "fwd+bwd",
-        {"stock": impls.stock_block, "compile": None},
-        torch.device("cpu"),
-        1,
-        0.01,
-        None,
-        state,
-    )
-    assert next(r for r in recs if r["impl"] == "compile")["status"] == "skipped"
-
-
-# --- the cost model ------------------------------------------------------------
-
-
-def test_flop_and_byte_conventions():
-    b1, b2 = blocks.BLOCKS[1], blocks.BLOCKS[2]
-    # 2*Cout*Hconv*Wconv*Cin*k*k per image: the issue's 173 M and 230 M at batch 1000
-    assert b1.flops(1000, "fwd") == 2 * 6 * 24 * 24 * 1 * 25 * 1000 == 172_800_000
-    assert b2.flops(1000, "fwd") == 2 * 12 * 8 * 8 * 6 * 25 * 1000 == 230_400_000
-    assert b1.flops(10, "fwd+bwd") == 2 * b1.flops(10, "fwd")
-    assert b1.flops(10, "fwd+bwd+dx") == 3 * b1.flops(10, "fwd")
-    # forward: read x, w, b; write pooled y (float32)
-    assert b1.bytes_moved(1, "fwd") == 4 * (784 + 150 + 6 + 6 * 12 * 12)
-    x, w, b, y = 784, 150, 6, 864
-    assert b1.bytes_moved(1, "fwd+bwd") == 4 * ((x + w + b + y) + (y + x + w + w + b))
-    assert b1.bytes_moved(1, "fwd+bwd+dx") == b1.bytes_moved(1, "fwd+bwd") + 4 * x
-
-
-def test_cli_rejects_bad_values():
-    parser = cli.build_parser()
-    for argv in (["--impls", "fused,bogus"], ["--batch-sizes", "0"], ["--batch-sizes", "a"], ["--device", "tpu"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(argv)
-
-
-def _exact(inp, pass_name):
-    inp64 = impls.RowInputs(inp.block, inp.batch, *(t.double() for t in (inp.x, inp.w, inp.b, inp.g)))
-    return impls.pass_runner(impls.stock_block, inp64, pass_name)()
+    res = blocks.check(raises, _inputs(1, 2), "fwd")
+    assert not res["ok"] and "RuntimeError: kernel exploded" in res["reason"]
 
 
 @pytest.mark.parametrize("pass_name", ["fwd+bwd", "fwd+bwd+dx"])
 def test_gate_with_float64_reference_accepts_real_and_refuses_wrong(pass_name):
-    # The gate the benchmark uses: "about as accurate as stock" against float64.
-    inp = impls.make_inputs(blocks.BLOCKS[2], 64, torch.device("cpu"))
-    exact = _exact(inp, pass_name)
-    for name, fn in impls.base_impls().items():
-        res = gate.check_implementation(fn, inp, pass_name, exact=exact)
-        assert res.ok, (name, res.reason)
-    res = gate.check_implementation(_WrongWeightGrad.apply, inp, pass_name, exact=exact)
-    assert not res.ok and res.reason.startswith("grad_weight differs from the float64 reference"), res.reason
+    # What the rows use: "about as accurate as stock" against float64.
+    inputs = _inputs(2, 64)
+    exact = _exact(inputs, pass_name)
+    for fn in (blocks.stock_block, blocks.fused_block):
+        res = blocks.check(fn, inputs, pass_name, exact=exact)
+        assert res["ok"], (fn, res["reason"])
+    res = blocks.check(_WrongWeightGrad.apply, inputs, pass_name, exact=exact)
+    assert not res["ok"] and res["reason"].startswith("grad_weight differs from the float64 reference"), res["reason"]
 
 
-# --- arguments and outputs checked before any timing ------------------------------
+def _quick_args(*extra):
+    argv = ["--quick", "--no-model", "--threads", "1", "--blocks", "1", "--batch-sizes", "2", "--min-run-time", "0.01"]
+    return bench.build_parser().parse_args([*argv, *extra])
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--min-run-time", "nan"],
-        ["--min-run-time", "-1"],
-        ["--min-run-time", "0"],
-        ["--min-run-time", "inf"],
-        ["--threads", "0"],
-        ["--threads", "-2"],
-        ["--threads", "x"],
-        ["--threads", "99999999999"],  # issue 17 item 11: past torch.set_num_threads' C int
-        ["--batch-sizes", "1,1000000000000"],  # issue 17 item 11: a terabyte allocation
-        ["--blocks", "3"],
-    ],
-)
-def test_cli_rejects_bad_numbers_before_timing(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.build_parser().parse_args(argv)
-    assert e.value.code == 2
-    assert argv[0] in capsys.readouterr().err
+def test_refused_implementation_gets_no_speed(monkeypatch, restore_threads):
+    """End to end: a broken 'fused' is checked, refused, not timed, and shown as REFUSED."""
+    monkeypatch.setitem(blocks.IMPLS, "fused", lambda inputs, pass_name: (_wrong_output, None))
+    rep = bench.run(_quick_args(), log=lambda msg: None)
+    fused = [r for r in rep["rows"] if r["impl"] == "fused"]
+    assert len(fused) == len(blocks.PASSES)
+    for r in fused:
+        assert r["status"] == "refused" and "output differs from the float64 reference" in r["reason"]
+        assert "median_s" not in r and "speedup_vs_stock" not in r
+    others = [r for r in rep["rows"] if r["impl"] != "fused"]
+    assert others and all(r["status"] == "ok" and r["median_s"] > 0 for r in others)
+    md = report.render_markdown(rep)
+    assert md.count("| fused | REFUSED: output differs from the float64 reference") == len(blocks.PASSES)
+    assert "## Whole model: not run (--no-model)" in md
+    json.dumps(rep, allow_nan=False)  # still serialisable
+
+
+def test_an_implementation_that_cannot_be_built_is_skipped_with_its_reason(monkeypatch, restore_threads):
+    calls = []
+
+    def broken_compile(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rep = bench.run(_quick_args("--impls", "compile"), log=lambda msg: None)
+    comp = [r for r in rep["rows"] if r["impl"] == "compile"]
+    assert len(comp) == len(blocks.PASSES) and len(calls) == 1  # later rows skipped without trying again
+    assert all(r["status"] == "skipped" and "RuntimeError: no compiler here" in r["reason"] for r in comp)
+    assert all("median_s" not in r for r in comp)
+    assert "| compile | SKIPPED: could not be built: RuntimeError: no compiler here" in report.render_markdown(rep)
+
+
+def test_flop_and_byte_conventions():
+    b1, b2 = blocks.BLOCKS[1], blocks.BLOCKS[2]
+    # 2*Cout*Hconv*Wconv*Cin*k*k per image: 173 M and 230 M at batch 1000
+    assert b1.flops(1000, "fwd") == 2 * 6 * 24 * 24 * 1 * 25 * 1000 == 172_800_000
+    assert b2.flops(1000, "fwd") == 2 * 12 * 8 * 8 * 6 * 25 * 1000 == 230_400_000
+    assert b1.flops(10, "fwd+bwd") == 2 * b1.flops(10, "fwd")
+    assert b1.flops(10, "fwd+bwd+dx") == 3 * b1.flops(10, "fwd")
+    x, w, b, y = 784, 150, 6, 864  # forward: read x, w, b; write pooled y (float32)
+    assert b1.bytes_moved(1, "fwd") == 4 * (x + w + b + y)
+    assert b1.bytes_moved(1, "fwd+bwd") == 4 * ((x + w + b + y) + (y + x + w + w + b))
+    assert b1.bytes_moved(1, "fwd+bwd+dx") == b1.bytes_moved(1, "fwd+bwd") + 4 * x
+
+
+# --- arguments and outputs, checked before any timing --------------------------------
 
 
 @pytest.fixture
@@ -321,64 +228,87 @@ def no_timing(monkeypatch):
     def timed(*a, **k):
         raise AssertionError("the benchmark ran before its arguments were checked")
 
-    monkeypatch.setattr(runner, "run", timed)
+    monkeypatch.setattr(bench, "run", timed)
+
+
+def _one_line_error(capsys, argv) -> str:
+    try:
+        code = bench.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--min-run-time", "nan"], "--min-run-time"),
+        (["--min-run-time", "-1"], "--min-run-time"),
+        (["--min-run-time", "0"], "--min-run-time"),
+        (["--min-run-time", "inf"], "--min-run-time"),
+        (["--threads", "0"], "--threads"),
+        (["--threads", "x"], "--threads"),
+        (["--threads", "99999999999"], "--threads"),  # past torch.set_num_threads' C int
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--batch-sizes", "a"], "--batch-sizes"),
+        (["--batch-sizes", "1,1000000000000"], "--batch-sizes"),  # a terabyte allocation
+        (["--blocks", "3"], "--blocks"),
+        (["--impls", "fused,bogus"], "--impls: unknown bogus"),
+        (["--impls", "reference"], "--impls: unknown reference"),  # the stock sequence: every row times it
+        (["--device", "tpu"], "--device"),
+        (["--rounds", "0"], "--rounds"),
+        (["--allocators", "jemalloc"], "--allocators: unknown jemalloc"),
+        (["--allocators", "default,default"], "--allocators: empty or repeated"),  # it would be timed twice
+        (["--no-blocks", "--no-model"], "--no-model: not allowed with --no-blocks"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_timing(capsys, no_timing, argv, words):
+    assert words in _one_line_error(capsys, argv)
 
 
 @pytest.mark.parametrize(
     "args, words",
     [
-        (lambda t: ["--json", str(t)], "is a folder"),
-        (lambda t: ["--markdown", str(t / "file" / "b.md")], "is not a folder"),
-        (lambda t: ["--png", str(t / "b.weird")], "unknown image format 'weird'"),
+        (lambda t: ["--json", str(t)], "--json: {t} is a folder"),
+        (lambda t: ["--markdown", str(t / "file" / "b.md")], "--markdown: {t}/file (folder of"),
+        (lambda t: ["--png", str(t / "b.weird")], "--png: cannot write {t}/b.weird: unknown image format 'weird'"),
         (lambda t: ["--json", str(t / "b.out"), "--markdown", str(t / "b.out")], "is also the --json file"),
+        (lambda t: ["--no-blocks", "--png", str(t / "b.png")], "--png: the chart is of the per-block rows"),
     ],
 )
 def test_bad_output_paths_refused_before_timing(tmp_path, capsys, no_timing, args, words):
     (tmp_path / "file").write_text("x")
-    argv = args(tmp_path)
-    assert _exit_code(cli.main, ["--quick", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "argument --" in err[0] and words in err[0], err
+    assert words.format(t=tmp_path) in _one_line_error(capsys, ["--quick", *args(tmp_path)])
 
 
-@pytest.mark.parametrize("impls_arg", ["reference", "fused,reference"])
-def test_reference_is_refused_as_the_same_computation_as_stock(capsys, no_timing, impls_arg):
-    # The pure-PyTorch fallback computes exactly the stock sequence: timing it was stock twice.
-    assert _exit_code(cli.main, ["--quick", "--impls", impls_arg]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "argument --impls: 'reference' is the same computation as stock" in err[0], err
-    assert "reference" not in impls.IMPLS and "reference" not in impls.base_impls()
-
-
-def _exit_code(fn, argv) -> int:
-    try:
-        return fn(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def test_script_rejects_nan_quickly():
-    # The reported hang: --min-run-time nan made blocked_autorange loop forever.
+@pytest.mark.parametrize("command", [[str(SCRIPT)], ["-m", "fmnist_ext.benchmark"]])
+def test_both_spellings_reject_nan_quickly(command):
+    # The reported hang: --min-run-time nan made blocked_autorange loop forever. From python/, `-m`
+    # imports the installed package (as the script does), not the checkout's sources.
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--min-run-time", "nan"],
-        cwd=REPO,
+        [sys.executable, *command, "--quick", "--min-run-time", "nan"],
+        cwd=SCRIPT.parent,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2 and "--min-run-time" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("fmnist-benchmark: error: argument --min-run-time:")
 
 
 def test_outputs_written_atomically(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    report = {
-        "schema": runner.SCHEMA,
-        "config": {"impls": ["stock", "fused"], "batch_sizes": [1], "device": "cpu", "threads": 1, "quick": True},
+    rep = {
+        "schema": bench.SCHEMA,
+        "config": {"impls": ["stock", "fused"], "blocks": [1], "batch_sizes": [1], "device": "cpu", "threads": 1},
         "machine": {"torch": torch.__version__},
         "rows": [],
-        "whole_model": None,
     }
+    rep["config"]["quick"] = True
     png = tmp_path / "b.png"
     png.write_bytes(b"old chart")
 
@@ -388,12 +318,12 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
-    args = cli.build_parser().parse_args(["--png", str(png), "--json", str(tmp_path / "b.json")])
-    errors = cli.write_outputs(args, report, "md")
+    args = bench.build_parser().parse_args(["--png", str(png), "--json", str(tmp_path / "b.json")])
+    errors = bench.write_outputs(args, rep, "md")
     assert len(errors) == 1 and "--png" in errors[0] and "No space left" in errors[0]
     assert png.read_bytes() == b"old chart"  # the old file is intact, no half-written one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]  # no temp files left
-    assert json.loads((tmp_path / "b.json").read_text())["schema"] == runner.SCHEMA  # the others still written
+    assert json.loads((tmp_path / "b.json").read_text())["schema"] == bench.SCHEMA  # the others still written
 
 
 class _ClosedPipe:
@@ -407,59 +337,17 @@ class _ClosedPipe:
 
 
 def test_closed_stdout_loses_no_results_and_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "run", lambda args, repo_dir=None: {"schema": runner.SCHEMA})
-    monkeypatch.setattr(render, "render_markdown", lambda report: "| table |\n")
+    monkeypatch.setattr(bench, "run", lambda args, repo_dir=None: {"schema": bench.SCHEMA})
+    monkeypatch.setattr(report, "render_markdown", lambda rep: "| table |\n")
     out = tmp_path / "b.json"
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
-    assert cli.main(["--json", str(out)]) == 141
-    assert json.loads(out.read_text()) == {"schema": runner.SCHEMA}  # written before stdout was tried
+    assert bench.main(["--json", str(out)]) == 141
+    assert json.loads(out.read_text()) == {"schema": bench.SCHEMA}  # written before stdout was tried
     monkeypatch.undo()
 
     def interrupted(args, repo_dir=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run", interrupted)
-    assert cli.main(["--quick"]) == 130
+    monkeypatch.setattr(bench, "run", interrupted)
+    assert bench.main(["--quick"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["fmnist-benchmark: interrupted"]
-
-
-# --- python/summarize_benchmarks.py ------------------------------------------------
-
-
-def _summarize(argv, capsys) -> list[str]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("summarize_benchmarks", REPO / "python" / "summarize_benchmarks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([str(a) for a in argv]) == 0
-    return capsys.readouterr().out.splitlines()
-
-
-def test_summary_reads_recorded_and_whole_model_reports(tmp_path, capsys):
-    # A recorded schema-1 run (in-process model rows), as quoted in BENCHMARKS.md.
-    recorded = REPO / "docs" / "benchmarks" / "cpu-default.json"
-    lines = _summarize([recorded], capsys)
-    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) |" in lines
-    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** |" in lines
-    # A later run: the whole-model section's figures, per allocator setting it measured.
-    train = {
-        "fused": {"step": {"median_s": 0.010}, "epoch": {"median_s": 0.6}},
-        "stock": {"step": {"median_s": 0.070}, "epoch": {"median_s": 4.2}},
-    }
-    new = tmp_path / "new.json"
-    new.write_text(
-        json.dumps(
-            {
-                "schema": runner.SCHEMA,
-                "rows": [],
-                "whole_model": {"allocators": {"default": {"train": train}, "tuned": {"train": {}}}},
-            }
-        )
-    )
-    lines = _summarize([recorded, new], capsys)
-    assert "| model | training step | 16.1 vs 41.8 ms = **2.60x** | n/a |" in lines
-    assert "| model, default allocator | training step | n/a | 10.0 vs 70.0 ms = **7.00x** |" in lines
-    assert "| model, default allocator | training epoch | n/a | 600.0 vs 4200.0 ms = **7.00x** |" in lines
-    assert "| model, tuned allocator | training step | n/a | n/a |" in lines
-    assert "| 1 | forward | 2.21 vs 32.93 ms = **14.9x**; torch.compile 28.09 ms (fused 12.7x faster) | n/a |" in lines

@@ -2,8 +2,8 @@
 
 These tests fail only on a clear regression: the fused op slower than the
 stock conv2d -> relu -> max_pool2d sequence at batch 1000 for a seed block.
-The speed targets themselves are measured by python/benchmark.py and
-recorded in BENCHMARKS.md, not asserted here. CPU only: the project makes no
+The figures are measured by python/benchmark.py and the targets stated in
+BENCHMARKS.md; neither is asserted here. CPU only: the project makes no
 speed claim for its CUDA kernels against cuDNN yet (they have not run on a GPU;
 `python python/benchmark.py --device cuda` measures them).
 """
