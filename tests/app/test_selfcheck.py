@@ -226,7 +226,6 @@ def test_bad_cpu_isa_variable_is_one_line_for_info_and_train(tmp_path, value, fr
         ("fmnist_ext.evaluate", (str(ckpt),)),
         ("fmnist_ext.predict", (str(ckpt), "x.png")),
         ("fmnist_ext.benchmark", ("--quick",)),
-        ("fmnist_ext.benchmark.model", ("--quick",)),
     )
     for module, args in commands:
         out = _run(module, *args, FMNIST_CPU_ISA=value)
