@@ -45,6 +45,10 @@
 // cells whose windows can read the pixel (first/last_cell_reaching in
 // index_math.h) and adds g * w for each winner that does. Every element of
 // grad_input is written exactly once, coalesced; nothing is zeroed first.
+// Filters 5 wide over 8 pooled columns (block 2) run instead
+// conv_relu_maxpool2d_backward_input_dense_kernel: a dense masked transposed
+// convolution, each thread a register tile of input rows, in a persistent
+// grid that stages the filters once per block (kernels.cuh, bwd_dense_*).
 //
 // Backward, grad_weight / grad_bias (conv_relu_maxpool2d_backward_weight_kernel):
 // about two blocks per SM; each loops over chunks of images: stage the padded

@@ -514,6 +514,206 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 }
 
 // ---------------------------------------------------------------------------
+// Backward, grad_input as a dense masked transposed convolution: the fast
+// path for filters kDenseKW wide over a pooled region kDenseGW columns wide
+// (pw * pool; block 2 of the model: 5 and 8). D, the gradient of the
+// convolution output over the pooled region, is g at each pool winner and 0
+// at every other position; grad_input is D transposed-convolved with the
+// filters, every product of the sum formed whatever the data (no branch on
+// winners; 0 * w adds nothing unless w is not finite, where the result is
+// NaN as in stock's dense dgrad, while the CPU kernels skip the product).
+// Persistent grid (plan.h): block bx stages the filter bank once, then loops
+// over tiles of `imgs` images (tile = bx, bx + gridDim, ...): stage D of the
+// tile (the winners placed, the rest zeroed), then thread (row band, image,
+// input channel ci) accumulates a register tile of kDenseRows input rows x
+// (kDenseGW + kDenseKW - 1) padded columns: for every output channel and D
+// row rd that reaches its band it loads the D row once (16-byte loads) and,
+// for each of its rows y with 0 <= y - rd < kh, the filter row
+// w[co][ci][y - rd][0..kDenseKW) and adds their exact outer product
+// (kDenseGW x kDenseKW FMAs with compile-time register indices: no column
+// outside D's reach is computed). Input columns past D's reach are written
+// as zeros; every grad_input element is written exactly once, nothing is
+// zeroed first.
+// Lanes: the threads of a band are lanes = 32 * ceil(imgs * cin / 32),
+// lane = img * cin + ci (plan: imgs = 32 / cin images per tile), so a warp
+// runs one band (the same loop bounds on every lane), lanes of an image read
+// the same D row (a broadcast) and lanes of a channel the same filter row.
+// Shared memory (BwdDenseSmem): d[imgs][dstride] (T; dstride = cout * gh *
+//   kDenseGW rounded up to 32, + 4: consecutive images start 4 banks apart,
+//   so the 16-byte D loads of a warp's images do not conflict)
+//   | wa[cout][kh][kDenseKW / 4][cin][4] | wb[cout][kh][kDenseKW % 4][cin]
+//   (T: the filter bank, its 4-wide column groups first, so the filter row
+//   of a lane is one 16-byte load plus one word and the lanes of a warp read
+//   adjacent words).
+// Memory traffic: grad_output and indices read once; grad_input written
+// once (each lane writes row segments of its own plane); the filter bank
+// read once per block (L2-resident).
+constexpr int kDenseKW = 5;
+constexpr int kDenseGW = 8;
+constexpr int kDenseRows = 6;
+
+template <typename T, typename I>
+struct BwdDenseArgs {
+  KernelGeometry g;
+  const T* weight;    // contiguous [cout][cin][kh][kDenseKW]
+  const T* grad_out;  // contiguous [n][cout][ph][pw]
+  const I* indices;   // contiguous [n][cout][ph][pw]
+  T* grad_input;      // [n][cin][h][w]
+  int imgs;           // images per tile
+  int dstride;        // elements of d per image
+  int64_t tiles;      // ceil(n / imgs)
+};
+
+// Row bands of kDenseRows input rows, and the lanes of one band.
+FMNIST_HD int dense_bands(const KernelGeometry& g) { return ceil_div(g.h, kDenseRows); }
+FMNIST_HD int dense_lanes(const KernelGeometry& g, int imgs) { return round_up(imgs * g.cin, 32); }
+
+template <typename T, typename Byte>
+struct BwdDenseSmem {
+  SmemPtr<Byte, T> d;
+  SmemPtr<Byte, T> wa;
+  SmemPtr<Byte, T> wb;
+};
+
+template <typename T, typename I, typename Byte>
+FMNIST_HD BwdDenseSmem<T, Byte> bwd_dense_smem(const BwdDenseArgs<T, I>& a, Byte* smem) {
+  BwdDenseSmem<T, Byte> sm;
+  sm.d = reinterpret_cast<SmemPtr<Byte, T>>(smem);
+  sm.wa = sm.d + a.imgs * a.dstride;
+  sm.wb = sm.wa + a.g.cout * a.g.kh * (kDenseKW / 4) * a.g.cin * 4;
+  return sm;
+}
+
+FMNIST_HD size_t bwd_dense_smem_bytes(const KernelGeometry& g, int imgs, int dstride, size_t elem) {
+  return elem * (static_cast<size_t>(imgs) * dstride +
+                 static_cast<size_t>(g.cout) * g.kh * kDenseKW * g.cin);
+}
+
+// The filter bank, once per block: wa / wb as laid out above.
+template <typename T, typename I>
+FMNIST_HD void bwd_dense_stage_weights(const BwdDenseArgs<T, I>& a, unsigned char* smem, int tid,
+                                       int nthreads) {
+  constexpr int KQ = kDenseKW / 4 * 4, KR = kDenseKW - KQ;
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
+  const int total = g.cout * g.cin * g.kh * kDenseKW;
+  for (int e = tid; e < total; e += nthreads) {
+    const int j = e % kDenseKW;
+    const int i = (e / kDenseKW) % g.kh;
+    const int ci = (e / (kDenseKW * g.kh)) % g.cin;
+    const int co = e / (kDenseKW * g.kh * g.cin);
+    const int row = co * g.kh + i;
+    const T v = a.weight[e];
+    if (j < KQ) {
+      sm.wa[((row * (KQ / 4) + j / 4) * g.cin + ci) * 4 + j % 4] = v;
+    } else {
+      sm.wb[(row * KR + (j - KQ)) * g.cin + ci] = v;
+    }
+  }
+}
+
+// D of the tile's images (0 for images past the batch).
+template <typename T, typename I>
+FMNIST_HD void bwd_dense_stage_grad(const BwdDenseArgs<T, I>& a, int64_t tile, unsigned char* smem,
+                                    int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
+  const int gh = g.ph * g.pool;
+  const int per_img = g.cout * gh * kDenseGW;
+  const int cells = g.ph * g.pw;
+  const int64_t n0 = tile * a.imgs;
+  for (int e = tid; e < a.imgs * per_img; e += nthreads) {
+    const int img = e / per_img, r = e % per_img;
+    const int rx = r % kDenseGW;
+    const int rd = (r / kDenseGW) % gh;
+    const int co = r / (kDenseGW * gh);
+    const int64_t n = n0 + img;
+    T v = T(0);
+    if (n < g.n) {
+      const int oph = rd / g.pool, opw = rx / g.pool;
+      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == rd &&
+          winner_col(opw, j, g.pool) == rx) {
+        v = a.grad_out[src];
+      }
+    }
+    sm.d[img * a.dstride + r] = v;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_dense_work(const BwdDenseArgs<T, I>& a, int64_t tile, const unsigned char* smem,
+                              int tid, int nthreads) {
+  constexpr int KW = kDenseKW, GW = kDenseGW, R = kDenseRows, NC = GW + KW - 1;
+  constexpr int KQ = KW / 4 * 4, KR = KW - KQ;
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, const unsigned char> sm = bwd_dense_smem(a, smem);
+  const int gh = g.ph * g.pool;
+  const int lanes = dense_lanes(g, a.imgs);
+  const int units = dense_bands(g) * lanes;
+  for (int u = tid; u < units; u += nthreads) {
+    const int lane = u % lanes, band = u / lanes;
+    if (lane >= a.imgs * g.cin) continue;
+    const int img = lane / g.cin, ci = lane % g.cin;
+    const int64_t n = tile * a.imgs + img;
+    if (n >= g.n) continue;
+    const int y0 = band * R;       // the band's first input row
+    const int yp0 = y0 + g.pad_h;  // its padded row
+    const int rd_lo = imax(0, yp0 - g.kh + 1);
+    const int rd_hi = imin(gh - 1, yp0 + R - 1);
+    acc_t acc[R][NC];
+#pragma unroll
+    for (int ty = 0; ty < R; ++ty) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) acc[ty][c] = acc_t(0);
+    }
+    const T* dimg = sm.d + img * a.dstride;
+    for (int co = 0; co < g.cout; ++co) {
+      for (int rd = rd_lo; rd <= rd_hi; ++rd) {
+        T dv[GW];
+        load_vec(dimg + (co * gh + rd) * GW, dv);
+#pragma unroll
+        for (int ty = 0; ty < R; ++ty) {
+          const int i = yp0 + ty - rd;
+          if (i < 0 || i >= g.kh) continue;
+          const int row = co * g.kh + i;
+          T wv[KW];
+#pragma unroll
+          for (int q = 0; q < KQ / 4; ++q) {
+            T w4[4];
+            load_vec(sm.wa + ((row * (KQ / 4) + q) * g.cin + ci) * 4, w4);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) wv[4 * q + k] = w4[k];
+          }
+#pragma unroll
+          for (int k = 0; k < KR; ++k) wv[KQ + k] = sm.wb[(row * KR + k) * g.cin + ci];
+#pragma unroll
+          for (int x = 0; x < GW; ++x) {
+            const acc_t dx = static_cast<acc_t>(dv[x]);
+#pragma unroll
+            for (int j = 0; j < KW; ++j) acc[ty][x + j] += dx * static_cast<acc_t>(wv[j]);
+          }
+        }
+      }
+    }
+    T* out = a.grad_input + (n * g.cin + ci) * g.h * g.w;
+#pragma unroll
+    for (int ty = 0; ty < R; ++ty) {
+      const int y = y0 + ty;
+      if (y >= g.h) break;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int x = c - g.pad_w;
+        if (x >= 0 && x < g.w) out[y * g.w + x] = static_cast<T>(acc[ty][c]);
+      }
+      // Input columns past D's reach get no gradient.
+      for (int x = imax(0, NC - g.pad_w); x < g.w; ++x) out[y * g.w + x] = T(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Backward, grad_weight and grad_bias, in two bitwise-reproducible steps.
 // 1. Each block loops over chunks of `imgs` images (chunk = bx, bx + gridDim,
 //    ...). Per chunk it stages the padded images and the packed winners

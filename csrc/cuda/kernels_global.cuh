@@ -52,6 +52,19 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_inpu
 }
 
 template <typename T, typename acc_t, typename I>
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_dense_kernel(
+    const BwdDenseArgs<T, I> a) {
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  bwd_dense_stage_weights(a, smem_raw, threadIdx.x, blockDim.x);
+  for (int64_t tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's D consumed (the first time: the filters staged)
+    bwd_dense_stage_grad(a, tile, smem_raw, threadIdx.x, blockDim.x);
+    __syncthreads();  // D staged
+    bwd_dense_work<T, acc_t, I>(a, tile, smem_raw, threadIdx.x, blockDim.x);
+  }
+}
+
+template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_direct_kernel(
     const BwdInputArgs<T, I> a, int64_t total) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;

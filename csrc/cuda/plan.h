@@ -74,15 +74,46 @@ inline FwdPlan plan_forward(const KernelGeometry& g, size_t elem, int num_sms) {
   return p;
 }
 
+// grad_input: the dense transposed convolution where its filter width and
+// pooled width match (dense = true; imgs per tile, tiles, dstride), else the
+// gather kernel (cb channels per thread) or the direct one.
 struct BwdInputPlan {
-  bool fast = false;
-  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads;
+  bool fast = false, dense = false;
+  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads, dstride = 0;
   size_t smem = 0;
-  int64_t blocks = 0;
+  int64_t blocks = 0, tiles = 0;
 };
+
+// Blocks per SM of the dense grad_input kernel's persistent grid (its
+// blocks are small: 2 warps and ~22 KB for block 2 of the model).
+constexpr int kDenseBlocksPerSm = 8;
 
 inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, int num_sms) {
   BwdInputPlan p;
+  if (small_geometry(g) && g.kw == kDenseKW && static_cast<int64_t>(g.pw) * g.pool == kDenseGW &&
+      g.cin <= 32) {
+    const int64_t per_img = static_cast<int64_t>(g.cout) * g.ph * g.pool * kDenseGW;
+    const int64_t dstride = round_up(per_img, int64_t(32)) + 4;
+    const int64_t wbytes = static_cast<int64_t>(g.cout) * g.kh * kDenseKW * g.cin * elem;
+    const int64_t dbytes = dstride * static_cast<int64_t>(elem);
+    if (wbytes <= static_cast<int64_t>(kSmemBudget / 2) &&
+        dbytes <= static_cast<int64_t>(kSmemBudget) - wbytes) {
+      // One warp's worth of (image, channel) lanes per band.
+      int64_t imgs = std::max(1, 32 / g.cin);
+      imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / dbytes);
+      imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
+      p.fast = p.dense = true;
+      p.cb = 0;
+      p.imgs = static_cast<int>(imgs);
+      p.dstride = static_cast<int>(dstride);
+      p.threads = static_cast<int>(std::min<int64_t>(
+          kMaxThreads, static_cast<int64_t>(dense_bands(g)) * dense_lanes(g, p.imgs)));
+      p.smem = bwd_dense_smem_bytes(g, p.imgs, p.dstride, elem);
+      p.tiles = ceil_div(g.n, imgs);
+      p.blocks = std::min<int64_t>(p.tiles, int64_t(num_sms) * kDenseBlocksPerSm);
+      return p;
+    }
+  }
   p.cb = g.cin == 1 ? 1 : kCib;
   p.cinp = static_cast<int>(round_up(g.cin, p.cb));
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;

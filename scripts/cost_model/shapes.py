@@ -71,6 +71,13 @@ class Block:
         """The positions the pool reads (the fused forward's work)."""
         return self.n * self.cout * self.ph * self.pool * self.pw * self.pool * self.taps
 
+    def dense_dgrad_fmas(self) -> int:
+        """The dense transposed convolution over the pooled region (the fused
+        dense grad_input: every position of D, winner or zero; pad 0): per
+        (output, input) channel pair each of the gh rows of D meets k filter
+        rows and each of its gw columns k filter columns."""
+        return self.n * self.cout * self.cin * (self.ph * self.pool * self.k) * (self.pw * self.pool * self.k)
+
     def winner_fmas(self) -> int:
         """One tap sweep per pool winner (the fused grad_input and grad_weight)."""
         return self.n * self.cout * self.ph * self.pw * self.taps
