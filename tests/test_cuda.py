@@ -139,10 +139,16 @@ PLAN_COVERAGE = {
     and p["tiles"] > p["blocks"],
     "grad_weight: several chunks per block, last chunk partly filled": lambda k, p, n: k == "backward_weight"
     and p["fast"]
+    and not p["dense"]
+    and p["chunks"] > p["blocks"]
+    and n % p["imgs"] != 0,
+    "grad_weight (dense): several chunks per block, last chunk partly filled": lambda k, p, n: k == "backward_weight"
+    and p["dense"]
     and p["chunks"] > p["blocks"]
     and n % p["imgs"] != 0,
     "grad_weight: several batch slices, uneven over the chunk": lambda k, p, n: k == "backward_weight"
     and p["fast"]
+    and not p["dense"]
     and p["slices"] > 1
     and p["imgs"] % p["slices"] != 0,
 }
@@ -171,6 +177,8 @@ EXPECTED_KERNELS = [
     "backward_input_direct_kernel<double, double, unsigned char>",
     "backward_weight_kernel<float, float, unsigned char>",
     "backward_weight_kernel<double, double, int>",
+    "backward_weight_dense_kernel<float, float, unsigned char>",
+    "backward_weight_dense_kernel<double, double, unsigned char>",
     "backward_weight_direct_kernel<float, float, unsigned char>",
     "backward_weight_direct_kernel<double, double, unsigned char>",
     "reduce_partials_kernel<float, float, unsigned char>",

@@ -58,7 +58,11 @@
 // is a uniform branch) into its own shared-memory partial. After the last
 // chunk the slices are added up and the block writes its row of partial
 // sums; a second small kernel adds the rows (about 2 * SMs) in row order.
-// Only winners are visited, as in the CPU kernels.
+// Only winners are visited, as in the CPU kernels. Filters 5 wide with 12
+// output channels (block 2) run instead
+// conv_relu_maxpool2d_backward_weight_dense_kernel: per-thread register
+// accumulators over a dense product of the staged images and gradients, in a
+// persistent grid (kernels.cuh, wdense_*), then the same reduction.
 //
 // Shapes whose tiles do not fit the 48 KB shared-memory budget run direct
 // kernels (one thread per output / input element / weight element x batch

@@ -89,6 +89,25 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weig
 }
 
 template <typename T, typename acc_t, typename I>
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_dense_kernel(
+    const BwdWeightArgs<T, acc_t, I> a) {
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  const WDenseLane lane = wdense_lane(a.g, threadIdx.x);
+  WDenseAcc<acc_t> acc;
+  wdense_zero(acc);
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    __syncthreads();  // the previous chunk consumed
+    wdense_stage<T, acc_t, I>(a, chunk, smem_raw, threadIdx.x, blockDim.x);
+    __syncthreads();  // chunk staged
+    wdense_accumulate<T, acc_t, I>(a, smem_raw, lane, acc);
+  }
+  __syncthreads();  // the staging area free
+  wdense_store<T, acc_t, I>(a, smem_raw, lane, acc);
+  __syncthreads();  // every slice's sums stored
+  bwd_weight_flush<T, acc_t, I>(a, blockIdx.x, smem_raw, threadIdx.x, blockDim.x);
+}
+
+template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_direct_kernel(
     const BwdWeightArgs<T, acc_t, I> a, int64_t total) {
   for (int64_t se = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; se < total;

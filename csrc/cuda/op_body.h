@@ -170,8 +170,14 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                        be.template ptr<acc_t>(partials),
                                        plan.imgs,
                                        plan.slices,
-                                       plan.chunks};
-    if (plan.fast) {
+                                       plan.chunks,
+                                       plan.xcols,
+                                       plan.xplane};
+    if (plan.dense) {
+      const dim3 wgrid(grid_x(be, plan.blocks));
+      be.launch(&conv_relu_maxpool2d_backward_weight_dense_kernel<T, acc_t, I>, wgrid, plan.threads,
+                plan.smem, a);
+    } else if (plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_weight_kernel<T, acc_t, I>,
                 dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);
     } else {

@@ -220,8 +220,8 @@ void write_plans(const std::string& path, const ConvPoolGeometry& geometry, size
     << " blocks=" << pi.blocks << " cb=" << pi.cb << " tiles=" << pi.tiles << "\n";
   // acc_t is T for float and double (see run_case).
   const BwdWeightPlan pw = plan_backward_weight(g, elem, elem, sms);
-  f << "backward_weight fast=" << pw.fast << " imgs=" << pw.imgs << " slices=" << pw.slices
-    << " chunks=" << pw.chunks << " blocks=" << pw.blocks << "\n";
+  f << "backward_weight fast=" << pw.fast << " dense=" << pw.dense << " imgs=" << pw.imgs
+    << " slices=" << pw.slices << " chunks=" << pw.chunks << " blocks=" << pw.blocks << "\n";
 }
 
 template <typename T, typename I>

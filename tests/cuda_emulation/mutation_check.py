@@ -9,12 +9,13 @@ old winner-index rule, the old SM-count cache, the dense grad_input's
 persistent loop cut to one tile per block and its winner placement without
 the column test, and the boundary mutations: each bound at the end of a
 batch, chunk, slice set, pool row or D row loosened by one, the zeros past
-the winners' reach cut short, or a plan that drops a partly filled last
-block, tile or chunk), runs
+the winners' reach or the dense grad_weight's bias lanes cut short, the
+dense grad_weight's persistent loop cut to one chunk, or a plan that drops
+a partly filled last block, tile or chunk), runs
 the harness tests of tests/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 45
-minutes for all 36).
+half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 55
+minutes for all 46).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
@@ -153,6 +154,48 @@ BOUNDARY_MUTATIONS = [
             "inline BwdInputPlan plan_backward_input(",
             "p.tiles = ceil_div(g.n, imgs);",
             "p.tiles = g.n / imgs;",
+        ),
+        (
+            "dense grad_weight staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "if (n < g.n) {",
+            "if (n <= g.n) {",
+        ),
+        (
+            "dense grad_weight image staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "if (n < g.n && y >= 0",
+            "if (n <= g.n && y >= 0",
+        ),
+        (
+            "dense grad_weight accumulates one image past the chunk",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "img < a.imgs;",
+            "img <= a.imgs;",
+        ),
+        (
+            "dense grad_weight stores one bias channel too few",
+            KCUH,
+            "FMNIST_HD void wdense_store(",
+            "if (r < kWDenseCout) row",
+            "if (r < kWDenseCout - 1) row",
+        ),
+        (
+            "dense grad_weight plan drops a partly filled last chunk",
+            PLAN,
+            "inline BwdWeightPlan plan_backward_weight(",
+            "p.chunks = ceil_div(g.n, int64_t(p.imgs));",
+            "p.chunks = g.n / p.imgs;",
+        ),
+        (
+            "dense grad_weight: each block runs one chunk (no persistent loop)",
+            KERNELS,
+            "conv_relu_maxpool2d_backward_weight_dense_kernel(",
+            "chunk += gridDim.x) {",
+            "chunk += a.chunks) {",
         ),
         (
             "grad_input writes one image past the batch",
