@@ -192,9 +192,10 @@ inline BwdWeightPlan plan_backward_weight(const KernelGeometry& g, size_t elem, 
     const int64_t warps = std::min<int64_t>(
         4, static_cast<int64_t>(kSmemBudget) / (q * ne * static_cast<int64_t>(acc_elem)));
     const int64_t slices = warps * q;
-    // Images per chunk: one per slice, as many rounds as fit.
-    const int64_t rounds =
-        static_cast<int64_t>(kSmemBudget) / std::max<int64_t>(1, slices * img_bytes + 16);
+    // Images per chunk: one per slice, as many rounds as fit (the staged
+    // images' end is rounded up to 4 elements: up to 3 more).
+    const int64_t rounds = (static_cast<int64_t>(kSmemBudget) - 3 * static_cast<int64_t>(elem)) /
+                           std::max<int64_t>(1, slices * img_bytes);
     if (warps >= 1 && rounds >= 1) {
       int64_t imgs = std::min<int64_t>(slices * rounds, g.n);
       imgs = std::max<int64_t>(1, imgs);
