@@ -47,10 +47,17 @@ def display(kernel: str) -> str:
     return re.sub(r"<float, float, unsigned char(, )?", "<", kernel).replace("<>", "")
 
 
-def fused_fmas(b: Block, kernel: str) -> int:
+def fused_fmas(b: Block, kernel: str) -> float:
     """The convolution FMAs of a fused kernel (shapes.py; not counted)."""
     if kernel.startswith("forward"):
         return b.pooled_conv_fmas()
+    if kernel.startswith("backward_weight_dense"):
+        return b.dense_wgrad_slots()
+    if kernel.startswith("backward_input_dense"):
+        # Every product of the dense sum, in FMA issue slots: a warp of the
+        # kernel holds 32 // cin images x cin channels on its 32 lanes
+        # (kernels.cuh), the other lanes idle.
+        return b.dense_dgrad_fmas() * 32 / ((32 // b.cin) * b.cin)
     if kernel.startswith(("backward_input", "backward_weight")):
         return b.winner_fmas()
     return 0

@@ -45,6 +45,10 @@
 // cells whose windows can read the pixel (first/last_cell_reaching in
 // index_math.h) and adds g * w for each winner that does. Every element of
 // grad_input is written exactly once, coalesced; nothing is zeroed first.
+// Filters 5 wide over 8 pooled columns (block 2) run instead
+// conv_relu_maxpool2d_backward_input_dense_kernel: a dense masked transposed
+// convolution, each thread a register tile of input rows, in a persistent
+// grid that stages the filters once per block (kernels.cuh, bwd_dense_*).
 //
 // Backward, grad_weight / grad_bias (conv_relu_maxpool2d_backward_weight_kernel):
 // about two blocks per SM; each loops over chunks of images: stage the padded
@@ -54,7 +58,11 @@
 // is a uniform branch) into its own shared-memory partial. After the last
 // chunk the slices are added up and the block writes its row of partial
 // sums; a second small kernel adds the rows (about 2 * SMs) in row order.
-// Only winners are visited, as in the CPU kernels.
+// Only winners are visited, as in the CPU kernels. Filters 5 wide with 12
+// output channels (block 2) run instead
+// conv_relu_maxpool2d_backward_weight_dense_kernel: per-thread register
+// accumulators over a dense product of the staged images and gradients, in a
+// persistent grid (kernels.cuh, wdense_*), then the same reduction.
 //
 // Shapes whose tiles do not fit the 48 KB shared-memory budget run direct
 // kernels (one thread per output / input element / weight element x batch

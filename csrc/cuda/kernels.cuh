@@ -514,6 +514,206 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 }
 
 // ---------------------------------------------------------------------------
+// Backward, grad_input as a dense masked transposed convolution: the fast
+// path for filters kDenseKW wide over a pooled region kDenseGW columns wide
+// (pw * pool; block 2 of the model: 5 and 8). D, the gradient of the
+// convolution output over the pooled region, is g at each pool winner and 0
+// at every other position; grad_input is D transposed-convolved with the
+// filters, every product of the sum formed whatever the data (no branch on
+// winners; 0 * w adds nothing unless w is not finite, where the result is
+// NaN as in stock's dense dgrad, while the CPU kernels skip the product).
+// Persistent grid (plan.h): block bx stages the filter bank once, then loops
+// over tiles of `imgs` images (tile = bx, bx + gridDim, ...): stage D of the
+// tile (the winners placed, the rest zeroed), then thread (row band, image,
+// input channel ci) accumulates a register tile of kDenseRows input rows x
+// (kDenseGW + kDenseKW - 1) padded columns: for every output channel and D
+// row rd that reaches its band it loads the D row once (16-byte loads) and,
+// for each of its rows y with 0 <= y - rd < kh, the filter row
+// w[co][ci][y - rd][0..kDenseKW) and adds their exact outer product
+// (kDenseGW x kDenseKW FMAs with compile-time register indices: no column
+// outside D's reach is computed). Input columns past D's reach are written
+// as zeros; every grad_input element is written exactly once, nothing is
+// zeroed first.
+// Lanes: the threads of a band are lanes = 32 * ceil(imgs * cin / 32),
+// lane = img * cin + ci (plan: imgs = 32 / cin images per tile), so a warp
+// runs one band (the same loop bounds on every lane), lanes of an image read
+// the same D row (a broadcast) and lanes of a channel the same filter row.
+// Shared memory (BwdDenseSmem): d[imgs][dstride] (T; dstride = cout * gh *
+//   kDenseGW rounded up to 32, + 4: consecutive images start 4 banks apart,
+//   so the 16-byte D loads of a warp's images do not conflict)
+//   | wa[cout][kh][kDenseKW / 4][cin][4] | wb[cout][kh][kDenseKW % 4][cin]
+//   (T: the filter bank, its 4-wide column groups first, so the filter row
+//   of a lane is one 16-byte load plus one word and the lanes of a warp read
+//   adjacent words).
+// Memory traffic: grad_output and indices read once; grad_input written
+// once (each lane writes row segments of its own plane); the filter bank
+// read once per block (L2-resident).
+constexpr int kDenseKW = 5;
+constexpr int kDenseGW = 8;
+constexpr int kDenseRows = 6;
+
+template <typename T, typename I>
+struct BwdDenseArgs {
+  KernelGeometry g;
+  const T* weight;    // contiguous [cout][cin][kh][kDenseKW]
+  const T* grad_out;  // contiguous [n][cout][ph][pw]
+  const I* indices;   // contiguous [n][cout][ph][pw]
+  T* grad_input;      // [n][cin][h][w]
+  int imgs;           // images per tile
+  int dstride;        // elements of d per image
+  int64_t tiles;      // ceil(n / imgs)
+};
+
+// Row bands of kDenseRows input rows, and the lanes of one band.
+FMNIST_HD int dense_bands(const KernelGeometry& g) { return ceil_div(g.h, kDenseRows); }
+FMNIST_HD int dense_lanes(const KernelGeometry& g, int imgs) { return round_up(imgs * g.cin, 32); }
+
+template <typename T, typename Byte>
+struct BwdDenseSmem {
+  SmemPtr<Byte, T> d;
+  SmemPtr<Byte, T> wa;
+  SmemPtr<Byte, T> wb;
+};
+
+template <typename T, typename I, typename Byte>
+FMNIST_HD BwdDenseSmem<T, Byte> bwd_dense_smem(const BwdDenseArgs<T, I>& a, Byte* smem) {
+  BwdDenseSmem<T, Byte> sm;
+  sm.d = reinterpret_cast<SmemPtr<Byte, T>>(smem);
+  sm.wa = sm.d + a.imgs * a.dstride;
+  sm.wb = sm.wa + a.g.cout * a.g.kh * (kDenseKW / 4) * a.g.cin * 4;
+  return sm;
+}
+
+FMNIST_HD size_t bwd_dense_smem_bytes(const KernelGeometry& g, int imgs, int dstride, size_t elem) {
+  return elem * (static_cast<size_t>(imgs) * dstride +
+                 static_cast<size_t>(g.cout) * g.kh * kDenseKW * g.cin);
+}
+
+// The filter bank, once per block: wa / wb as laid out above.
+template <typename T, typename I>
+FMNIST_HD void bwd_dense_stage_weights(const BwdDenseArgs<T, I>& a, unsigned char* smem, int tid,
+                                       int nthreads) {
+  constexpr int KQ = kDenseKW / 4 * 4, KR = kDenseKW - KQ;
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
+  const int total = g.cout * g.cin * g.kh * kDenseKW;
+  for (int e = tid; e < total; e += nthreads) {
+    const int j = e % kDenseKW;
+    const int i = (e / kDenseKW) % g.kh;
+    const int ci = (e / (kDenseKW * g.kh)) % g.cin;
+    const int co = e / (kDenseKW * g.kh * g.cin);
+    const int row = co * g.kh + i;
+    const T v = a.weight[e];
+    if (j < KQ) {
+      sm.wa[((row * (KQ / 4) + j / 4) * g.cin + ci) * 4 + j % 4] = v;
+    } else {
+      sm.wb[(row * KR + (j - KQ)) * g.cin + ci] = v;
+    }
+  }
+}
+
+// D of the tile's images (0 for images past the batch).
+template <typename T, typename I>
+FMNIST_HD void bwd_dense_stage_grad(const BwdDenseArgs<T, I>& a, int64_t tile, unsigned char* smem,
+                                    int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
+  const int gh = g.ph * g.pool;
+  const int per_img = g.cout * gh * kDenseGW;
+  const int cells = g.ph * g.pw;
+  const int64_t n0 = tile * a.imgs;
+  for (int e = tid; e < a.imgs * per_img; e += nthreads) {
+    const int img = e / per_img, r = e % per_img;
+    const int rx = r % kDenseGW;
+    const int rd = (r / kDenseGW) % gh;
+    const int co = r / (kDenseGW * gh);
+    const int64_t n = n0 + img;
+    T v = T(0);
+    if (n < g.n) {
+      const int oph = rd / g.pool, opw = rx / g.pool;
+      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == rd &&
+          winner_col(opw, j, g.pool) == rx) {
+        v = a.grad_out[src];
+      }
+    }
+    sm.d[img * a.dstride + r] = v;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_dense_work(const BwdDenseArgs<T, I>& a, int64_t tile, const unsigned char* smem,
+                              int tid, int nthreads) {
+  constexpr int KW = kDenseKW, GW = kDenseGW, R = kDenseRows, NC = GW + KW - 1;
+  constexpr int KQ = KW / 4 * 4, KR = KW - KQ;
+  const KernelGeometry& g = a.g;
+  const BwdDenseSmem<T, const unsigned char> sm = bwd_dense_smem(a, smem);
+  const int gh = g.ph * g.pool;
+  const int lanes = dense_lanes(g, a.imgs);
+  const int units = dense_bands(g) * lanes;
+  for (int u = tid; u < units; u += nthreads) {
+    const int lane = u % lanes, band = u / lanes;
+    if (lane >= a.imgs * g.cin) continue;
+    const int img = lane / g.cin, ci = lane % g.cin;
+    const int64_t n = tile * a.imgs + img;
+    if (n >= g.n) continue;
+    const int y0 = band * R;       // the band's first input row
+    const int yp0 = y0 + g.pad_h;  // its padded row
+    const int rd_lo = imax(0, yp0 - g.kh + 1);
+    const int rd_hi = imin(gh - 1, yp0 + R - 1);
+    acc_t acc[R][NC];
+#pragma unroll
+    for (int ty = 0; ty < R; ++ty) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) acc[ty][c] = acc_t(0);
+    }
+    const T* dimg = sm.d + img * a.dstride;
+    for (int co = 0; co < g.cout; ++co) {
+      for (int rd = rd_lo; rd <= rd_hi; ++rd) {
+        T dv[GW];
+        load_vec(dimg + (co * gh + rd) * GW, dv);
+#pragma unroll
+        for (int ty = 0; ty < R; ++ty) {
+          const int i = yp0 + ty - rd;
+          if (i < 0 || i >= g.kh) continue;
+          const int row = co * g.kh + i;
+          T wv[KW];
+#pragma unroll
+          for (int q = 0; q < KQ / 4; ++q) {
+            T w4[4];
+            load_vec(sm.wa + ((row * (KQ / 4) + q) * g.cin + ci) * 4, w4);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) wv[4 * q + k] = w4[k];
+          }
+#pragma unroll
+          for (int k = 0; k < KR; ++k) wv[KQ + k] = sm.wb[(row * KR + k) * g.cin + ci];
+#pragma unroll
+          for (int x = 0; x < GW; ++x) {
+            const acc_t dx = static_cast<acc_t>(dv[x]);
+#pragma unroll
+            for (int j = 0; j < KW; ++j) acc[ty][x + j] += dx * static_cast<acc_t>(wv[j]);
+          }
+        }
+      }
+    }
+    T* out = a.grad_input + (n * g.cin + ci) * g.h * g.w;
+#pragma unroll
+    for (int ty = 0; ty < R; ++ty) {
+      const int y = y0 + ty;
+      if (y >= g.h) break;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int x = c - g.pad_w;
+        if (x >= 0 && x < g.w) out[y * g.w + x] = static_cast<T>(acc[ty][c]);
+      }
+      // Input columns past D's reach get no gradient.
+      for (int x = imax(0, NC - g.pad_w); x < g.w; ++x) out[y * g.w + x] = T(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Backward, grad_weight and grad_bias, in two bitwise-reproducible steps.
 // 1. Each block loops over chunks of `imgs` images (chunk = bx, bx + gridDim,
 //    ...). Per chunk it stages the padded images and the packed winners
@@ -546,6 +746,8 @@ struct BwdWeightArgs {
   int imgs;           // images per chunk
   int slices;         // S
   int64_t chunks;     // ceil(n / imgs)
+  // The dense kernel's staged image strides (elements): row, channel plane.
+  int xcols = 0, xplane = 0;
 };
 
 FMNIST_HD int bwd_weight_elems(const KernelGeometry& g) {
@@ -710,6 +912,182 @@ FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64
     }
   }
   a.partials[se] = acc;
+}
+
+// ---------------------------------------------------------------------------
+// grad_weight / grad_bias, dense (the fast path for kDenseKW-wide filters
+// and kWDenseCout output channels: block 2 of the model): step 1 of the
+// scheme above as a dense product. With D the gradient of the convolution
+// output over the pooled region (g at each winner, 0 elsewhere, as for the
+// dense grad_input) and x the staged padded image,
+//   grad_weight[co][ci][i][j] = sum over positions (py, px) of the pooled
+//   region of D[co][py][px] * x[ci][py + i][px + j],  grad_bias[co] = sum D.
+// Per chunk the block stages x (rows xcols apart, channel planes xplane
+// apart: strides the plan picks so the lanes of a warp read distinct banks)
+// and D as [img][position][co]. Thread (slice s, ci, i) keeps in registers
+// the kWDenseCout x kDenseKW weights (co, ci, i, 0..kDenseKW) over ALL its
+// chunks (images s, s + S, ... of each): per position one 16-byte broadcast
+// load per 4 channels of D, kDenseKW words of x, kWDenseCout * kDenseKW
+// FMAs; lane r = ci * kh + i < kWDenseCout also sums the bias of channel r
+// (one more pass over D per image). Lanes: a warp holds 32 / (cin*kh)
+// slices, lane = (slice, ci, i). After the last chunk the registers go to
+// slice_sum[S][E] (aliasing the staging area) and bwd_weight_flush writes
+// the block's row of partials in slice order; reduce_partials as above. The
+// order of every sum depends only on the plan: bitwise reproducible.
+// Shared memory: x[imgs][cin][xplane] | D[imgs][gh * gw][kWDenseCout] (T),
+//   or, after the last chunk, slice_sum[S][E] (acc_t).
+constexpr int kWDenseCout = 12;
+
+template <typename T, typename acc_t, typename I, typename Byte>
+FMNIST_HD SmemPtr<Byte, T> wdense_d(const BwdWeightArgs<T, acc_t, I>& a, Byte* smem) {
+  const int64_t x = round_up(static_cast<int64_t>(a.imgs) * a.g.cin * a.xplane, 4);
+  return reinterpret_cast<SmemPtr<Byte, T>>(smem) + x;
+}
+
+FMNIST_HD size_t wdense_smem_bytes(const KernelGeometry& g, int imgs, int xplane, int slices,
+                                   size_t elem, size_t acc_elem) {
+  const size_t positions = static_cast<size_t>(g.ph) * g.pool * g.pw * g.pool;
+  const size_t staged = elem * (round_up(static_cast<size_t>(imgs) * g.cin * xplane, size_t(4)) +
+                                static_cast<size_t>(imgs) * positions * kWDenseCout);
+  const size_t sums = acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g);
+  return staged > sums ? staged : sums;
+}
+
+// Slices held by one warp: lanes (slice, ci, i).
+FMNIST_HD int wdense_slices_per_warp(const KernelGeometry& g) { return 32 / (g.cin * g.kh); }
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk, unsigned char* smem,
+                            int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const int64_t n0 = chunk * a.imgs;
+  T* x = reinterpret_cast<T*>(smem);
+  if (a.grad_weight != nullptr) {
+    const int rows = staged_rows(g), cols = staged_cols(g);
+    const int total = a.imgs * g.cin * rows * cols;
+    for (int e = tid; e < total; e += nthreads) {
+      const int c = e % cols;
+      const int r = (e / cols) % rows;
+      const int ic = e / (rows * cols);  // img * cin + ci
+      const int64_t n = n0 + ic / g.cin;
+      const int y = r - g.pad_h, xc = c - g.pad_w;
+      T v = T(0);
+      if (n < g.n && y >= 0 && y < g.h && xc >= 0 && xc < g.w) {
+        v = a.input[((n0 * g.cin + ic) * g.h + y) * g.w + xc];
+      }
+      x[ic * a.xplane + r * a.xcols + c] = v;
+    }
+  }
+  T* d = wdense_d(a, smem);
+  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
+  const int cells = g.ph * g.pw;
+  const int total = a.imgs * gh * gw * kWDenseCout;
+  for (int e = tid; e < total; e += nthreads) {
+    const int co = e % kWDenseCout;
+    const int pos = (e / kWDenseCout) % (gh * gw);
+    const int img = e / (kWDenseCout * gh * gw);
+    const int py = pos / gw, px = pos % gw;
+    const int64_t n = n0 + img;
+    T v = T(0);
+    if (n < g.n) {
+      const int oph = py / g.pool, opw = px / g.pool;
+      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == py &&
+          winner_col(opw, j, g.pool) == px) {
+        v = a.grad_out[src];
+      }
+    }
+    d[e] = v;
+  }
+}
+
+// A thread's registers (dense grad_weight): its weights and, on lanes
+// r = ci * kh + i < kWDenseCout, the bias of channel r (plan: cin * kh >=
+// kWDenseCout).
+template <typename acc_t>
+struct WDenseAcc {
+  acc_t w[kWDenseCout][kDenseKW];
+  acc_t b;
+};
+
+template <typename acc_t>
+FMNIST_HD void wdense_zero(WDenseAcc<acc_t>& acc) {
+  acc.b = acc_t(0);
+#pragma unroll
+  for (int co = 0; co < kWDenseCout; ++co) {
+#pragma unroll
+    for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] = acc_t(0);
+  }
+}
+
+// The thread's lane: slice s (-1: idle lane), ci, i.
+struct WDenseLane {
+  int s, ci, i;
+};
+
+FMNIST_HD WDenseLane wdense_lane(const KernelGeometry& g, int tid) {
+  const int per = g.cin * g.kh;
+  const int q = wdense_slices_per_warp(g);
+  const int lane = tid % 32, k = lane / per, r = lane % per;
+  if (k >= q) return {-1, 0, 0};
+  return {(tid / 32) * q + k, r / g.kh, r % g.kh};
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsigned char* smem,
+                                 WDenseLane L, WDenseAcc<acc_t>& acc) {
+  const KernelGeometry& g = a.g;
+  if (L.s < 0) return;
+  const T* x = reinterpret_cast<const T*>(smem);
+  const T* d = wdense_d(a, smem);
+  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
+  const bool want_w = a.grad_weight != nullptr;
+  for (int img = L.s; img < a.imgs; img += a.slices) {
+    const T* dimg = d + img * gh * gw * kWDenseCout;
+    const T* ximg = x + (img * g.cin + L.ci) * a.xplane + L.i * a.xcols;
+    for (int py = 0; py < gh; ++py) {
+      for (int px = 0; px < gw; ++px) {
+        if (!want_w) continue;
+        T dv[kWDenseCout];
+        load_vec(dimg + (py * gw + px) * kWDenseCout, dv);
+        T xv[kDenseKW];
+#pragma unroll
+        for (int j = 0; j < kDenseKW; ++j) xv[j] = ximg[py * a.xcols + px + j];
+#pragma unroll
+        for (int co = 0; co < kWDenseCout; ++co) {
+          const acc_t dc = static_cast<acc_t>(dv[co]);
+#pragma unroll
+          for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] += dc * static_cast<acc_t>(xv[j]);
+        }
+      }
+    }
+    // The bias of channel r: every lane runs the loop (uniform), lanes
+    // r >= kWDenseCout repeat a channel's loads and discard the sum.
+    const int r = (L.ci * g.kh + L.i) % kWDenseCout;
+    for (int pos = 0; pos < gh * gw; ++pos)
+      acc.b += static_cast<acc_t>(dimg[pos * kWDenseCout + r]);
+  }
+}
+
+// After the last chunk (the staging area is free): the registers to
+// slice_sum[s][e]; every element of every slice is written.
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_store(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, WDenseLane L,
+                            const WDenseAcc<acc_t>& acc) {
+  const KernelGeometry& g = a.g;
+  if (L.s < 0) return;
+  acc_t* row = reinterpret_cast<acc_t*>(smem) + L.s * bwd_weight_elems(g);
+  const int nw = g.cout * g.cin * g.kh * kDenseKW;
+#pragma unroll
+  for (int co = 0; co < kWDenseCout; ++co) {
+#pragma unroll
+    for (int j = 0; j < kDenseKW; ++j) {
+      row[((co * g.cin + L.ci) * g.kh + L.i) * kDenseKW + j] = acc.w[co][j];
+    }
+  }
+  const int r = L.ci * g.kh + L.i;
+  if (r < kWDenseCout) row[nw + r] = acc.b;
 }
 
 // Step 2: element e of grad_weight (e < nw) or grad_bias = the rows of

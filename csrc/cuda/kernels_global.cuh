@@ -52,6 +52,19 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_inpu
 }
 
 template <typename T, typename acc_t, typename I>
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_dense_kernel(
+    const BwdDenseArgs<T, I> a) {
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  bwd_dense_stage_weights(a, smem_raw, threadIdx.x, blockDim.x);
+  for (int64_t tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's D consumed (the first time: the filters staged)
+    bwd_dense_stage_grad(a, tile, smem_raw, threadIdx.x, blockDim.x);
+    __syncthreads();  // D staged
+    bwd_dense_work<T, acc_t, I>(a, tile, smem_raw, threadIdx.x, blockDim.x);
+  }
+}
+
+template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_direct_kernel(
     const BwdInputArgs<T, I> a, int64_t total) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
@@ -72,6 +85,25 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weig
     bwd_weight_accumulate<T, acc_t, I>(a, smem_raw, threadIdx.x, blockDim.x);
   }
   __syncthreads();  // every slice's partial complete
+  bwd_weight_flush<T, acc_t, I>(a, blockIdx.x, smem_raw, threadIdx.x, blockDim.x);
+}
+
+template <typename T, typename acc_t, typename I>
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_dense_kernel(
+    const BwdWeightArgs<T, acc_t, I> a) {
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  const WDenseLane lane = wdense_lane(a.g, threadIdx.x);
+  WDenseAcc<acc_t> acc;
+  wdense_zero(acc);
+  for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
+    __syncthreads();  // the previous chunk consumed
+    wdense_stage<T, acc_t, I>(a, chunk, smem_raw, threadIdx.x, blockDim.x);
+    __syncthreads();  // chunk staged
+    wdense_accumulate<T, acc_t, I>(a, smem_raw, lane, acc);
+  }
+  __syncthreads();  // the staging area free
+  wdense_store<T, acc_t, I>(a, smem_raw, lane, acc);
+  __syncthreads();  // every slice's sums stored
   bwd_weight_flush<T, acc_t, I>(a, blockIdx.x, smem_raw, threadIdx.x, blockDim.x);
 }
 

@@ -129,7 +129,18 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                plan.imgs,
                                plan.cinp};
     const dim3 grid(grid_x(be, plan.blocks));
-    if (!plan.fast) {
+    if (plan.dense) {
+      const BwdDenseArgs<T, I> d{g,
+                                 be.template ptr<T>(w),
+                                 be.template ptr<T>(go),
+                                 be.template ptr<I>(idx),
+                                 be.template ptr<T>(grad_input),
+                                 plan.imgs,
+                                 plan.dstride,
+                                 plan.tiles};
+      be.launch(&conv_relu_maxpool2d_backward_input_dense_kernel<T, acc_t, I>, grid, plan.threads,
+                plan.smem, d);
+    } else if (!plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_input_direct_kernel<T, acc_t, I>, grid, plan.threads,
                 0, a, be.numel(grad_input));
     } else if (plan.cb == 1) {
@@ -159,8 +170,14 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                        be.template ptr<acc_t>(partials),
                                        plan.imgs,
                                        plan.slices,
-                                       plan.chunks};
-    if (plan.fast) {
+                                       plan.chunks,
+                                       plan.xcols,
+                                       plan.xplane};
+    if (plan.dense) {
+      const dim3 wgrid(grid_x(be, plan.blocks));
+      be.launch(&conv_relu_maxpool2d_backward_weight_dense_kernel<T, acc_t, I>, wgrid, plan.threads,
+                plan.smem, a);
+    } else if (plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_weight_kernel<T, acc_t, I>,
                 dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);
     } else {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 
@@ -74,15 +75,46 @@ inline FwdPlan plan_forward(const KernelGeometry& g, size_t elem, int num_sms) {
   return p;
 }
 
+// grad_input: the dense transposed convolution where its filter width and
+// pooled width match (dense = true; imgs per tile, tiles, dstride), else the
+// gather kernel (cb channels per thread) or the direct one.
 struct BwdInputPlan {
-  bool fast = false;
-  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads;
+  bool fast = false, dense = false;
+  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads, dstride = 0;
   size_t smem = 0;
-  int64_t blocks = 0;
+  int64_t blocks = 0, tiles = 0;
 };
+
+// Blocks per SM of the dense grad_input kernel's persistent grid (its
+// blocks are small: 2 warps and ~22 KB for block 2 of the model).
+constexpr int kDenseBlocksPerSm = 8;
 
 inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, int num_sms) {
   BwdInputPlan p;
+  if (small_geometry(g) && g.kw == kDenseKW && static_cast<int64_t>(g.pw) * g.pool == kDenseGW &&
+      g.cin <= 32) {
+    const int64_t per_img = static_cast<int64_t>(g.cout) * g.ph * g.pool * kDenseGW;
+    const int64_t dstride = round_up(per_img, int64_t(32)) + 4;
+    const int64_t wbytes = static_cast<int64_t>(g.cout) * g.kh * kDenseKW * g.cin * elem;
+    const int64_t dbytes = dstride * static_cast<int64_t>(elem);
+    if (wbytes <= static_cast<int64_t>(kSmemBudget / 2) &&
+        dbytes <= static_cast<int64_t>(kSmemBudget) - wbytes) {
+      // One warp's worth of (image, channel) lanes per band.
+      int64_t imgs = std::max(1, 32 / g.cin);
+      imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / dbytes);
+      imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
+      p.fast = p.dense = true;
+      p.cb = 0;
+      p.imgs = static_cast<int>(imgs);
+      p.dstride = static_cast<int>(dstride);
+      p.threads = static_cast<int>(std::min<int64_t>(
+          kMaxThreads, static_cast<int64_t>(dense_bands(g)) * dense_lanes(g, p.imgs)));
+      p.smem = bwd_dense_smem_bytes(g, p.imgs, p.dstride, elem);
+      p.tiles = ceil_div(g.n, imgs);
+      p.blocks = std::min<int64_t>(p.tiles, int64_t(num_sms) * kDenseBlocksPerSm);
+      return p;
+    }
+  }
   p.cb = g.cin == 1 ? 1 : kCib;
   p.cinp = static_cast<int>(round_up(g.cin, p.cb));
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
@@ -109,16 +141,76 @@ inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, in
   return p;
 }
 
+// grad_weight: the dense kernel where its filter width and channel count
+// match (dense = true; xcols / xplane: its staged image strides), else the
+// per-element kernel or the direct one.
 struct BwdWeightPlan {
-  bool fast = false;
-  int imgs = 1, slices = 1, threads = kMaxThreads;
+  bool fast = false, dense = false;
+  int imgs = 1, slices = 1, threads = kMaxThreads, xcols = 0, xplane = 0;
   size_t smem = 0;
   int64_t chunks = 0, blocks = 0;
 };
 
+// Blocks per SM of the dense grad_weight kernel's persistent grid.
+constexpr int kWDenseBlocksPerSm = 4;
+
+// Staged image strides for the dense grad_weight kernel: the row stride
+// xcols >= staged_cols and the plane stride xplane >= staged_rows * xcols
+// that spread the words the lanes (ci, i) of a warp read at once,
+// ci * xplane + i * xcols, over the most banks (the first such pair).
+inline void wdense_strides(const KernelGeometry& g, int& xcols, int& xplane) {
+  int best = INT_MAX;
+  for (int cs = staged_cols(g); cs < staged_cols(g) + 8; ++cs) {
+    for (int ps = staged_rows(g) * cs; ps < staged_rows(g) * cs + 32; ++ps) {
+      int count[32] = {};
+      int worst = 0;
+      for (int ci = 0; ci < g.cin; ++ci) {
+        for (int i = 0; i < g.kh; ++i) worst = std::max(worst, ++count[(ci * ps + i * cs) % 32]);
+      }
+      if (worst < best) {
+        best = worst;
+        xcols = cs;
+        xplane = ps;
+      }
+    }
+  }
+}
+
 inline BwdWeightPlan plan_backward_weight(const KernelGeometry& g, size_t elem, size_t acc_elem,
                                           int num_sms) {
   BwdWeightPlan p;
+  if (small_geometry(g) && g.kw == kDenseKW && g.cout == kWDenseCout && g.cin * g.kh <= 32 &&
+      g.cin * g.kh >= kWDenseCout && staged_cols(g) < 1024 && staged_rows(g) < 1024) {
+    int xcols = 0, xplane = 0;
+    wdense_strides(g, xcols, xplane);
+    const int64_t positions = static_cast<int64_t>(g.ph) * g.pool * g.pw * g.pool;
+    const int64_t img_bytes =
+        (static_cast<int64_t>(g.cin) * xplane + positions * kWDenseCout) * elem;
+    const int64_t ne = bwd_weight_elems(g);
+    const int64_t q = wdense_slices_per_warp(g);
+    // Warps: as many as the slices' sums fit in the budget, at most 4.
+    const int64_t warps = std::min<int64_t>(
+        4, static_cast<int64_t>(kSmemBudget) / (q * ne * static_cast<int64_t>(acc_elem)));
+    const int64_t slices = warps * q;
+    // Images per chunk: one per slice, as many rounds as fit (the staged
+    // images' end is rounded up to 4 elements: up to 3 more).
+    const int64_t rounds = (static_cast<int64_t>(kSmemBudget) - 3 * static_cast<int64_t>(elem)) /
+                           std::max<int64_t>(1, slices * img_bytes);
+    if (warps >= 1 && rounds >= 1) {
+      int64_t imgs = std::min<int64_t>(slices * rounds, g.n);
+      imgs = std::max<int64_t>(1, imgs);
+      p.fast = p.dense = true;
+      p.imgs = static_cast<int>(imgs);
+      p.slices = static_cast<int>(slices);
+      p.threads = static_cast<int>(warps * 32);
+      p.xcols = xcols;
+      p.xplane = xplane;
+      p.smem = wdense_smem_bytes(g, p.imgs, xplane, p.slices, elem, acc_elem);
+      p.chunks = ceil_div(g.n, int64_t(p.imgs));
+      p.blocks = std::min<int64_t>(p.chunks, int64_t(num_sms) * kWDenseBlocksPerSm);
+      return p;
+    }
+  }
   const int64_t ne = bwd_weight_elems(g);
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
   const int64_t img_bytes =

@@ -71,6 +71,20 @@ class Block:
         """The positions the pool reads (the fused forward's work)."""
         return self.n * self.cout * self.ph * self.pool * self.pw * self.pool * self.taps
 
+    def dense_dgrad_fmas(self) -> int:
+        """The dense transposed convolution over the pooled region (the fused
+        dense grad_input: every position of D, winner or zero; pad 0): per
+        (output, input) channel pair each of the gh rows of D meets k filter
+        rows and each of its gw columns k filter columns."""
+        return self.n * self.cout * self.cin * (self.ph * self.pool * self.k) * (self.pw * self.pool * self.k)
+
+    def dense_wgrad_slots(self) -> int:
+        """FMA issue slots of the fused dense grad_weight: per image and
+        position of the pooled region, cout * k FMAs and one bias add on each
+        of the 32 lanes of the 32 // (cin * k) images' warp (kernels.cuh)."""
+        positions = self.ph * self.pool * self.pw * self.pool
+        return self.n * positions * (self.cout * self.k + 1) * 32 // (32 // (self.cin * self.k))
+
     def winner_fmas(self) -> int:
         """One tap sweep per pool winner (the fused grad_input and grad_weight)."""
         return self.n * self.cout * self.ph * self.pw * self.taps

@@ -216,12 +216,12 @@ void write_plans(const std::string& path, const ConvPoolGeometry& geometry, size
     return;
   }
   const BwdInputPlan pi = plan_backward_input(g, elem, sms);
-  f << "backward_input fast=" << pi.fast << " imgs=" << pi.imgs << " blocks=" << pi.blocks
-    << " cb=" << pi.cb << "\n";
+  f << "backward_input fast=" << pi.fast << " dense=" << pi.dense << " imgs=" << pi.imgs
+    << " blocks=" << pi.blocks << " cb=" << pi.cb << " tiles=" << pi.tiles << "\n";
   // acc_t is T for float and double (see run_case).
   const BwdWeightPlan pw = plan_backward_weight(g, elem, elem, sms);
-  f << "backward_weight fast=" << pw.fast << " imgs=" << pw.imgs << " slices=" << pw.slices
-    << " chunks=" << pw.chunks << " blocks=" << pw.blocks << "\n";
+  f << "backward_weight fast=" << pw.fast << " dense=" << pw.dense << " imgs=" << pw.imgs
+    << " slices=" << pw.slices << " chunks=" << pw.chunks << " blocks=" << pw.blocks << "\n";
 }
 
 template <typename T, typename I>

@@ -5,13 +5,17 @@ single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
 blocks than planned, skipping a contiguity copy, ignoring output_mask,
 summing grad_weight in block order as the atomics before the fix did, the
-old winner-index rule, the old SM-count cache, and the boundary mutations:
-each bound at the end of a batch, chunk, slice set or pool row loosened by
-one, or a plan that drops a partly filled last block or chunk), runs
+old winner-index rule, the old SM-count cache, the dense grad_input's
+persistent loop cut to one tile per block and its winner placement without
+the column test, and the boundary mutations: each bound at the end of a
+batch, chunk, slice set, pool row or D row loosened by one, the zeros past
+the winners' reach or the dense grad_weight's bias lanes cut short, the
+dense grad_weight's persistent loop cut to one chunk, or a plan that drops
+a partly filled last block, tile or chunk), runs
 the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 35
-minutes for all 27).
+half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 55
+minutes for all 46).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
@@ -115,6 +119,83 @@ BOUNDARY_MUTATIONS = [
             "FMNIST_HD void bwd_input_stage(",
             "if (n < g.n) {",
             "if (n <= g.n) {",
+        ),
+        (
+            "dense grad_input staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_dense_stage_grad(",
+            "if (n < g.n) {",
+            "if (n <= g.n) {",
+        ),
+        (
+            "dense grad_input writes one image past the batch",
+            KCUH,
+            "FMNIST_HD void bwd_dense_work(",
+            "if (n >= g.n) continue;",
+            "if (n > g.n) continue;",
+        ),
+        (
+            "dense grad_input reads one D row past the pooled region",
+            KCUH,
+            "FMNIST_HD void bwd_dense_work(",
+            "imin(gh - 1, yp0 + R - 1)",
+            "imin(gh, yp0 + R - 1)",
+        ),
+        (
+            "dense grad_input leaves the last column past the winners' reach unwritten",
+            KCUH,
+            "FMNIST_HD void bwd_dense_work(",
+            "x < g.w; ++x) out[y * g.w + x] = T(0);",
+            "x < g.w - 1; ++x) out[y * g.w + x] = T(0);",
+        ),
+        (
+            "dense grad_input plan drops a partly filled last tile",
+            PLAN,
+            "inline BwdInputPlan plan_backward_input(",
+            "p.tiles = ceil_div(g.n, imgs);",
+            "p.tiles = g.n / imgs;",
+        ),
+        (
+            "dense grad_weight staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "if (n < g.n) {",
+            "if (n <= g.n) {",
+        ),
+        (
+            "dense grad_weight image staging reads one image past the batch",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "if (n < g.n && y >= 0",
+            "if (n <= g.n && y >= 0",
+        ),
+        (
+            "dense grad_weight accumulates one image past the chunk",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "img < a.imgs;",
+            "img <= a.imgs;",
+        ),
+        (
+            "dense grad_weight stores one bias channel too few",
+            KCUH,
+            "FMNIST_HD void wdense_store(",
+            "if (r < kWDenseCout) row",
+            "if (r < kWDenseCout - 1) row",
+        ),
+        (
+            "dense grad_weight plan drops a partly filled last chunk",
+            PLAN,
+            "inline BwdWeightPlan plan_backward_weight(",
+            "p.chunks = ceil_div(g.n, int64_t(p.imgs));",
+            "p.chunks = g.n / p.imgs;",
+        ),
+        (
+            "dense grad_weight: each block runs one chunk (no persistent loop)",
+            KERNELS,
+            "conv_relu_maxpool2d_backward_weight_dense_kernel(",
+            "chunk += gridDim.x) {",
+            "chunk += a.chunks) {",
         ),
         (
             "grad_input writes one image past the batch",
@@ -254,6 +335,27 @@ MUTATIONS = [
             (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
             ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
             ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
+        ],
+        "asan",
+    ),
+    # The dense grad_input's persistent grid: a block that runs only its first
+    # tile leaves the images of the others unwritten.
+    (
+        "dense grad_input: each block runs one tile (no persistent loop)",
+        [(KERNELS, replace_once("tile += gridDim.x) {", "tile += a.tiles) {"))],
+        "asan",
+    ),
+    # A winner placed in every column of its window's row.
+    (
+        "dense grad_input places a winner's gradient without checking its column",
+        [
+            (
+                KCUH,
+                replace_once(
+                    "winner_row(oph, j, g.pool) == rd &&\n          winner_col(opw, j, g.pool) == rx",
+                    "winner_row(oph, j, g.pool) == rd",
+                ),
+            )
         ],
         "asan",
     ),

@@ -98,6 +98,11 @@ HARNESS_SHAPES = [
     ("pool3", (2, 2, 11, 9), (3, 2, 4, 2), (0, 1), 3, True, "fd", 2),
     ("pool1", (3, 4, 8, 8), (5, 4, 3, 3), (1, 1), 1, True, "f", 2),
     ("pool16", (2, 2, 20, 19), (3, 2, 3, 2), (1, 1), 16, True, "fd", 2),  # int32 indices
+    # grad_input as a dense transposed convolution (5-wide filters, 8 pooled
+    # columns): 5 images per tile, 9 tiles on 8 blocks (block 0 runs 2), the
+    # last tile 3 images; 13 x 13: the last input row and column are out of
+    # the winners' reach (zeros), 3 row bands, the last one row.
+    ("dense_tiles", (43, 6, 13, 13), (12, 6, 5, 5), (0, 0), 2, True, "f", 1),
     ("direct", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 2, True, "fd", 2),  # too big for smem
     ("groups", (1, 64, 9, 9), (64, 64, 3, 3), (0, 0), 2, True, "fd", 2),  # channel groups
     ("direct_pool16", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 16, True, "f", 2),
@@ -125,12 +130,25 @@ PLAN_COVERAGE = {
     and p["cb"] == 4
     and p["imgs"] > 1
     and n % p["imgs"] != 0,
+    "grad_input (dense): several images per tile, last partly filled": lambda k, p, n: k == "backward_input"
+    and p["dense"]
+    and p["imgs"] > 1
+    and n % p["imgs"] != 0,
+    "grad_input (dense): several tiles per block": lambda k, p, n: k == "backward_input"
+    and p["dense"]
+    and p["tiles"] > p["blocks"],
     "grad_weight: several chunks per block, last chunk partly filled": lambda k, p, n: k == "backward_weight"
     and p["fast"]
+    and not p["dense"]
+    and p["chunks"] > p["blocks"]
+    and n % p["imgs"] != 0,
+    "grad_weight (dense): several chunks per block, last chunk partly filled": lambda k, p, n: k == "backward_weight"
+    and p["dense"]
     and p["chunks"] > p["blocks"]
     and n % p["imgs"] != 0,
     "grad_weight: several batch slices, uneven over the chunk": lambda k, p, n: k == "backward_weight"
     and p["fast"]
+    and not p["dense"]
     and p["slices"] > 1
     and p["imgs"] % p["slices"] != 0,
 }
@@ -153,10 +171,14 @@ EXPECTED_KERNELS = [
     "backward_input_kernel<float, float, unsigned char, 4>",
     "backward_input_kernel<double, double, unsigned char, 4>",
     "backward_input_kernel<float, float, int, 4>",
+    "backward_input_dense_kernel<float, float, unsigned char>",
+    "backward_input_dense_kernel<double, double, unsigned char>",
     "backward_input_direct_kernel<float, float, unsigned char>",
     "backward_input_direct_kernel<double, double, unsigned char>",
     "backward_weight_kernel<float, float, unsigned char>",
     "backward_weight_kernel<double, double, int>",
+    "backward_weight_dense_kernel<float, float, unsigned char>",
+    "backward_weight_dense_kernel<double, double, unsigned char>",
     "backward_weight_direct_kernel<float, float, unsigned char>",
     "backward_weight_direct_kernel<double, double, unsigned char>",
     "reduce_partials_kernel<float, float, unsigned char>",
