@@ -131,20 +131,44 @@ constexpr ScalarType scalar_type_of<int32_t>() {
   return ScalarType::Int;
 }
 
-// A new contiguous tensor of `sizes` and `dtype` on `like`'s device.
+// A new contiguous tensor of `sizes` and `dtype` (default: like's) on `like`'s
+// device: one direct C shim call (aoti_torch_empty_strided, no trip through
+// the boxed dispatcher), as at::empty was before.
 inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes,
                        ScalarType dtype) {
-  return torch::stable::new_empty(like, sizes, dtype);
+  const int64_t ndim = static_cast<int64_t>(sizes.size());
+  int64_t strides[8];
+  FMNIST_CHECK(ndim <= 8, "fmnist_ext: internal error: a tensor of more than 8 dims");
+  int64_t stride = 1;
+  for (int64_t d = ndim - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= sizes[d] > 1 ? sizes[d] : 1;
+  }
+  int32_t device_type = 0;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  const int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle out = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides, shim_dtype,
+                                                  device_type, like.get_device_index(), &out));
+  return Tensor(out);
 }
 inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes) {
-  return torch::stable::new_empty(like, sizes);
+  return empty_on(like, sizes, like.scalar_type());
 }
 inline Tensor zeros_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes,
                        ScalarType dtype) {
-  return torch::stable::new_zeros(like, sizes, dtype);
+  Tensor t = empty_on(like, sizes, dtype);
+  torch::stable::zero_(t);
+  return t;
 }
 inline Tensor zeros_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes) {
-  return torch::stable::new_zeros(like, sizes);
+  return zeros_on(like, sizes, like.scalar_type());
+}
+
+// t itself when it is contiguous (a cheap C shim query, as at::Tensor::contiguous
+// asks first), else a contiguous copy (torch's aten::contiguous).
+inline Tensor contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
 
 }  // namespace fmnist_ext

@@ -131,7 +131,7 @@ void moments_chunk(const T* x, int64_t n0, int64_t n1, int64_t c, int64_t s, con
 
 std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& x_in) {
   const auto [n, c, s] = check_x(x_in, kOp);
-  const Tensor x = torch::stable::contiguous(x_in);
+  const Tensor x = fmnist_ext::contiguous(x_in);
   const int64_t m = n * s;
   Tensor mean = empty_on(x, {c}), var = empty_on(x, {c});
   if (c == 0) return {mean, var};
@@ -225,7 +225,7 @@ template <typename T>
 std::vector<T> coefficients(const std::optional<Tensor>& v, int64_t c, double scale) {
   std::vector<T> out(static_cast<size_t>(c), T(0));
   if (!(v.has_value() && v->defined())) return out;
-  const Tensor vc = torch::stable::contiguous(*v);
+  const Tensor vc = fmnist_ext::contiguous(*v);
   const T* p = vc.const_data_ptr<T>();
   for (int64_t ch = 0; ch < c; ++ch) {
     out[ch] = static_cast<T>(static_cast<double>(p[ch]) * scale);
@@ -239,8 +239,8 @@ void run_backward(const std::optional<Tensor>& grad_mean, const std::optional<Te
                   const Tensor& x_in, const Tensor& mean_in, int64_t n, int64_t c, int64_t s,
                   Tensor& out) {
   if (out.numel() == 0) return;
-  const Tensor x = torch::stable::contiguous(x_in);
-  const Tensor mean = torch::stable::contiguous(mean_in);
+  const Tensor x = fmnist_ext::contiguous(x_in);
+  const Tensor mean = fmnist_ext::contiguous(mean_in);
   // Per-channel coefficients, computed in float64 and rounded once.
   const double inv_m = 1.0 / static_cast<double>(n * s);
   dispatch_floating(x.scalar_type(), kBackwardOp, [&](auto scalar_tag) {
@@ -281,7 +281,7 @@ void channel_moments_backward_add_cpu(Tensor grad_x, const std::optional<Tensor>
   if (grad_x.is_contiguous()) {
     run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, grad_x);
   } else {  // any layout: add through a contiguous copy
-    Tensor tmp = torch::stable::contiguous(grad_x);
+    Tensor tmp = fmnist_ext::contiguous(grad_x);
     run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, tmp);
     torch::stable::copy_(grad_x, tmp);
   }

@@ -123,8 +123,8 @@ std::tuple<Tensor, Tensor> conv_relu_maxpool2d_forward_cpu(const Tensor& input,
   Tensor indices = empty_on(input, {g.n, g.cout, g.ph, g.pw}, index_dtype_for_pool(pool));
   if (out.numel() == 0) return {out, indices};
 
-  const Tensor w = torch::stable::contiguous(weight);
-  const Tensor b = has_bias ? torch::stable::contiguous(*bias) : Tensor();
+  const Tensor w = fmnist_ext::contiguous(weight);
+  const Tensor b = has_bias ? fmnist_ext::contiguous(*bias) : Tensor();
   const Isa isa = active_isa();
   dispatch_floating(input.scalar_type(), "conv_relu_maxpool2d", [&](auto scalar_tag) {
     using scalar_t = decltype(scalar_tag);
@@ -166,9 +166,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_relu_maxpool2d_backward_cpu(
   Tensor grad_bias = output_mask[2] ? zeros_on(input, {g.cout}) : empty_on(input, {0});
   if (g.n == 0) return {grad_input, grad_weight, grad_bias};
 
-  const Tensor go = torch::stable::contiguous(grad_output);
-  const Tensor idx = torch::stable::contiguous(indices);
-  const Tensor w = torch::stable::contiguous(weight);
+  const Tensor go = fmnist_ext::contiguous(grad_output);
+  const Tensor idx = fmnist_ext::contiguous(indices);
+  const Tensor w = fmnist_ext::contiguous(weight);
   const Isa isa = active_isa();
   // One partial sum per worker, added up below. Worker t takes images
   // [t * per, (t + 1) * per), the split the old at::parallel_for made of it,

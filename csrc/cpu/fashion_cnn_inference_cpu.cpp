@@ -95,8 +95,8 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b, bool relu) {
     }
     return y;
   }
-  const Tensor xc = torch::stable::contiguous(x), wc = torch::stable::contiguous(w),
-               bc = torch::stable::contiguous(b);
+  const Tensor xc = fmnist_ext::contiguous(x), wc = fmnist_ext::contiguous(w),
+               bc = fmnist_ext::contiguous(b);
   dispatch_floating(x.scalar_type(), kOp, [&](auto scalar_tag) {
     using scalar_t = decltype(scalar_tag);
     small_linear<scalar_t>(xc.const_data_ptr<scalar_t>(), x.size(0), x.size(1),

@@ -125,13 +125,13 @@ struct StableBackend {
 
   template <typename E>
   Tensor empty(std::vector<int64_t> sizes) const {
-    return torch::stable::new_empty(like, sizes, scalar_type_of<E>());
+    return empty_on(like, sizes, scalar_type_of<E>());
   }
   template <typename E>
   Tensor zeros(std::vector<int64_t> sizes) const {
-    return torch::stable::new_zeros(like, sizes, scalar_type_of<E>());
+    return zeros_on(like, sizes, scalar_type_of<E>());
   }
-  Tensor contiguous(const Tensor& t) const { return torch::stable::contiguous(t); }
+  Tensor contiguous(const Tensor& t) const { return fmnist_ext::contiguous(t); }
   template <typename E>
   E* ptr(const Tensor& t) const {
     return static_cast<E*>(t.data_ptr());
