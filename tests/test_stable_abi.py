@@ -20,8 +20,11 @@ from fmnist_ext.op import _library
 pytestmark = pytest.mark.skipif(not _library.LOADED, reason="needs the compiled library")
 
 # The C and C++ runtimes, the CUDA runtime, and the linker's weak hooks.
+# Mangled names in namespace std: _ZSt..., _ZNSt..., and the cv/ref-qualified
+# members _ZNKSt, _ZNKRSt, _ZNOSt... (C++20 builds import some of those).
 RUNTIME = re.compile(
-    r"^(_ITM_|__gmon_start__|__cxa_|__gxx_|_Unwind_|__cuda|cuda|_ZSt|_ZNSt|_ZNKSt|_ZTVN10__cxxabiv|_ZTISt|_ZTSSt|_Zdl|_Znw|_Zda|_Zna|__stack_chk|__tls_get_addr)"
+    r"^(_ITM_|__gmon_start__|__cxa_|__gxx_|_Unwind_|__cuda|cuda|_ZSt|_ZN[KVRO]*St|_ZT[VIS]St|_ZTVN10__cxxabiv"
+    r"|_Zdl|_Znw|_Zda|_Zna|__stack_chk|__tls_get_addr)"
 )
 STABLE = re.compile(r"^(aoti_torch_|torch_)")
 
