@@ -13,9 +13,9 @@
 //
 // Kernels are registered per dispatch key in cpu/ and cuda/; the fake
 // (meta) kernels and the autograd formula live in fmnist_ext/ops.py.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(fmnist_ext, m) {
+STABLE_TORCH_LIBRARY(fmnist_ext, m) {
   m.def(
       "conv_relu_maxpool2d(Tensor input, Tensor weight, Tensor? bias, "
       "int[2] padding, int pool) -> (Tensor, Tensor)");
