@@ -1,8 +1,11 @@
 """Print the facts CMake needs about the torch that will import the extension.
 
-Run by CMakeLists.txt with the Python that builds the package. torch must be
-importable by that Python: build with `pip install --no-build-isolation .`
-so the extension is compiled against the very torch it will be loaded into.
+Run by CMakeLists.txt with the Python that builds the package: the torch it
+imports provides the headers (the installed one with `pip install
+--no-build-isolation .`, the one pip fetched into the build environment with a
+plain `pip install .`). The library targets the stable ABI of the oldest
+supported torch (TORCH_MIN_VERSION, pyproject.toml's dependency), so it loads
+into that torch and every later one, whichever torch built it.
 """
 
 import sys
@@ -12,10 +15,9 @@ try:
     from torch.utils import cpp_extension
 except Exception as exc:  # pragma: no cover - exercised by a failing build
     print(
-        f"cannot import torch with {sys.executable} ({exc}). fmnist_ext builds "
-        "against the installed torch: install torch first, then build with "
-        "`pip install --no-build-isolation .` (an isolated build environment "
-        "would compile against a different torch).",
+        f"cannot import torch with {sys.executable} ({exc}). Build with `pip install .` "
+        "(the build environment gets a torch from pyproject.toml's build requirements) or "
+        "install torch first and build with `pip install --no-build-isolation .`.",
         file=sys.stderr,
     )
     sys.exit(1)
@@ -32,8 +34,13 @@ if minimum and running < (int(minimum[1]), int(minimum[2])):
     )
     sys.exit(1)
 
+major, minor = (int(minimum[1]), int(minimum[2])) if minimum else running
 facts = {
     "TORCH_VERSION": torch.__version__,
+    # The stable ABI version the library targets (torch/csrc/stable/version.h):
+    # [major][minor][patch][abi tag], one byte each from the top.
+    "TORCH_MIN_VERSION": f"{major}.{minor}",
+    "TORCH_TARGET_VERSION": f"0x{(major << 56) | (minor << 48):016x}ULL",
     "TORCH_INCLUDE_DIRS": "|".join(cpp_extension.include_paths()),
     "TORCH_LIBRARY_DIRS": "|".join(cpp_extension.library_paths()),
     "TORCH_CXX11_ABI": str(int(torch.compiled_with_cxx11_abi())),

@@ -20,9 +20,9 @@
 // leaves the moments as the only full-size BatchNorm work; stock
 // nn.BatchNorm2d and torch.var_mean spend several times a memory pass on it.
 // The fake kernels and the autograd formula live in fmnist_ext/op/moments.py.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
   m.def("channel_moments(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "_channel_moments_backward(Tensor? grad_mean, Tensor? grad_var, Tensor x, Tensor mean) "

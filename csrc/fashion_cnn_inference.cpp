@@ -12,9 +12,9 @@
 // folding). One call instead of a dozen: at batch 1 the model's cost is the
 // per-operator overhead, not the arithmetic. No autograd: it refuses inputs
 // that require gradients while grad mode is on.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
   m.def(
       "fashion_cnn_inference(Tensor input, Tensor conv1_weight, "
       "Tensor conv1_bias, Tensor conv2_weight, Tensor conv2_bias, "

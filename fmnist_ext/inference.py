@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .op import conv_relu_maxpool2d, uses_compiled_kernels
-from .op._library import has_kernel
+from .op._dispatch import below_autograd
+from .op._library import OP_NAMESPACE, has_kernel
 
 # The whole-model CPU op (csrc/fashion_cnn_inference.cpp), in the library the fused op's kernels come from.
 OP_NAME = "fmnist_ext::fashion_cnn_inference"
@@ -200,5 +201,30 @@ class FashionCNNInference(nn.Module):
         return f"dtype={w.dtype}, device={w.device}, compiled_op={self.uses_compiled_op}"
 
 
+def _autograd_kernel(keyset, input, *weights):
+    """The op's Autograd kernel: it computes no gradients, so it refuses inputs that
+    require them while grad mode is on (the stable ABI the C++ kernel is built on
+    cannot read requires_grad), then runs the kernel below Autograd (which also
+    gives the kernel's ValueError / TypeError their type)."""
+    if torch.is_grad_enabled():
+        for name, t in zip(("input", *_PARAM_NAMES), (input, *weights)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(
+                    f"fashion_cnn_inference: computes no gradients, but {name} requires grad; "
+                    "call it under torch.no_grad() or train the FashionCNN instead"
+                )
+    return below_autograd(torch.ops.fmnist_ext.fashion_cnn_inference.default, keyset, input, *weights)
+
+
+_lib = None
+
+
+def _register_autograd() -> None:
+    global _lib
+    _lib = torch.library.Library(OP_NAMESPACE, "IMPL")  # keeps the registration alive
+    _lib.impl("fashion_cnn_inference", _autograd_kernel, "Autograd", with_keyset=True)
+
+
 if _CPU_OP:
     _register_fake()
+    _register_autograd()

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if not status["cuda_available"]:
         cuda += " (no CUDA device visible)"
     print(f"  cuda kernels:  {cuda}")
-    print(f"  built against: torch {status['built_against_torch'] or '(not built)'}")
+    built = status["built_against_torch"]
+    if built:
+        built = f"torch {built} headers, for torch >= {status['minimum_torch']} (stable ABI)"
+    print(f"  built against: {built or 'torch (not built)'}")
     print(f"  running:       torch {status['running_torch']}")
     if status["compiled_library_loaded"]:
         print(f"  library:       {_library.LIBRARY_PATH}")

@@ -6,6 +6,8 @@ and are imported by name; markers are declared in pyproject.toml.
 FMNIST_REQUIRE_COMPILED=1 (set by scripts/test.sh, so by CI) turns a silent
 fallback to the pure-PyTorch reference into a failed test session: the suite
 must test the compiled kernels, not the reference against itself.
+FMNIST_REQUIRE_CUDA_BUILD=1 (CI's stages that test a CUDA build) also requires
+the compiled CUDA kernels to be registered (no GPU is needed for that).
 """
 
 import os
@@ -21,6 +23,15 @@ def pytest_sessionstart(session):
     if required and "cpu" not in _library.COMPILED_DEVICE_TYPES:
         pytest.exit(
             f"FMNIST_REQUIRE_COMPILED is set but the compiled CPU kernels are not in use: {_library.NOT_LOADED_REASON}",
+            returncode=3,
+        )
+    if (
+        os.environ.get("FMNIST_REQUIRE_CUDA_BUILD", "") not in ("", "0")
+        and "cuda" not in _library.COMPILED_DEVICE_TYPES
+    ):
+        pytest.exit(
+            "FMNIST_REQUIRE_CUDA_BUILD is set but no compiled CUDA kernel is registered: "
+            f"{_library.NOT_LOADED_REASON or 'the library was built without CUDA'}",
             returncode=3,
         )
 

@@ -3,7 +3,7 @@
 //
 // Forward, parallel decomposition: the batch is cut into fixed chunks of
 // images (their size depends only on the shape, never on the thread count),
-// at::parallel_for hands chunks to threads, and each chunk writes its own
+// torch::stable::parallel_for hands chunks to threads, and each chunk writes its own
 // float64 partial sums [2, C]; the partials are then added in chunk order.
 // So the result is deterministic and the same for any number of threads.
 // Each channel's values are shifted by the channel's first value before they
@@ -14,19 +14,18 @@
 // Memory traffic: one read of x (plus a copy first if x is not contiguous);
 // the writes are the tiny partial sums.
 //
-// Backward, parallel decomposition: at::parallel_for over images; each
+// Backward, parallel decomposition: torch::stable::parallel_for over images; each
 // element is grad_x = (x - mean_c) * alpha_c + g_c with alpha_c = 2 grad_var_c
 // / M and g_c = grad_mean_c / M. Memory traffic: one read of x, one write of
 // grad_x (the _add_ form: one read of x, a read and write of grad_x, and no
 // new full-size buffer).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "../stable_api.h"
 
 namespace fmnist_ext {
 namespace cpu {
@@ -41,26 +40,26 @@ constexpr int64_t kChunkElements = 16384;
 
 // Checks x (messages name the argument) and returns (N, C, S): S = H * W
 // for a 4-D x, 1 for a 2-D one.
-std::tuple<int64_t, int64_t, int64_t> check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 4, op,
-                    ": expected x to be a 2-D [N, C] or 4-D [N, C, H, W] tensor, got a ", x.dim(),
-                    "-D tensor");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": expected x to be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op,
-                    ": expected x on the CPU (this is the CPU kernel), got ", x.device());
+std::tuple<int64_t, int64_t, int64_t> check_x(const Tensor& x, const char* op) {
+  FMNIST_CHECK_VALUE(x.dim() == 2 || x.dim() == 4, op,
+                     ": expected x to be a 2-D [N, C] or 4-D [N, C, H, W] tensor, got a ", x.dim(),
+                     "-D tensor");
+  FMNIST_CHECK_TYPE(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double,
+                    op, ": expected x to be float32 or float64, got ", x.scalar_type());
+  FMNIST_CHECK_VALUE(x.is_cpu(), op, ": expected x on the CPU (this is the CPU kernel), got ",
+                     device_of(x));
   const int64_t s = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
   return {x.size(0), x.size(1), s};
 }
 
 // A per-channel vector argument: 1-D, length C, x's dtype, on the CPU.
-void check_channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t c, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == c, kBackwardOp, ": expected ", name,
-                    " to be a 1-D tensor of length C = ", c, ", got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), kBackwardOp, ": expected ", name,
-                   " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), kBackwardOp, ": expected ", name, " on the CPU, got ",
-                    t.device());
+void check_channel_vector(const Tensor& t, const Tensor& x, int64_t c, const char* name) {
+  FMNIST_CHECK_VALUE(t.dim() == 1 && t.size(0) == c, kBackwardOp, ": expected ", name,
+                     " to be a 1-D tensor of length C = ", c, ", got shape ", shape_of(t));
+  FMNIST_CHECK_TYPE(t.scalar_type() == x.scalar_type(), kBackwardOp, ": expected ", name,
+                    " to have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+  FMNIST_CHECK_VALUE(t.is_cpu(), kBackwardOp, ": expected ", name, " on the CPU, got ",
+                     device_of(t));
 }
 
 int64_t images_per_chunk(int64_t c, int64_t s) {
@@ -130,56 +129,53 @@ void moments_chunk(const T* x, int64_t n0, int64_t n1, int64_t c, int64_t s, con
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x_in) {
+std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& x_in) {
   const auto [n, c, s] = check_x(x_in, kOp);
-  const at::Tensor x = x_in.contiguous();
+  const Tensor x = fmnist_ext::contiguous(x_in);
   const int64_t m = n * s;
-  const auto opts = x.options();
-  at::Tensor mean = at::empty({c}, opts), var = at::empty({c}, opts);
+  Tensor mean = empty_on(x, {c}), var = empty_on(x, {c});
   if (c == 0) return {mean, var};
   if (m == 0) {  // no values: NaN, like torch.var_mean
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    torch::stable::fill_(mean, std::numeric_limits<double>::quiet_NaN());
+    torch::stable::fill_(var, std::numeric_limits<double>::quiet_NaN());
     return {mean, var};
   }
-  const auto dopts = opts.dtype(at::kDouble);
-  // The shift: each channel's first value (image 0, position 0).
-  const at::Tensor k = x.select(0, 0).reshape({c, s}).select(1, 0).to(at::kDouble).contiguous();
   const int64_t per = images_per_chunk(c, s);
   const int64_t chunks = (n + per - 1) / per;
-  at::Tensor parts = at::zeros({chunks, 2 * c}, dopts);
+  // One row of float64 partial sums per chunk: [chunks, 2 * C].
+  Tensor parts = zeros_on(x, {chunks, 2 * c}, ScalarType::Double);
+  std::vector<double> k(static_cast<size_t>(c));
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments_cpu", [&] {
+  dispatch_floating(x.scalar_type(), kOp, [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const double* kp = k.const_data_ptr<double>();
+    // The shift: each channel's first value (image 0, position 0).
+    for (int64_t ch = 0; ch < c; ++ch) k[ch] = static_cast<double>(xp[ch * s]);
+    const double* kp = k.data();
     double* pp = parts.mutable_data_ptr<double>();
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t q = k0; q < k1; ++q) {
         moments_chunk(xp, q * per, std::min(n, (q + 1) * per), c, s, kp, pp + q * 2 * c);
       }
     });
-  });
 
-  // Chunk order, one channel at a time: deterministic.
-  const double* pp = parts.const_data_ptr<double>();
-  const double* kp = k.const_data_ptr<double>();
-  at::Tensor mean64 = at::empty({c}, dopts), var64 = at::empty({c}, dopts);
-  double* mp = mean64.mutable_data_ptr<double>();
-  double* vp = var64.mutable_data_ptr<double>();
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double sum = 0, sq = 0;
-    for (int64_t q = 0; q < chunks; ++q) {
-      sum += pp[q * 2 * c + ch];
-      sq += pp[q * 2 * c + c + ch];
+    // Chunk order, one channel at a time: deterministic.
+    const double* cp = parts.const_data_ptr<double>();
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sum = 0, sq = 0;
+      for (int64_t q = 0; q < chunks; ++q) {
+        sum += cp[q * 2 * c + ch];
+        sq += cp[q * 2 * c + c + ch];
+      }
+      const double dmean = sum / static_cast<double>(m);
+      mp[ch] = static_cast<scalar_t>(kp[ch] + dmean);
+      // A NaN/inf input makes this NaN, as it should; std::max would drop a NaN.
+      const double v = sq / static_cast<double>(m) - dmean * dmean;
+      vp[ch] = static_cast<scalar_t>(v < 0 ? 0.0 : v);
     }
-    const double dmean = sum / static_cast<double>(m);
-    mp[ch] = kp[ch] + dmean;
-    // A NaN/inf input makes this NaN, as it should; std::max would drop a NaN.
-    const double v = sq / static_cast<double>(m) - dmean * dmean;
-    vp[ch] = v < 0 ? 0.0 : v;
-  }
-  mean.copy_(mean64);
-  var.copy_(var64);
+  });
   return {mean, var};
 }
 
@@ -210,9 +206,9 @@ void moments_backward_images(const T* x, int64_t n0, int64_t n1, int64_t c, int6
 }
 
 // Checks the backward's arguments; returns (N, C, S).
-std::tuple<int64_t, int64_t, int64_t> check_backward(const std::optional<at::Tensor>& grad_mean,
-                                                     const std::optional<at::Tensor>& grad_var,
-                                                     const at::Tensor& x, const at::Tensor& mean) {
+std::tuple<int64_t, int64_t, int64_t> check_backward(const std::optional<Tensor>& grad_mean,
+                                                     const std::optional<Tensor>& grad_var,
+                                                     const Tensor& x, const Tensor& mean) {
   const auto shape = check_x(x, kBackwardOp);
   const int64_t c = std::get<1>(shape);
   check_channel_vector(mean, x, c, "mean");
@@ -223,63 +219,71 @@ std::tuple<int64_t, int64_t, int64_t> check_backward(const std::optional<at::Ten
   return shape;
 }
 
+// coef[c] = scale * v[c] computed in float64 and rounded once to T (zeros
+// when v is absent).
+template <typename T>
+std::vector<T> coefficients(const std::optional<Tensor>& v, int64_t c, double scale) {
+  std::vector<T> out(static_cast<size_t>(c), T(0));
+  if (!(v.has_value() && v->defined())) return out;
+  const Tensor vc = fmnist_ext::contiguous(*v);
+  const T* p = vc.const_data_ptr<T>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    out[ch] = static_cast<T>(static_cast<double>(p[ch]) * scale);
+  }
+  return out;
+}
+
 // out (contiguous, x's shape) = or += the backward formula.
 template <bool Add>
-void run_backward(const std::optional<at::Tensor>& grad_mean,
-                  const std::optional<at::Tensor>& grad_var, const at::Tensor& x_in,
-                  const at::Tensor& mean_in, int64_t n, int64_t c, int64_t s, at::Tensor& out) {
+void run_backward(const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_var,
+                  const Tensor& x_in, const Tensor& mean_in, int64_t n, int64_t c, int64_t s,
+                  Tensor& out) {
   if (out.numel() == 0) return;
-  const at::Tensor x = x_in.contiguous();
-  const bool has_gm = grad_mean.has_value() && grad_mean->defined();
-  const bool has_gv = grad_var.has_value() && grad_var->defined();
+  const Tensor x = fmnist_ext::contiguous(x_in);
+  const Tensor mean = fmnist_ext::contiguous(mean_in);
   // Per-channel coefficients, computed in float64 and rounded once.
-  const auto dopts = x.options().dtype(at::kDouble);
   const double inv_m = 1.0 / static_cast<double>(n * s);
-  const at::Tensor alpha =
-      (has_gv ? grad_var->to(at::kDouble) * (2.0 * inv_m) : at::zeros({c}, dopts))
-          .to(x.scalar_type());
-  const at::Tensor g =
-      (has_gm ? grad_mean->to(at::kDouble) * inv_m : at::zeros({c}, dopts)).to(x.scalar_type());
-  const at::Tensor mean = mean_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments_backward_cpu", [&] {
+  dispatch_floating(x.scalar_type(), kBackwardOp, [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    const std::vector<scalar_t> alpha = coefficients<scalar_t>(grad_var, c, 2.0 * inv_m);
+    const std::vector<scalar_t> g = coefficients<scalar_t>(grad_mean, c, inv_m);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* mp = mean.const_data_ptr<scalar_t>();
-    const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* ap = alpha.data();
+    const scalar_t* gp = g.data();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, images_per_chunk(c, s), [&](int64_t n0, int64_t n1) {
+    torch::stable::parallel_for(0, n, images_per_chunk(c, s), [&](int64_t n0, int64_t n1) {
       moments_backward_images<Add>(xp, n0, n1, c, s, mp, ap, gp, op);
     });
   });
 }
 
-at::Tensor channel_moments_backward_cpu(const std::optional<at::Tensor>& grad_mean,
-                                        const std::optional<at::Tensor>& grad_var,
-                                        const at::Tensor& x, const at::Tensor& mean) {
+Tensor channel_moments_backward_cpu(const std::optional<Tensor>& grad_mean,
+                                    const std::optional<Tensor>& grad_var, const Tensor& x,
+                                    const Tensor& mean) {
   const auto [n, c, s] = check_backward(grad_mean, grad_var, x, mean);
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  Tensor grad_x = empty_on(x, x.sizes());
   run_backward<false>(grad_mean, grad_var, x, mean, n, c, s, grad_x);
   return grad_x;
 }
 
-void channel_moments_backward_add_cpu(at::Tensor& grad_x,
-                                      const std::optional<at::Tensor>& grad_mean,
-                                      const std::optional<at::Tensor>& grad_var,
-                                      const at::Tensor& x, const at::Tensor& mean) {
+void channel_moments_backward_add_cpu(Tensor grad_x, const std::optional<Tensor>& grad_mean,
+                                      const std::optional<Tensor>& grad_var, const Tensor& x,
+                                      const Tensor& mean) {
   const auto [n, c, s] = check_backward(grad_mean, grad_var, x, mean);
-  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), kBackwardOp,
-                    "_add_: expected grad_x of x's shape ", x.sizes(), ", got ", grad_x.sizes());
-  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type(), kBackwardOp,
-                   "_add_: expected grad_x to have the dtype of x (", x.scalar_type(), "), got ",
-                   grad_x.scalar_type());
-  TORCH_CHECK_VALUE(grad_x.device().is_cpu(), kBackwardOp,
-                    "_add_: expected grad_x on the CPU, got ", grad_x.device());
+  FMNIST_CHECK_VALUE(same_shape(grad_x, x), kBackwardOp, "_add_: expected grad_x of x's shape ",
+                     shape_of(x), ", got ", shape_of(grad_x));
+  FMNIST_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type(), kBackwardOp,
+                    "_add_: expected grad_x to have the dtype of x (", x.scalar_type(), "), got ",
+                    grad_x.scalar_type());
+  FMNIST_CHECK_VALUE(grad_x.is_cpu(), kBackwardOp, "_add_: expected grad_x on the CPU, got ",
+                     device_of(grad_x));
   if (grad_x.is_contiguous()) {
     run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, grad_x);
   } else {  // any layout: add through a contiguous copy
-    at::Tensor tmp = grad_x.contiguous();
+    Tensor tmp = fmnist_ext::contiguous(grad_x);
     run_backward<true>(grad_mean, grad_var, x, mean, n, c, s, tmp);
-    grad_x.copy_(tmp);
+    torch::stable::copy_(grad_x, tmp);
   }
 }
 
@@ -287,8 +291,9 @@ void channel_moments_backward_add_cpu(at::Tensor& grad_x,
 }  // namespace cpu
 }  // namespace fmnist_ext
 
-TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
-  m.impl("channel_moments", &fmnist_ext::cpu::channel_moments_cpu);
-  m.impl("_channel_moments_backward", &fmnist_ext::cpu::channel_moments_backward_cpu);
-  m.impl("_channel_moments_backward_add_", &fmnist_ext::cpu::channel_moments_backward_add_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
+  m.impl("channel_moments", TORCH_BOX(&fmnist_ext::cpu::channel_moments_cpu));
+  m.impl("_channel_moments_backward", TORCH_BOX(&fmnist_ext::cpu::channel_moments_backward_cpu));
+  m.impl("_channel_moments_backward_add_",
+         TORCH_BOX(&fmnist_ext::cpu::channel_moments_backward_add_cpu));
 }

@@ -1,23 +1,29 @@
 // CPU implementation of fmnist_ext::conv_relu_maxpool2d and its backward.
 //
 // This file checks the arguments, allocates the outputs, splits the batch
-// across threads with at::parallel_for and hands each range of images to the
-// kernels in kernels_impl.h, built for the best instruction set the CPU
+// across threads with torch::stable::parallel_for and hands each range of images to the
+// kernels in kernels.h, built for the best instruction set the CPU
 // supports (AVX-512, AVX2+FMA, or the baseline). FMNIST_CPU_ISA=default|avx2|
 // avx512 in the environment picks a lower one (the tests use it to check every
-// build). grad_weight/grad_bias are summed into one private buffer per worker
-// thread and added up at the end, so the kernels need no atomics.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// build). grad_weight/grad_bias are summed into one private buffer per batch
+// slice (as many slices as threads) and added up at the end in slice order,
+// so the kernels need no atomics.
+//
+// Host code on the LibTorch stable ABI (../stable_api.h): allocation, the
+// contiguous copies and the thread pool are torch's, reached through the
+// stable C shim once per call (never per element or per image).
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
+#include "../stable_api.h"
+#include "conv_cpu.h"
 #include "isa.h"
 
 namespace fmnist_ext {
@@ -67,11 +73,11 @@ Isa active_isa() {
   } else if (std::strcmp(env, "avx512") == 0) {
     want = Isa::kAvx512;
   } else {
-    TORCH_CHECK_VALUE(false, "FMNIST_CPU_ISA must be one of default, avx2, avx512; got '", env,
-                      "'");
+    FMNIST_CHECK_VALUE(false, "FMNIST_CPU_ISA must be one of default, avx2, avx512; got '", env,
+                       "'");
   }
-  TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "FMNIST_CPU_ISA=", env,
-                    " is not supported by this CPU (best: ", isa_name(best), ")");
+  FMNIST_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "FMNIST_CPU_ISA=", env,
+                     " is not supported by this CPU (best: ", isa_name(best), ")");
   return want;
 }
 
@@ -96,29 +102,33 @@ void run_backward(Isa isa, const BackwardArgs<T, I>& a, int64_t n0, int64_t n1) 
   isa_default::backward_images(a, n0, n1);
 }
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "conv_relu_maxpool2d: expected ", name,
-                    " on the CPU (this is the CPU kernel), got ", t.device());
+void check_cpu(const Tensor& t, const char* name) {
+  FMNIST_CHECK_VALUE(t.is_cpu(), "conv_relu_maxpool2d: expected ", name,
+                     " on the CPU (this is the CPU kernel), got ", device_of(t));
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    c10::IntArrayRef padding, int64_t pool) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> conv_relu_maxpool2d_forward_cpu(const Tensor& input,
+                                                           const Tensor& weight,
+                                                           const std::optional<Tensor>& bias,
+                                                           std::vector<int64_t> padding,
+                                                           int64_t pool) {
   const ConvPoolGeometry g = check_conv_relu_maxpool2d_args(input, weight, bias, padding, pool);
   check_cpu(input, "input");
   check_cpu(weight, "weight");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_cpu(*bias, "bias");
 
-  at::Tensor out = at::empty({g.n, g.cout, g.ph, g.pw}, input.options());
-  at::Tensor indices =
-      at::empty({g.n, g.cout, g.ph, g.pw}, input.options().dtype(index_dtype_for_pool(pool)));
+  Tensor out = empty_on(input, {g.n, g.cout, g.ph, g.pw});
+  Tensor indices = empty_on(input, {g.n, g.cout, g.ph, g.pw}, index_dtype_for_pool(pool));
   if (out.numel() == 0) return {out, indices};
 
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const Tensor w = fmnist_ext::contiguous(weight);
+  const Tensor b = has_bias ? fmnist_ext::contiguous(*bias) : Tensor();
   const Isa isa = active_isa();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_forward_cpu", [&] {
+  dispatch_floating(input.scalar_type(), "conv_relu_maxpool2d", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
       ForwardArgs<scalar_t, I> a{
@@ -129,16 +139,18 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cpu(
           has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
           out.mutable_data_ptr<scalar_t>(),
           static_cast<I*>(indices.mutable_data_ptr())};
-      at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) { run_forward(isa, a, n0, n1); });
+      torch::stable::parallel_for(0, g.n, 1,
+                                  [&](int64_t n0, int64_t n1) { run_forward(isa, a, n0, n1); });
     });
   });
   return {out, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& indices, c10::IntArrayRef padding, int64_t pool,
-    std::array<bool, 3> output_mask) {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> conv_relu_maxpool2d_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& indices,
+    std::vector<int64_t> padding, int64_t pool, std::vector<bool> output_mask) {
   const ConvPoolGeometry g =
       check_conv_relu_maxpool2d_args(input, weight, std::nullopt, padding, pool);
   check_backward_args(grad_output, indices, g, input);
@@ -146,29 +158,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
   check_cpu(weight, "weight");
   check_cpu(grad_output, "grad_output");
 
-  const auto opts = input.options();
-  at::Tensor grad_input =
-      output_mask[0] ? at::empty({g.n, g.cin, g.h, g.w}, opts) : at::empty({0}, opts);
-  at::Tensor grad_weight =
-      output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, opts);
-  at::Tensor grad_bias = output_mask[2] ? at::zeros({g.cout}, opts) : at::empty({0}, opts);
+  FMNIST_CHECK_VALUE(output_mask.size() == 3, "_conv_relu_maxpool2d_backward",
+                     ": expected output_mask of 3 elements, got ", output_mask.size());
+  Tensor grad_input = empty_on(
+      input, output_mask[0] ? std::vector<int64_t>{g.n, g.cin, g.h, g.w} : std::vector<int64_t>{0});
+  Tensor grad_weight =
+      output_mask[1] ? zeros_on(input, {g.cout, g.cin, g.kh, g.kw}) : empty_on(input, {0});
+  Tensor grad_bias = output_mask[2] ? zeros_on(input, {g.cout}) : empty_on(input, {0});
   if (g.n == 0) return {grad_input, grad_weight, grad_bias};
 
-  const at::Tensor go = grad_output.contiguous();
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor w = weight.contiguous();
+  const Tensor go = fmnist_ext::contiguous(grad_output);
+  const Tensor idx = fmnist_ext::contiguous(indices);
+  const Tensor w = fmnist_ext::contiguous(weight);
   const Isa isa = active_isa();
-  // One partial sum per worker thread, added up below.
-  const int64_t workers = at::get_num_threads();
+  // One partial sum per worker, added up below. Worker t takes images
+  // [t * per, (t + 1) * per), the split the old at::parallel_for made of it,
+  // so each buffer has one owner without asking which thread runs it.
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>(g.n, static_cast<int64_t>(torch::stable::get_num_threads())));
+  const int64_t per = (g.n + workers - 1) / workers;
   // Partial grad_weight sums have their filter rows padded to whole vectors.
   int64_t kwp = 0;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_kw",
-                             [&] { kwp = padded_kw<scalar_t>(g.kw); });
+  dispatch_floating(input.scalar_type(), "_conv_relu_maxpool2d_backward",
+                    [&](auto scalar_tag) { kwp = padded_kw<decltype(scalar_tag)>(g.kw); });
   const int64_t wsize = g.cout * g.cin * g.kh * kwp;
-  at::Tensor gw_parts = output_mask[1] ? at::zeros({workers, wsize}, opts) : at::Tensor();
-  at::Tensor gb_parts = output_mask[2] ? at::zeros({workers, g.cout}, opts) : at::Tensor();
+  Tensor gw_parts = output_mask[1] ? zeros_on(input, {workers, wsize}) : Tensor();
+  Tensor gb_parts = output_mask[2] ? zeros_on(input, {workers, g.cout}) : Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_backward_cpu", [&] {
+  dispatch_floating(input.scalar_type(), "_conv_relu_maxpool2d_backward", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
       BackwardArgs<scalar_t, I> a{
@@ -181,22 +199,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
           output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
           nullptr,
           nullptr};
-      at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-        const int64_t t = at::get_thread_num();
-        TORCH_INTERNAL_ASSERT(t >= 0 && t < workers);
-        BackwardArgs<scalar_t, I> mine = a;
-        if (output_mask[1])
-          mine.grad_weight_part = gw_parts.mutable_data_ptr<scalar_t>() + t * wsize;
-        if (output_mask[2])
-          mine.grad_bias_part = gb_parts.mutable_data_ptr<scalar_t>() + t * g.cout;
-        run_backward(isa, mine, n0, n1);
+      const bool want_w = output_mask[1], want_b = output_mask[2];
+      scalar_t* gw = want_w ? gw_parts.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gb = want_b ? gb_parts.mutable_data_ptr<scalar_t>() : nullptr;
+      torch::stable::parallel_for(0, workers, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          BackwardArgs<scalar_t, I> mine = a;
+          if (want_w) mine.grad_weight_part = gw + t * wsize;
+          if (want_b) mine.grad_bias_part = gb + t * g.cout;
+          const int64_t n0 = t * per, n1 = std::min(g.n, n0 + per);
+          if (n0 < n1) run_backward(isa, mine, n0, n1);
+        }
       });
+      // The workers' partial sums, added in worker order (deterministic).
+      if (want_w) {
+        scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
+        const int64_t rows = g.cout * g.cin * g.kh;
+        for (int64_t t = 0; t < workers; ++t) {
+          const scalar_t* part = gw + t * wsize;
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t k = 0; k < g.kw; ++k) out[r * g.kw + k] += part[r * kwp + k];
+          }
+        }
+      }
+      if (want_b) {
+        scalar_t* out = grad_bias.mutable_data_ptr<scalar_t>();
+        for (int64_t t = 0; t < workers; ++t) {
+          for (int64_t c = 0; c < g.cout; ++c) out[c] += gb[t * g.cout + c];
+        }
+      }
     });
   });
-  if (output_mask[1]) {
-    grad_weight.copy_(gw_parts.sum(0).view({g.cout, g.cin, g.kh, kwp}).narrow(3, 0, g.kw));
-  }
-  if (output_mask[2]) grad_bias.copy_(gb_parts.sum(0));
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -204,15 +237,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cpu(
 }  // namespace cpu
 }  // namespace fmnist_ext
 
-TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
-  m.impl("conv_relu_maxpool2d", &fmnist_ext::cpu::conv_relu_maxpool2d_forward_cpu);
-  m.impl("_conv_relu_maxpool2d_backward", &fmnist_ext::cpu::conv_relu_maxpool2d_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fmnist_ext, CPU, m) {
+  m.impl("conv_relu_maxpool2d", TORCH_BOX(&fmnist_ext::cpu::conv_relu_maxpool2d_forward_cpu));
+  m.impl("_conv_relu_maxpool2d_backward",
+         TORCH_BOX(&fmnist_ext::cpu::conv_relu_maxpool2d_backward_cpu));
 }
 
-TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fmnist_ext, m) {
   // Which CPU kernel build runs (default / avx2 / avx512); for diagnostics.
-  m.def("_cpu_isa() -> str", &fmnist_ext::cpu::active_isa_name);
+  m.def("_cpu_isa() -> str");
   // The best build this CPU supports, whatever FMNIST_CPU_ISA says (so the
   // Python side can validate that variable with a clear message).
-  m.def("_cpu_best_isa() -> str", &fmnist_ext::cpu::best_isa_name);
+  m.def("_cpu_best_isa() -> str");
+}
+
+// No tensor argument: the kernels serve every dispatch key.
+STABLE_TORCH_LIBRARY_IMPL(fmnist_ext, CompositeImplicitAutograd, m) {
+  m.impl("_cpu_isa", TORCH_BOX(&fmnist_ext::cpu::active_isa_name));
+  m.impl("_cpu_best_isa", TORCH_BOX(&fmnist_ext::cpu::best_isa_name));
 }

@@ -11,10 +11,10 @@
 // kernels_global.cuh (the __global__ kernels), plan.h (launch plans),
 // op_body.h (allocation, output_mask, contiguity, kernel variant and launch;
 // shared with the execution harness in tests/cuda_emulation, which runs these
-// very kernels on CPU threads), this file (ATen checks, dtype dispatch, the
-// device guard and the stream). The call's sizes travel as the
-// ConvPoolGeometry the checks fill (../geometry.h), narrowed once to int for
-// the kernels (kernel_geometry in kernels.cuh).
+// very kernels on CPU threads), this file (checks, dtype dispatch, the
+// device guard and the stream, all on the LibTorch stable ABI: ../stable_api.h). The call's sizes
+// travel as the ConvPoolGeometry the checks fill (../geometry.h), narrowed once to int for the
+// kernels (kernel_geometry in kernels.cuh).
 //
 // Forward (conv_relu_maxpool2d_forward_kernel), fast path:
 //   grid.x = tiles of `imgs` images, grid.y = groups of output channels whose
@@ -68,33 +68,33 @@
 // kernels (one thread per output / input element / weight element x batch
 // slice, reading global memory): correct for any size, not tuned.
 //
-// All launches go to the current stream under a device guard, each followed
-// by C10_CUDA_KERNEL_LAUNCH_CHECK(); the op never synchronises with the host
+// All launches go to the current stream (torch's, through the stable C shim)
+// under a device guard (torch::stable::accelerator::DeviceGuard), each
+// followed by a cudaGetLastError check; the op never synchronises with the host
 // and allocates only through the caching allocator, so it can be captured in
 // a CUDA graph. Global offsets are int64 (a batch of 60,000 images is one
 // call). Input, grad_output and indices are made contiguous (a channels_last
 // or sliced input is copied once); the outputs are contiguous NCHW.
 // grad_weight / grad_bias are reduced without atomics, in a fixed order
 // (kernels.cuh), so the backward repeats bitwise on the same GPU.
-// float32 and float64 via AT_DISPATCH_FLOATING_TYPES; the kernels take the
-// storage type and an accumulate type (at::acc_type), so half/bfloat16 is a
-// matter of extending the dispatch macro.
-#include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
-#include <c10/core/ScalarType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// float32 and float64 via dispatch_floating; the kernels take the storage
+// type and an accumulate type (AccType below, at::acc_type's choice for
+// these two), so half/bfloat16 is a matter of extending the dispatch.
+#ifndef USE_CUDA
+#define USE_CUDA  // declares the CUDA part of torch's C shim (the current stream)
+#endif
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <array>
 #include <climits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../checks.h"
+#include "../stable_api.h"
 #include "op_body.h"
 #include "sm_count.h"
 
@@ -102,70 +102,88 @@ namespace fmnist_ext {
 namespace cuda {
 namespace {
 
-int num_sms(c10::DeviceIndex device) {
+// at::acc_type<T, /*is_cuda=*/true> for the dtypes the op takes.
+template <typename T>
+struct AccType {
+  using type = T;  // float -> float, double -> double
+};
+
+void cuda_check(cudaError_t err, const char* what) {
+  FMNIST_CHECK(err == cudaSuccess, "conv_relu_maxpool2d: ", what, ": CUDA error ",
+               static_cast<int>(err), " (", cudaGetErrorName(err), "): ", cudaGetErrorString(err));
+}
+
+int num_sms(int device) {
   // A plain attribute query, no stream work (capturable); cached per device.
-  return cached_sm_count(static_cast<int>(device), [](int d) {
+  return cached_sm_count(device, [](int d) {
     int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d));
+    cuda_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d),
+               "cudaDeviceGetAttribute");
     return n;
   });
 }
 
-// op_body.h's backend on ATen tensors: the caching allocator and the
-// current stream of the input's device.
-struct AtenBackend {
-  using Tensor = at::Tensor;
-  at::TensorOptions opts;
+// op_body.h's backend on stable tensors: torch's caching allocator (new
+// tensors on the input's device) and the current stream of that device.
+struct StableBackend {
+  using Tensor = fmnist_ext::Tensor;
+  Tensor like;  // the input: device of every new tensor
   cudaStream_t stream;
-  c10::DeviceIndex device;
+  int device;
 
   template <typename E>
   Tensor empty(std::vector<int64_t> sizes) const {
-    return at::empty(sizes, opts.dtype(c10::CppTypeToScalarType<E>::value));
+    return empty_on(like, sizes, scalar_type_of<E>());
   }
   template <typename E>
   Tensor zeros(std::vector<int64_t> sizes) const {
-    return at::zeros(sizes, opts.dtype(c10::CppTypeToScalarType<E>::value));
+    return zeros_on(like, sizes, scalar_type_of<E>());
   }
-  Tensor contiguous(const Tensor& t) const { return t.contiguous(); }
+  Tensor contiguous(const Tensor& t) const { return fmnist_ext::contiguous(t); }
   template <typename E>
   E* ptr(const Tensor& t) const {
     return static_cast<E*>(t.data_ptr());
   }
   int64_t numel(const Tensor& t) const { return t.numel(); }
   int num_sms() const { return cuda::num_sms(device); }
-  void check(bool ok, const char* message) const { TORCH_CHECK(ok, message); }
+  void check(bool ok, const char* message) const { FMNIST_CHECK(ok, message); }
   template <typename... P, typename... A>
   void launch(void (*kernel)(P...), dim3 grid, int threads, size_t smem, const A&... args) const {
     kernel<<<grid, threads, smem, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda_check(cudaGetLastError(), "kernel launch");
   }
 };
 
-void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(t.device().is_cuda(), "conv_relu_maxpool2d: expected ", name,
-                    " on a CUDA device (this is the CUDA kernel), got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == input.device(), "conv_relu_maxpool2d: expected ", name,
-                    " on the device of input (", input.device(), "), got ", t.device());
+void check_cuda(const Tensor& t, const char* name, const Tensor& input) {
+  FMNIST_CHECK_VALUE(t.is_cuda(), "conv_relu_maxpool2d: expected ", name,
+                     " on a CUDA device (this is the CUDA kernel), got ", device_of(t));
+  FMNIST_CHECK_VALUE(same_device(t, input), "conv_relu_maxpool2d: expected ", name,
+                     " on the device of input (", device_of(input), "), got ", device_of(t));
 }
 
 void check_sizes_fit(const ConvPoolGeometry& g) {
   // Per-image sizes are int in the kernels (kernel_geometry in kernels.cuh);
   // the batch is int64.
   const int64_t big = INT_MAX / 4;
-  TORCH_CHECK_VALUE(g.cin * g.h * g.w < big && g.cout * g.oh * g.ow < big &&
-                        g.cout * g.cin * g.kh * g.kw < big && g.pad_h < big && g.pad_w < big,
-                    "conv_relu_maxpool2d: a single image or filter bank is too large for "
-                    "the CUDA kernels");
+  FMNIST_CHECK_VALUE(g.cin * g.h * g.w < big && g.cout * g.oh * g.ow < big &&
+                         g.cout * g.cin * g.kh * g.kw < big && g.pad_h < big && g.pad_w < big,
+                     "conv_relu_maxpool2d: a single image or filter bank is too large for "
+                     "the CUDA kernels");
 }
 
-AtenBackend backend_for(const at::Tensor& input) {
-  return AtenBackend{input.options(), c10::cuda::getCurrentCUDAStream(), input.device().index()};
+// Call under the device guard: the current stream of input's device.
+StableBackend backend_for(const Tensor& input) {
+  const int device = input.get_device_index();
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  return StableBackend{input, static_cast<cudaStream_t>(stream), device};
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    c10::IntArrayRef padding, int64_t pool) {
+std::tuple<Tensor, Tensor> conv_relu_maxpool2d_forward_cuda(const Tensor& input,
+                                                            const Tensor& weight,
+                                                            const std::optional<Tensor>& bias,
+                                                            std::vector<int64_t> padding,
+                                                            int64_t pool) {
   const ConvPoolGeometry g = check_conv_relu_maxpool2d_args(input, weight, bias, padding, pool);
   check_cuda(input, "input", input);
   check_cuda(weight, "weight", input);
@@ -173,11 +191,12 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
   if (has_bias) check_cuda(*bias, "bias", input);
   check_sizes_fit(g);
 
-  const c10::cuda::CUDAGuard guard(input.device());
-  AtenBackend be = backend_for(input);
-  std::tuple<at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_forward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  const torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  StableBackend be = backend_for(input);
+  std::tuple<Tensor, Tensor> result;
+  dispatch_floating(input.scalar_type(), "conv_relu_maxpool2d", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = typename AccType<scalar_t>::type;
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
       result = forward_op<scalar_t, acc_t, I>(be, g, input, weight, has_bias ? &*bias : nullptr);
@@ -186,10 +205,9 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_maxpool2d_forward_cuda(
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& indices, c10::IntArrayRef padding, int64_t pool,
-    std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> conv_relu_maxpool2d_backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& indices,
+    std::vector<int64_t> padding, int64_t pool, std::vector<bool> output_mask) {
   const ConvPoolGeometry g =
       check_conv_relu_maxpool2d_args(input, weight, std::nullopt, padding, pool);
   check_backward_args(grad_output, indices, g, input);
@@ -198,16 +216,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
   check_cuda(grad_output, "grad_output", input);
   check_cuda(indices, "indices", input);
   check_sizes_fit(g);
+  FMNIST_CHECK_VALUE(output_mask.size() == 3, "_conv_relu_maxpool2d_backward",
+                     ": expected output_mask of 3 elements, got ", output_mask.size());
+  const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2]};
 
-  const c10::cuda::CUDAGuard guard(input.device());
-  AtenBackend be = backend_for(input);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_maxpool2d_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  const torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  StableBackend be = backend_for(input);
+  std::tuple<Tensor, Tensor, Tensor> result;
+  dispatch_floating(input.scalar_type(), "_conv_relu_maxpool2d_backward", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = typename AccType<scalar_t>::type;
     dispatch_index_type(pool, [&](auto index_tag) {
       using I = decltype(index_tag);
-      result =
-          backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices, output_mask);
+      result = backward_op<scalar_t, acc_t, I>(be, g, grad_output, input, weight, indices, mask);
     });
   });
   return result;
@@ -217,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_maxpool2d_backward_cuda
 }  // namespace cuda
 }  // namespace fmnist_ext
 
-TORCH_LIBRARY_IMPL(fmnist_ext, CUDA, m) {
-  m.impl("conv_relu_maxpool2d", &fmnist_ext::cuda::conv_relu_maxpool2d_forward_cuda);
-  m.impl("_conv_relu_maxpool2d_backward", &fmnist_ext::cuda::conv_relu_maxpool2d_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fmnist_ext, CUDA, m) {
+  m.impl("conv_relu_maxpool2d", TORCH_BOX(&fmnist_ext::cuda::conv_relu_maxpool2d_forward_cuda));
+  m.impl("_conv_relu_maxpool2d_backward",
+         TORCH_BOX(&fmnist_ext::cuda::conv_relu_maxpool2d_backward_cuda));
 }

@@ -1,16 +1,47 @@
-"""Helpers the ops' Autograd kernels share (fused_conv.py, moments.py): whether
-a call needs autodiff, and the redispatch below the Autograd key when it
-does not. Imports only torch, so it loads with or without the compiled
-library."""
+"""Helpers the ops' Autograd kernels share (fused_conv.py, moments.py,
+../inference.py): whether a call needs autodiff, and the redispatch below the
+Autograd key when it does not, which also gives the compiled kernels' errors
+their Python type back. Imports only torch, so it loads with or without the
+compiled library."""
 
 from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._torch_internals import below_autograd, fwd_grad_enabled, in_dual_level
+from ._torch_internals import below_autograd as _below_autograd
+from ._torch_internals import fwd_grad_enabled, in_dual_level
 
-__all__ = ["any_tangent", "below_autograd", "has_tangent", "requires_grad"]
+__all__ = ["any_tangent", "below_autograd", "has_tangent", "kernel_error", "requires_grad"]
+
+# The compiled kernels are on the LibTorch stable ABI, across which only a C++
+# exception's message passes: torch raises every one as a RuntimeError. The
+# kernels' argument checks start their message with the Python type they mean
+# (csrc/stable_api.h, FMNIST_CHECK_VALUE / FMNIST_CHECK_TYPE).
+_KERNEL_ERROR_TYPES = (("ValueError: ", ValueError), ("TypeError: ", TypeError))
+
+
+def kernel_error(exc: RuntimeError) -> Exception | None:
+    """The ValueError / TypeError a compiled kernel's check meant by `exc`, with
+    its message; None when `exc` is no such check's."""
+    message = str(exc)
+    for tag, kind in _KERNEL_ERROR_TYPES:
+        if message.startswith(tag):
+            return kind(message[len(tag) :])
+    return None
+
+
+def below_autograd(op, keyset, *args):
+    """Run `op` on the dispatch keys after Autograd (no graph recorded); a
+    compiled kernel's ValueError or TypeError is raised as such."""
+    try:
+        return _below_autograd(op, keyset, *args)
+    except RuntimeError as exc:
+        typed = kernel_error(exc)
+        if typed is None:
+            raise
+        raise typed from None
+
 
 
 def has_tangent(t) -> bool:

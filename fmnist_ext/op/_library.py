@@ -1,12 +1,17 @@
 """Loading the compiled kernels, or explaining why the reference runs instead.
 
 The compiled library ``fmnist_ext/op/_C.so`` registers the operators
-``torch.ops.fmnist_ext.*`` with the PyTorch dispatcher. It is only loaded when
-it was built against the torch that is running (CMake records the version in
-``_build_info.py``): loading a library built for another torch fails with an
-undefined-symbol error at best. When it cannot be loaded, the package still
-works: the public API runs the pure-PyTorch reference, and one warning says
-why and how to rebuild.
+``torch.ops.fmnist_ext.*`` with the PyTorch dispatcher. Its host code uses the
+LibTorch stable ABI only, built for the oldest supported torch, so one build
+loads into that torch and every later one (CMake records that minimum, the
+torch whose headers built it and its CUDA version in ``_build_info.py``).
+What can still mismatch is checked before loading: a torch older than the
+build's minimum, and a CUDA build (it needs the CUDA runtime of its CUDA
+major version, ``libcudart.so.<major>``) under a torch without that CUDA
+major version -- a CPU-only torch, or one of another CUDA major version,
+whose GPU driver may lack the build's. When the library cannot be loaded, the
+package still works: the public API runs the pure-PyTorch reference, and one
+warning says why and how to rebuild.
 
 When Python imports this package from a source checkout (``python -m
 fmnist_ext.train`` run in the repository puts the checkout first on the path),
@@ -75,11 +80,49 @@ def _read_build_info():
         spec = importlib.util.spec_from_file_location("fmnist_ext.op._build_info", path)
         info = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(info)
-        if not isinstance(info.TORCH_VERSION, str):
-            raise TypeError(f"TORCH_VERSION is a {type(info.TORCH_VERSION).__name__}")
+        for name in ("TORCH_VERSION", "TORCH_MIN_VERSION", "TORCH_CUDA_VERSION"):
+            if not isinstance(getattr(info, name), str):
+                raise TypeError(f"{name} is a {type(getattr(info, name)).__name__}")
+        _release(info.TORCH_MIN_VERSION)  # ValueError when it is not "major.minor"
     except Exception as e:  # SyntaxError, AttributeError, ...: whatever a damaged file raises
         return None, f"the build record {path} is damaged ({type(e).__name__}: {e})"
     return info, None
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch or CUDA version string ("2.15.0+cu132" -> (2, 15))."""
+    parts = version.split("+")[0].split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise ValueError(f"not a version: {version!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def load_mismatch(info, torch_version: str, torch_cuda: str | None) -> str | None:
+    """Why a library with build record `info` cannot load into torch
+    `torch_version` whose CUDA version is `torch_cuda` (None: a CPU-only
+    torch), or None when it can. The stable ABI makes every torch from the
+    build's minimum on fit; a CUDA build also needs its CUDA major version."""
+    running, minimum = _release(torch_version), _release(info.TORCH_MIN_VERSION)
+    if running < minimum:
+        return (
+            f"it needs torch >= {info.TORCH_MIN_VERSION} (the oldest torch whose stable ABI it was "
+            f"built for) but torch {torch_version} is running"
+        )
+    if info.WITH_CUDA and info.TORCH_CUDA_VERSION:
+        built = info.TORCH_CUDA_VERSION.split(".")[0]
+        if not torch_cuda:
+            return (
+                f"its CUDA kernels were built with CUDA {info.TORCH_CUDA_VERSION} but torch {torch_version} "
+                f"has no CUDA (the library needs CUDA {built}'s runtime, libcudart.so.{built}); build it "
+                "with FMNIST_CUDA=OFF for this torch"
+            )
+        if torch_cuda.split(".")[0] != built:
+            return (
+                f"its CUDA kernels were built with CUDA {info.TORCH_CUDA_VERSION} but torch {torch_version} "
+                f"uses CUDA {torch_cuda}, another major version (its runtime and the GPU driver it needs "
+                "differ)"
+            )
+    return None
 
 
 def build_info():
@@ -96,8 +139,9 @@ def _load() -> tuple[bool, str | None]:
     info, problem = _read_build_info()
     if info is None:
         return False, problem
-    if torch.__version__ != info.TORCH_VERSION:
-        return False, (f"it was built against torch {info.TORCH_VERSION} but torch {torch.__version__} is running")
+    mismatch = load_mismatch(info, torch.__version__, torch.version.cuda)
+    if mismatch is not None:
+        return False, mismatch
     broken = _elfcheck.truncation(LIBRARY_PATH)  # dlopen of a truncated file can die of SIGBUS
     if broken is not None:
         return False, f"the compiled library {LIBRARY_PATH} is {broken}"
@@ -133,8 +177,15 @@ COMPILED_DEVICE_TYPES = frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", 
 
 
 def built_torch_version() -> str | None:
+    """The torch whose headers built the library."""
     info = build_info()
     return None if info is None else info.TORCH_VERSION
+
+
+def minimum_torch_version() -> str | None:
+    """The oldest torch the library loads into (its stable ABI target)."""
+    info = build_info()
+    return None if info is None else info.TORCH_MIN_VERSION
 
 
 CPU_ISAS = ("default", "avx2", "avx512")  # lowest first; csrc/cpu/conv_relu_maxpool2d_kernel.cpp
@@ -175,6 +226,7 @@ def kernels_status() -> dict:
         "cuda": "compiled" if "cuda" in COMPILED_DEVICE_TYPES else "reference",
         "cpu_isa": cpu_isa(),
         "built_against_torch": built_torch_version(),
+        "minimum_torch": minimum_torch_version(),
         "running_torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }

@@ -145,6 +145,17 @@ def _backward_autograd(keyset, grad_mean, grad_var, x, mean):
     return below_autograd(torch.ops.fmnist_ext._channel_moments_backward.default, keyset, grad_mean, grad_var, x, mean)
 
 
+def _backward_add_autograd(keyset, grad_x, grad_mean, grad_var, x, mean):
+    tensors = (grad_x, grad_mean, grad_var, x, mean)
+    if requires_grad(tensors) or any_tangent(tensors):
+        # Recorded: the same sum in differentiable ops.
+        check_backward_args(grad_mean, grad_var, x, mean)
+        grad_x.add_(backward_formula(grad_mean, grad_var, x, mean))
+        return
+    below_autograd(torch.ops.fmnist_ext._channel_moments_backward_add_.default, keyset, *tensors)
+    torch.autograd.graph.increment_version(grad_x)  # modified in place, as autograd's own kernels record
+
+
 _lib = None
 
 
@@ -174,3 +185,4 @@ def register() -> None:
 
     _lib.impl("channel_moments", _forward_autograd, "Autograd", with_keyset=True)
     _lib.impl("_channel_moments_backward", _backward_autograd, "Autograd", with_keyset=True)
+    _lib.impl("_channel_moments_backward_add_", _backward_add_autograd, "Autograd", with_keyset=True)

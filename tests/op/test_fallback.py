@@ -73,21 +73,68 @@ def test_missing_library_is_reported(tmp_path):
     assert len(result["warnings"]) == 1 and "is not installed" in result["warnings"][0]
 
 
-@requires_compiled_cpu
-def test_torch_version_mismatch_is_one_clear_sentence(tmp_path):
+def _edit_build_record(tmp_path, old: str, new: str) -> None:
     pkg = _copy_package(tmp_path)
     info = pkg / "op" / "_build_info.py"
-    info.write_text(
-        info.read_text().replace(
-            f'TORCH_VERSION = "{fmnist_ext.kernels_status()["built_against_torch"]}"', 'TORCH_VERSION = "1.0.0+other"'
-        )
-    )
+    text = info.read_text()
+    assert old in text
+    info.write_text(text.replace(old, new))
+
+
+@requires_compiled_cpu
+def test_torch_older_than_the_build_minimum_is_one_clear_sentence(tmp_path):
+    # The stable ABI: a build loads into its minimum torch and every later one;
+    # an older torch is the one version mismatch left.
+    minimum = fmnist_ext.kernels_status()["minimum_torch"]
+    _edit_build_record(tmp_path, f'TORCH_MIN_VERSION = "{minimum}"', 'TORCH_MIN_VERSION = "99.0"')
     result = run_probe(pythonpath=tmp_path)
     assert result["ok"]
     (message,) = result["warnings"]
-    assert "built against torch 1.0.0+other but torch" in message
-    assert result["status"]["built_against_torch"] == "1.0.0+other"
+    assert "it needs torch >= 99.0 (the oldest torch whose stable ABI it was built for) but torch" in message
+    assert result["status"]["minimum_torch"] == "99.0"
     assert result["status"]["cpu"] == "reference"
+
+
+@requires_compiled_cpu
+def test_a_build_against_other_torch_headers_loads(tmp_path):
+    # Which torch's headers built the library does not matter (only the minimum does).
+    built = fmnist_ext.kernels_status()["built_against_torch"]
+    _edit_build_record(tmp_path, f'TORCH_VERSION = "{built}"', 'TORCH_VERSION = "1.0.0+other"')
+    result = run_probe(pythonpath=tmp_path)
+    # (the probe's "ok" compares with the reference exactly: meant for the fallback)
+    assert result["warnings"] == []
+    assert result["status"]["built_against_torch"] == "1.0.0+other"
+    assert result["status"]["cpu"] == "compiled"
+
+
+class _Record:
+    def __init__(self, minimum="2.11", cuda="", with_cuda=False):
+        self.TORCH_VERSION, self.TORCH_MIN_VERSION = "2.11.0+cu130", minimum
+        self.TORCH_CUDA_VERSION, self.WITH_CUDA = cuda, with_cuda
+
+
+@pytest.mark.parametrize(
+    "record, torch_version, torch_cuda, words",
+    [
+        (_Record(), "2.11.0+cpu", None, None),
+        (_Record(), "2.15.0+cu132", "13.2", None),
+        (_Record(), "3.0.0", None, None),
+        (_Record(), "2.10.1", None, "needs torch >= 2.11"),
+        (_Record(minimum="2.13"), "2.12.1+cu130", "13.0", "needs torch >= 2.13"),
+        (_Record(cuda="13.0", with_cuda=True), "2.15.0+cu132", "13.2", None),
+        (_Record(cuda="13.0", with_cuda=True), "2.13.0+cpu", None, "has no CUDA"),
+        (_Record(cuda="13.0", with_cuda=True), "2.14.1+cu126", "12.6", "uses CUDA 12.6, another major version"),
+        (_Record(cuda="13.0", with_cuda=False), "2.13.0+cpu", None, None),  # CUDA torch, CPU-only build
+    ],
+)
+def test_load_mismatch_contract(record, torch_version, torch_cuda, words):
+    from fmnist_ext.op import _library
+
+    reason = _library.load_mismatch(record, torch_version, torch_cuda)
+    if words is None:
+        assert reason is None
+    else:
+        assert reason is not None and words in reason
 
 
 @requires_compiled_cpu
@@ -110,7 +157,11 @@ def test_info_command_reports_compiled_cpu_kernels():
         [sys.executable, "-m", "fmnist_ext.info", "--json"], capture_output=True, text=True, timeout=120
     )
     status = json.loads(js.stdout)
-    assert status["cpu"] == "compiled" and status["built_against_torch"] == status["running_torch"]
+    assert status["cpu"] == "compiled"
+    # One build for every torch from its minimum on (the stable ABI).
+    minimum = tuple(int(p) for p in status["minimum_torch"].split("."))
+    assert tuple(int(p) for p in status["running_torch"].split("+")[0].split(".")[:2]) >= minimum
+    assert "built against: torch" in out.stdout and "(stable ABI)" in out.stdout
 
 
 @requires_compiled_cpu
