@@ -1,6 +1,6 @@
 # The decisions of cmake/cuda.cmake that depend on versions, as functions of
 # plain values, so that tests (cmake/cuda_checks_probe.cmake, run by
-# tests/test_cuda.py) can feed them any CMake, nvcc, torch and
+# tests/op/test_cuda.py) can feed them any CMake, nvcc, torch and
 # TORCH_CUDA_ARCH_LIST without installing them.
 
 # First CMake whose NVIDIA-CUDA compiler table knows nvcc's C++20 flag (3.25

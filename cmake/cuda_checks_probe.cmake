@@ -1,4 +1,4 @@
-# Test entry point for cmake/cuda_checks.cmake (tests/test_cuda.py):
+# Test entry point for cmake/cuda_checks.cmake (tests/op/test_cuda.py):
 #   cmake -DMODE=AUTO|ON -DCMAKE_VER=3.25.1 -DCXX_STD=20 -DTORCH_CUDA=13.0
 #         -DARCHS="70-real;80-real;90" [-DNVCC=/path/nvcc | -DNVCC_VERSION=13.0
 #         -DSUPPORTED="75;80;90"] -P cmake/cuda_checks_probe.cmake

@@ -11,8 +11,8 @@
 //     Entries whose output_mask is false are returned as empty tensors and
 //     not computed (the first layer of a network needs no grad_input).
 //
-// Kernels are registered per dispatch key in cpu/ and cuda/; the fake
-// (meta) kernels and the autograd formula live in fmnist_ext/ops.py.
+// Kernels are registered per dispatch key in cpu/ and cuda/; the fake,
+// Autograd and Autocast kernels live in fmnist_ext/op/fused_conv.py.
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(fmnist_ext, m) {

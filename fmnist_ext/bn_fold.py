@@ -17,12 +17,12 @@ CENTRED: h is centred before it is scaled, as BatchNorm itself computes. The
 algebraically equal conv(h, W2 * a) + W2 * (beta - a * mean) sums terms of
 size a * |h| that cancel down to a * |h - mean|: when a channel's mean is
 large against its spread (mean/std 250), float32 lost up to 100x more than
-stock in the gradients (issue 17 item 7). Centred, every sum the fold makes
+stock in the gradients. Centred, every sum the fold makes
 is one stock makes too, and its error obeys the same bound: for the logits
 and every gradient, |Q_float32 - Q_float64| <= 4 * spread(Q), spread being
 how far the float64 step moves when every value it computes is moved by u
 (= 2**-24) times its sum of |terms| (tests/rounding_bounds.py derives it;
-tests/test_bn_fold.py checks it, on plain data and on a mean of 250 std).
+tests/app/test_bn_fold.py checks it, on plain data and on a mean of 250 std).
 The price is one elementwise pass over h (and its gradient's sum).
 
 What it saves: nn.BatchNorm2d's forward and backward over the full

@@ -4,15 +4,15 @@ Every checkpoint holds format, model (the FashionCNN's state_dict) and
 kernels; one written by training also holds the run's state, whose fields
 are listed, written, read back and checked in one place: RunState in
 train/state.py. `model_from` builds the EMA weights when present: those are
-the run's result. Fields added over time are read with the value older runs
-had: world_size 1 (here), the settings' later keys (RunConfig.from_checkpoint).
+the run's result. This module knows nothing of training: `load(check=...)`
+takes the training layer's extra checks (train/state.py's resume_problems).
 
 Integrity: the file is torch.save's zip archive whose zip comment (the last
 bytes of the file) holds the SHA-256 of every byte before it, so any change
 to the file (one flipped bit anywhere) is refused on load, while
-`torch.load(path, weights_only=True)` still reads it as it is. Checkpoints
-written before that (format .../1) carry no hash; for them the zip CRC of
-every member is checked instead.
+`torch.load(path, weights_only=True)` still reads it as it is. A file without
+the hash is not one of ours (or lost its end): its zip CRCs are checked before
+it is read, so the message can say which of the two it is.
 
 `load` is the one reader (train --resume, evaluate, predict): every problem
 with a file, its integrity or its structure raises CheckpointError with a
@@ -28,6 +28,7 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,8 +37,6 @@ from . import atomic, paths
 from .model import KERNELS, FashionCNN
 
 FORMAT = "fmnist_ext.checkpoint/2"  # what save() writes: with the SHA-256 trailer
-FORMAT_V1 = "fmnist_ext.checkpoint/1"  # before the trailer; still read
-FORMATS = (FORMAT, FORMAT_V1)
 
 _TAG = b"fmnist_ext sha256 "
 _TRAILER_LEN = len(_TAG) + 64
@@ -74,12 +73,12 @@ def save(path: str | os.PathLike, state: dict) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -> dict:
+def load(path: str | os.PathLike, map_location="cpu", *, check: Callable[[dict], list[str]] | None = None) -> dict:
     """Read, verify and check a checkpoint; raise CheckpointError naming `path` otherwise.
 
     Always checked: integrity, format, the model weights (and EMA weights)
     against the FashionCNN's names, shapes and dtypes, kernels, settings.
-    With resume=True also the training state that --resume needs.
+    `check(ckpt)` adds the caller's problems (train --resume: the training state).
     """
     path = Path(path)
     raw = _read(path)
@@ -87,15 +86,13 @@ def load(path: str | os.PathLike, map_location="cpu", *, resume: bool = False) -
         ckpt = _verified_load(raw, map_location)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    problems = _problems(ckpt, resume)
+    problems = _problems(ckpt) + (check(ckpt) if check is not None else [])
     if problems:
         raise CheckpointError(
             f"{path}: not a usable fmnist_ext checkpoint: "
             + "; ".join(problems[:4])
             + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         )
-    # Checkpoints written before the field existed came from single-process runs.
-    ckpt.setdefault("world_size", 1)
     return ckpt
 
 
@@ -143,9 +140,9 @@ def _verified_load(raw: bytes, map_location) -> dict:
     except Exception as e:  # a damaged archive fails in many ways inside torch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"not a readable checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"not an fmnist_ext checkpoint (no format tag {FORMAT!r})")
-    if ckpt["format"] == FORMAT and not hashed:
+    if not hashed:
         raise CheckpointError("damaged: its SHA-256 record (the end of the file) is missing or changed")
     return ckpt
 
@@ -229,7 +226,7 @@ def state_dict_problems(sd, what: str = "model") -> list[str]:
     return problems
 
 
-def _problems(ck: dict, resume: bool) -> list[str]:
+def _problems(ck: dict) -> list[str]:
     problems = state_dict_problems(ck.get("model"), "model")
     ema = ck.get("ema")
     if ema is not None:
@@ -239,12 +236,6 @@ def _problems(ck: dict, resume: bool) -> list[str]:
             problems += state_dict_problems(ema["model"], "EMA")
     if ck.get("kernels", "fused") not in KERNELS:
         problems.append(f"kernels {ck.get('kernels')!r} is not one of {', '.join(KERNELS)}")
-    if resume:  # evaluate and predict need only the weights
-        # Imported here: the training state's fields are the training package's, which
-        # evaluate and predict (the other readers) never need to import.
-        from .train.state import resume_problems
-
-        problems += resume_problems(ck)
     return problems
 
 
@@ -264,18 +255,3 @@ def load_model(path: str | os.PathLike, kernels: str | None = None, device="cpu"
     """evaluate/predict: the checkpoint at `path`, read and checked by `load`
     (a bad one raises CheckpointError naming it), as a FashionCNN on `device`."""
     return model_from(load(path, map_location="cpu"), kernels, device)
-
-
-def rng_state(data_generator: torch.Generator) -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": data_generator.get_state(),
-    }
-
-
-def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    data_generator.set_state(state["data"])

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from . import checkpoint, cli, clirun, data
-from .batches import eval_batches
+from . import checkpoint, cli, data
+from .data.batches import eval_batches
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@clirun.guarded("fmnist_ext.evaluate")
+@cli.guarded("fmnist_ext.evaluate")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

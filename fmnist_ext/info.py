@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from . import clirun
+from . import cli
 
 
-@clirun.guarded("fmnist_ext.info")  # `info --check | head -1`: a closed stdout pipe exits 141 quietly
+@cli.guarded("fmnist_ext.info")  # `info --check | head -1`: a closed stdout pipe exits 141 quietly
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fmnist_ext.info",

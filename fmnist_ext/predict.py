@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from . import checkpoint, cli, clirun, data
-from .batches import normalize
+from . import checkpoint, cli, data
+from .data.batches import normalize
 
 
 class ImageError(Exception):
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@clirun.guarded("fmnist_ext.predict")
+@cli.guarded("fmnist_ext.predict")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

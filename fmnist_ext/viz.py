@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, cli, clirun, data, outputs, paths
+from . import atomic, cli, data, paths
 
 
 def _plt():
@@ -156,9 +156,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def _check_out(sub: argparse.ArgumentParser, out) -> None:
     """Before any work: --out must be a writable file name with an extension matplotlib can write."""
     try:
-        outputs.check_figure_format(out, "--out")
-        outputs.check_writable(out, "--out")
-    except outputs.OutputError as e:
+        cli.check_figure_format(out, "--out")
+        cli.check_writable(out, "--out")
+    except cli.OutputError as e:
         cli.fail(sub, str(e))
 
 
@@ -169,7 +169,7 @@ def _save(sub: argparse.ArgumentParser, save, *args) -> None:
         cli.fail(sub, f"argument --out: cannot write {args[-1]}: {e.strerror or e}")
 
 
-@clirun.guarded("fmnist_ext.viz")
+@cli.guarded("fmnist_ext.viz")
 def main(argv=None) -> int:
     p, subs = build_parser()
     args = p.parse_args(argv)

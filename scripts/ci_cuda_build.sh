@@ -75,6 +75,6 @@ print("architectures:", _build_info.CUDA_ARCHITECTURES)
 PYEOF
 "$PY" -m fmnist_ext.info
 
-step "tests/test_cuda.py (GPU tests skip without a device)"
-"$PY" -m pytest -q -rs "$ROOT/tests/test_cuda.py" -p no:cacheprovider
+step "tests/op/test_cuda.py (GPU tests skip without a device)"
+"$PY" -m pytest -q -rs "$ROOT/tests/op/test_cuda.py" -p no:cacheprovider
 echo "ci_cuda_build: OK"

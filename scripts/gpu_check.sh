@@ -19,7 +19,7 @@
 #                grad_weight chunks per block, partly filled last chunk and
 #                block): scripts/gpu_check/blocks.py, the caching allocator
 #                off so every tensor is its own allocation     sanitizer.log
-#   test_cuda    pytest -m cuda tests/test_cuda.py (graph capture, exact
+#   test_cuda    pytest -m cuda tests/op/test_cuda.py (graph capture, exact
 #                60,000-image launch, determinism, CUDA = CPU kernels) tests.log
 #   train_eager, train_graphed, curves
 #                20 epochs of the baseline recipe with fused kernels, eager and
@@ -159,7 +159,7 @@ if ((DRY)); then
 elif [[ -n "$NO_PYTEST" ]]; then
   skip_step test_cuda tests.log "$NO_PYTEST"
 else
-  run_step test_cuda 120 tests.log "$PY" -m pytest -rs -q -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py"
+  run_step test_cuda 120 tests.log "$PY" -m pytest -rs -q -p no:cacheprovider -m cuda "$ROOT/tests/op/test_cuda.py"
 fi
 
 # ---- 20 epochs eager and graphed, loss curves compared -----------------------------------------
@@ -197,11 +197,11 @@ elif [[ -n "$NO_PYTEST" ]]; then
 else
   # The property test needs hypothesis: left out (and said so in the log) where it is missing.
   NO_HYP=""
-  "$PY" -c "import hypothesis" 2>/dev/null || NO_HYP="--ignore=$ROOT/tests/test_hypothesis.py"
-  [[ -n "$NO_HYP" ]] && echo "hypothesis is not installed: tests/test_hypothesis.py left out" >>"$OUT/tests.log"
+  "$PY" -c "import hypothesis" 2>/dev/null || NO_HYP="--ignore=$ROOT/tests/op/test_hypothesis.py"
+  [[ -n "$NO_HYP" ]] && echo "hypothesis is not installed: tests/op/test_hypothesis.py left out" >>"$OUT/tests.log"
   # shellcheck disable=SC2016 # $0, $1, $2 are bash -c's arguments
   run_step suite_cuda 150 tests.log bash -c '
-    "$0" -m pytest -rs -q -p no:cacheprovider "$1/tests" --ignore="$1/tests/test_cuda.py" ${2:+"$2"} -m cuda
+    "$0" -m pytest -rs -q -p no:cacheprovider "$1/tests" --ignore="$1/tests/op/test_cuda.py" ${2:+"$2"} -m cuda
     rc=$?; [ $rc -eq 5 ] && { echo "(no other CUDA tests collected)"; exit 0; }; exit $rc' "$PY" "$ROOT" "$NO_HYP"
 fi
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from fmnist_app_helpers import write_dataset
 
-from fmnist_ext import checkpoint, idxfiles
+from fmnist_ext import checkpoint
+from fmnist_ext.data import idx
 from fmnist_ext.model import FashionCNN
 
 NO_NET = ["--no-verify", "--no-download"]
@@ -35,8 +36,8 @@ def untrained_checkpoint(path: Path) -> Path:
 def t10k_only_folder(folder: Path, n_test: int = 50) -> Path:
     """A data folder with the two t10k files and nothing else."""
     write_dataset(folder, n_train=20, n_test=n_test)
-    for key in idxfiles.SPLITS["train"]:
-        (folder / (idxfiles.FILES[key].name + ".gz")).unlink()
+    for key in idx.SPLITS["train"]:
+        (folder / (idx.FILES[key].name + ".gz")).unlink()
     return folder
 
 

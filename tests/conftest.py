@@ -1,5 +1,7 @@
-"""pytest hooks and fixtures for the whole suite (helpers live in op_helpers.py,
-fmnist_app_helpers.py and cli_helpers.py, imported by name).
+"""pytest hooks and fixtures for the whole suite: op/ tests the operator
+library, app/ the Fashion-MNIST application. Helpers live beside this file
+(op_helpers.py, rounding_bounds.py; fmnist_app_helpers.py, cli_helpers.py)
+and are imported by name; markers are declared in pyproject.toml.
 
 FMNIST_REQUIRE_COMPILED=1 (set by scripts/test.sh, so by CI) turns a silent
 fallback to the pure-PyTorch reference into a failed test session: the suite
@@ -14,11 +16,6 @@ import pytest
 import torch
 
 from fmnist_ext.op import _library
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: the test's cuda case (op_helpers.cpu_and_cuda); select with -m cuda")
-    config.addinivalue_line("markers", "cpu_isa(name): run the test with FMNIST_CPU_ISA=name (op_helpers)")
 
 
 def pytest_sessionstart(session):

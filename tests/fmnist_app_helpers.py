@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_ext import data, idxfiles
+from fmnist_ext import data
+from fmnist_ext.data import idx
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +30,9 @@ def write_idx(path: str | os.PathLike, tensor: torch.Tensor, compress: bool | No
     `compress`, by default when the name ends in .gz). The app only reads IDX."""
     t = tensor.to(torch.uint8).contiguous()
     if t.dim() == 3:
-        header = struct.pack(">IIII", idxfiles.IMAGES_MAGIC, *t.shape)
+        header = struct.pack(">IIII", idx.IMAGES_MAGIC, *t.shape)
     elif t.dim() == 1:
-        header = struct.pack(">II", idxfiles.LABELS_MAGIC, t.shape[0])
+        header = struct.pack(">II", idx.LABELS_MAGIC, t.shape[0])
     else:
         raise ValueError(f"expected a (N, H, W) or (N,) tensor, got shape {tuple(t.shape)}")
     content = header + t.numpy().tobytes()
@@ -44,17 +45,17 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     folder.mkdir(parents=True, exist_ok=True)
     suffix = ".gz" if gz else ""
     for split, n in (("train", n_train), ("test", n_test)):
-        ki, kl = idxfiles.SPLITS[split]
+        ki, kl = idx.SPLITS[split]
         images, labels = synthetic(n, seed + (split == "test"))
-        write_idx(folder / (idxfiles.FILES[ki].name + suffix), images)
-        write_idx(folder / (idxfiles.FILES[kl].name + suffix), labels)
+        write_idx(folder / (idx.FILES[ki].name + suffix), images)
+        write_idx(folder / (idx.FILES[kl].name + suffix), labels)
     return folder
 
 
 def real_data_dir() -> Path:
     """The real Fashion-MNIST folder; fails under CI when it is missing, skips otherwise."""
     for d in [os.environ.get(data.DATA_ENV), *map(str, data.SYSTEM_DIRS), str(data.cache_dir())]:
-        if d and not idxfiles.files_in(Path(d))[1]:
+        if d and not idx.files_in(Path(d))[1]:
             return Path(d)
     msg = f"real Fashion-MNIST not found (install Debian's dataset-fashion-mnist or set {data.DATA_ENV})"
     if os.environ.get("CI"):

@@ -2,11 +2,12 @@
 //
 // This file checks the arguments, allocates the outputs, splits the batch
 // across threads with torch::stable::parallel_for and hands each range of images to the
-// kernels in kernels_impl.h, built for the best instruction set the CPU
+// kernels in kernels.h, built for the best instruction set the CPU
 // supports (AVX-512, AVX2+FMA, or the baseline). FMNIST_CPU_ISA=default|avx2|
 // avx512 in the environment picks a lower one (the tests use it to check every
-// build). grad_weight/grad_bias are summed into one private buffer per worker
-// thread and added up at the end, so the kernels need no atomics.
+// build). grad_weight/grad_bias are summed into one private buffer per batch
+// slice (as many slices as threads) and added up at the end in slice order,
+// so the kernels need no atomics.
 //
 // Host code on the LibTorch stable ABI (../stable_api.h): allocation, the
 // contiguous copies and the thread pool are torch's, reached through the

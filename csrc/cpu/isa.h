@@ -1,6 +1,6 @@
 // Interface between the CPU op (conv_relu_maxpool2d_kernel.cpp) and the
 // per-instruction-set builds of the CPU kernels (isa_*.cpp, which all include
-// kernels_impl.h). Plain structs, declarations and internal-linkage helpers
+// kernels.h). Plain structs, declarations and internal-linkage helpers
 // only: the ISA translation units must not share inline code with external
 // linkage with the rest of the library (see host_device.h).
 #pragma once

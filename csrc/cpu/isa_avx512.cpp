@@ -6,4 +6,4 @@
 #define FMNIST_COB 6
 #define FMNIST_NV 3
 #define FMNIST_COB2 6
-#include "kernels_impl.h"
+#include "kernels.h"

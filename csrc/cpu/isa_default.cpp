@@ -4,4 +4,4 @@
 #define FMNIST_COB 4
 #define FMNIST_NV 2
 #define FMNIST_COB2 2
-#include "kernels_impl.h"
+#include "kernels.h"

@@ -1,4 +1,4 @@
-"""Helpers the ops' Autograd kernels share (_autograd.py, moments.py,
+"""Helpers the ops' Autograd kernels share (fused_conv.py, moments.py,
 ../inference.py): whether a call needs autodiff, and the redispatch below the
 Autograd key when it does not, which also gives the compiled kernels' errors
 their Python type back. Imports only torch, so it loads with or without the
@@ -11,6 +11,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ._torch_internals import below_autograd as _below_autograd
 from ._torch_internals import fwd_grad_enabled, in_dual_level
+from ._torch_internals import without_autograd as _without_autograd
 
 __all__ = ["any_tangent", "below_autograd", "has_tangent", "kernel_error", "requires_grad"]
 
@@ -36,6 +37,19 @@ def below_autograd(op, keyset, *args):
     compiled kernel's ValueError or TypeError is raised as such."""
     try:
         return _below_autograd(op, keyset, *args)
+    except RuntimeError as exc:
+        typed = kernel_error(exc)
+        if typed is None:
+            raise
+        raise typed from None
+
+
+def without_autograd(op, *args):
+    """Call `op` skipping its Autograd kernel, for a caller that has made that
+    kernel's checks itself (a Python Autograd kernel costs more than a small
+    op's whole run); errors typed as by below_autograd."""
+    try:
+        return _without_autograd(op, *args)
     except RuntimeError as exc:
         typed = kernel_error(exc)
         if typed is None:

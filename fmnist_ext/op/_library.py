@@ -28,6 +28,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -47,10 +48,10 @@ def _library_dir() -> Path:
         dist = importlib.metadata.distribution("fmnist-ext")
     except importlib.metadata.PackageNotFoundError:
         return PACKAGE_DIR
-    from .. import __version__
-
+    # The checkout's version, read as text: the op layer imports nothing from the package around it.
+    source = re.search(r'^__version__ = "([^"]+)"', (PACKAGE_DIR.parent / "__init__.py").read_text(), re.M)
     installed = Path(str(dist.locate_file("fmnist_ext/op/_C.so")))
-    if dist.version == __version__ and os.path.exists(installed):
+    if source and dist.version == source.group(1) and os.path.exists(installed):
         return installed.parent
     return PACKAGE_DIR
 

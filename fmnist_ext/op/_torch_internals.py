@@ -93,6 +93,13 @@ def below_autograd(op, keyset, *args):
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+def without_autograd(op, *args):
+    """Call `op` with the Autograd keys excluded (its Autograd kernel skipped, no
+    graph recorded; every other key, Python modes included, as usual)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # --- Autocast -------------------------------------------------------------------
 # The op returns the autocast dtype like the stock conv2d it replaces. The
 # public torch.library.register_autocast casts inputs but returns float32, so

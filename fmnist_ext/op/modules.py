@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._args import normalize_padding
-from .functional import conv_relu_maxpool2d
+from .fused_conv import conv_relu_maxpool2d
 
 
 class FusedConvReLUMaxPool2d(nn.Module):

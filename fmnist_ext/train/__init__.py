@@ -15,7 +15,8 @@ folder is locked for the run's life (runfolder.py).
 The package, read top to bottom:
     command.py      main: the checks before any work, then a run or a sweep
     parser.py       the command line's arguments
-    config.py       RunConfig: a run's settings (and the upgrade of older checkpoints' settings)
+    config.py       RunConfig: a run's settings, from the recipe and the command line or a checkpoint
+    recipes.py      the named recipes, their settings' checks, the optimizer/schedule/loss they build
     run.py          one run: build or resume the state, epoch after epoch, the final results
     state.py        RunState: what a run changes, and its checkpoint round trip
     epoch.py        one epoch of training; the evaluation of a split
@@ -25,6 +26,9 @@ The package, read top to bottom:
     interrupt.py    Ctrl-C or SIGTERM: finish the batch, save, exit 130 or 143; the resume command
     divergence.py   a NaN/inf loss, weight or metric: stop, keep the last finite checkpoint, exit 1
     errors.py       UsageError: one line, exit 2
+    runfolder.py    the run folder's lock and its files
+    ema.py          the weight EMA (--ema)
+    tblog.py        --tensorboard
 """
 
 from .command import main

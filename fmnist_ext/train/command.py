@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, checkpoint, cli, clirun, data, paths, recipes
-from ..runfolder import RUN_FILES, RunFolder, RunFolderError, check_path, make_room_for_locks
+from .. import atomic, checkpoint, cli, data, paths
+from . import recipes
 from .config import SETTINGS, RunConfig
 from .distributed import Dist, barrier, dist_from_env, init_distributed, shutdown
 from .divergence import EXIT_DIVERGED, Diverged, diverged_message
@@ -30,11 +30,13 @@ from .errors import UsageError
 from .interrupt import Interrupted, resume_command
 from .parser import build_parser
 from .run import train_run
+from .runfolder import RUN_FILES, RunFolder, RunFolderError, check_path, make_room_for_locks
+from .state import resume_problems
 from .step import graph_refusal
 from .sweep import SweepRun, parse_sweep, plan_sweep, run_sweep
 
 
-@clirun.guarded("fmnist_ext.train")  # `train ... | head`: a closed stdout pipe exits 141 quietly
+@cli.guarded("fmnist_ext.train")  # `train ... | head`: a closed stdout pipe exits 141 quietly
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,9 +48,9 @@ def main(argv=None) -> int:
     except atomic.WriteError as e:  # a full disk, a folder made read-only during the run
         cli.fail(parser, str(e), status=1)
     except KeyboardInterrupt as e:  # before training started (checks, data loading): nothing was written
-        what = "terminated" if isinstance(e, clirun.Terminated) else "interrupted"
+        what = "terminated" if isinstance(e, cli.Terminated) else "interrupted"
         print(f"\n{what} before training started; nothing was trained or saved", file=sys.stderr, flush=True)
-        return clirun.exit_status(e)
+        return cli.exit_status(e)
 
 
 def _main(parser, args, folders: contextlib.ExitStack) -> int:
@@ -75,7 +77,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
         torch.backends.cudnn.benchmark = False
 
     d, device = init_distributed(parser, args.device)
-    from ..selfcheck import precheck_training  # fused kernels usable here? else exit 2 (issue 8 §3)
+    from ..selfcheck import precheck_training  # fused kernels usable here? else exit 2
 
     precheck_training(parser, config.kernels, device, config.batch_size)
     ds = _load_data(parser, args, d)
@@ -130,7 +132,7 @@ def _main(parser, args, folders: contextlib.ExitStack) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return clirun.exit_status(e)
+        return cli.exit_status(e)
     finally:
         shutdown(d)
 
@@ -218,7 +220,7 @@ def _load_resume(args, out: Path, world_size: int) -> tuple[dict, RunConfig]:
     """The checkpoint to continue and its settings, checked against the command line and the process count."""
     ckpt_path = out / "checkpoint.pt"
     try:
-        resume = checkpoint.load(ckpt_path, map_location="cpu", resume=True)
+        resume = checkpoint.load(ckpt_path, map_location="cpu", check=resume_problems)
     except checkpoint.CheckpointError as e:
         raise UsageError("--resume", str(e)) from None
     saved = RunConfig.from_checkpoint(resume["config"])

@@ -2,12 +2,8 @@
 
 The settings come from the recipe and the command line's overrides
 (`RunConfig.from_args`), or, on --resume, from the checkpoint
-(`RunConfig.from_checkpoint`). That is the one place where the settings of
-older checkpoints are brought up to date: keys added since get the value
-those runs had (recipes.LATER_KEYS), and a recipe recorded under an old name
-(recipes.RECIPE_ALIASES: "seed") gets its current one. The checkpoint and
-summary.json hold `to_dict()`, plain values, so a checkpoint still loads with
-weights_only=True and older versions can read what this one writes.
+(`RunConfig.from_checkpoint`). The checkpoint and summary.json hold
+`to_dict()`, plain values, so a checkpoint loads with weights_only=True.
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .. import recipes
+from . import recipes
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,7 @@ class RunConfig:
     @classmethod
     def from_args(cls, args) -> RunConfig:
         """The recipe (default: baseline), then every option the command line set."""
-        recipe = recipes.recipe_name(args.recipe or recipes.DEFAULT_RECIPE)
+        recipe = args.recipe or recipes.DEFAULT_RECIPE
         settings = {
             "recipe": recipe,
             "seed": 0 if args.seed is None else args.seed,
@@ -55,12 +51,9 @@ class RunConfig:
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunConfig:
-        """The settings a checkpoint recorded (already checked by recipes.config_problems),
-        upgraded: missing later keys take the value runs had before them; old recipe names
-        become current ones; keys this version does not know are ignored."""
-        settings = {**recipes.LATER_KEYS, **saved}
-        settings["recipe"] = recipes.recipe_name(settings["recipe"])
-        return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls)})
+        """The settings a checkpoint recorded (already checked by recipes.config_problems);
+        keys this version does not know are ignored."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

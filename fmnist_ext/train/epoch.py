@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..batches import Batches, eval_batches, plan_epoch
+from ..data.batches import Batches, eval_batches, plan_epoch
 from .distributed import Dist, all_reduce_sum
 from .divergence import check_loss
 from .interrupt import StopRequest

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .. import cli, clirun
+from .. import cli
 from .distributed import Dist, all_reduce_sum
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a tool stopped by Ctrl-C
+EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED  # 128 + SIGINT
 
 
 # SIGTERM (kill, docker stop, SLURM, torchrun) stops a run as Ctrl-C does: its progress is saved.
@@ -45,7 +45,7 @@ class StopRequest:
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise clirun.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise cli.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested, self.signum = True, signum
         if not self.quiet:
             what = "Terminated (SIGTERM)" if signum == signal.SIGTERM else "Interrupted"

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import cli, recipes
+from .. import cli
 from ..model import KERNELS
+from . import recipes
 from .sweep import SWEEP_TYPES
 
 
@@ -32,12 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recipe",
-        type=recipes.recipe_name,
         choices=tuple(recipes.RECIPES),
         default=None,
-        help=f"hyperparameter set (default: {recipes.DEFAULT_RECIPE}; also accepted: "
-        + ", ".join(f"{old}, the old name of {new}" for old, new in recipes.RECIPE_ALIASES.items())
-        + ")",
+        help=f"hyperparameter set (default: {recipes.DEFAULT_RECIPE})",
     )
     p.add_argument(
         "--kernels",
@@ -47,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=cli.seed,
+        type=recipes.seed_arg,
         default=None,
         help="seed for weights, shuffling and augmentation, in [-2**63, 2**64) (default: 0)",
     )
@@ -83,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=cli.fraction, default=None, help="label smoothing in [0, 1) (baseline: 0)")
     g.add_argument(
         "--crop-pad",
-        type=cli.crop_pad,
+        type=recipes.crop_pad_arg,
         default=None,
         help=f"random-crop augmentation with this zero padding, 0 = off, at most {recipes.MAX_CROP_PAD} (baseline: 0)",
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic, data
-from ..batches import normalize
+from ..data.batches import normalize
 from ..evaluate import confusion_matrix, format_confusion, per_class_accuracy, predictions
 from .config import RunConfig
 from .distributed import Dist
@@ -58,7 +58,7 @@ def train_run(
 
     tb = None
     if tensorboard and d.main:
-        from ..tblog import TBLogger
+        from .tblog import TBLogger
 
         tb = TBLogger(str(out / "tensorboard"))
         tb.start(state.model, ds.train.images[:64], normalize(train_x[:64]))

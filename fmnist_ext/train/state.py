@@ -6,7 +6,7 @@ at the start of the epoch in progress, the epoch/step counters, the running
 sums of the epoch in progress and the metrics history. This module is the one
 place that knows the checkpoint's training fields: `to_checkpoint()` writes
 them, `restore()` reads them back, `resume_problems()` is what
-checkpoint.load(resume=True) checks before a resume is tried. (checkpoint.py
+train --resume passes to checkpoint.load(check=...). (checkpoint.py
 owns the file: integrity, format, the weights every reader needs.)
 
 Resuming continues bit for bit: the generator is reset to its epoch-start
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, recipes
-from ..batches import batch_count
-from ..ema import WeightEMA
+from .. import checkpoint
+from ..data.batches import batch_count
 from ..model import FashionCNN
+from . import recipes
 from .config import RunConfig
+from .ema import WeightEMA
 
 # What --resume needs beyond the weights; missing in a checkpoint made only for evaluate/predict.
-RESUME_FIELDS = ("optimizer", "epoch", "step", "rng", "partial", "history")
+RESUME_FIELDS = ("optimizer", "epoch", "step", "rng", "partial", "history", "world_size")
 
 
 def no_sums() -> dict:
@@ -106,7 +107,7 @@ class RunState:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch,
             "step": self.step,
-            "rng": {**checkpoint.rng_state(self.generator), "data": self.epoch_start_rng},
+            "rng": {**rng_state(self.generator), "data": self.epoch_start_rng},
             "partial": self.partial,
             "history": self.history,
             "config": self.config.to_dict(),
@@ -119,7 +120,7 @@ class RunState:
         checkpoint.save(path, self.to_checkpoint())
 
     def restore(self, ckpt: dict, path: Path) -> None:
-        """Continue from `ckpt` (read from `path` by checkpoint.load(resume=True), so its
+        """Continue from `ckpt` (read from `path` by checkpoint.load(check=resume_problems), so its
         structure is right); what only building the run can find is a CheckpointError."""
         try:
             if ckpt["step"] >= self.steps_per_epoch:
@@ -132,7 +133,7 @@ class RunState:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
-            checkpoint.set_rng_state(ckpt["rng"], self.generator)
+            set_rng_state(ckpt["rng"], self.generator)
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise checkpoint.CheckpointError(f"{path}: cannot resume from it ({first})") from None
@@ -157,7 +158,7 @@ def resume_problems(ck: dict) -> list[str]:
     if ck.get("scheduler") is not None and not isinstance(ck["scheduler"], dict):
         problems.append("scheduler is not a scheduler state_dict")
     config = ck.get("config") if isinstance(ck.get("config"), dict) else None
-    ema_decay = config.get("ema", recipes.LATER_KEYS["ema"]) if config is not None else 0.0
+    ema_decay = config.get("ema", 0.0) if config is not None else 0.0
     if ck.get("ema") is None and isinstance(ema_decay, (int, float)) and ema_decay > 0:
         problems.append("the settings use --ema but the weight average is missing")
     epoch, step = ck["epoch"], ck["step"]
@@ -180,7 +181,22 @@ def resume_problems(ck: dict) -> list[str]:
         isinstance(part.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "time")
     ):
         problems.append("partial (the epoch in progress) is not a set of running sums")
-    ws = ck.get("world_size", 1)
+    ws = ck["world_size"]
     if not _is_int(ws) or ws < 1:
         problems.append(f"world_size {ws!r} is not a positive integer")
     return problems
+
+
+def rng_state(data_generator: torch.Generator) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": data_generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    data_generator.set_state(state["data"])

@@ -17,8 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic, cli, recipes
+from .. import atomic, cli
 from ..model import KERNELS
+from . import recipes
 from .config import RunConfig
 from .divergence import EXIT_DIVERGED, Diverged, diverged_message
 from .errors import UsageError
@@ -34,9 +35,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _choice(choices, aliases=None):
+def _choice(choices):
     def parse(text: str) -> str:
-        text = (aliases or {}).get(text, text)
         if text not in choices:
             raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
         return text
@@ -48,14 +48,14 @@ SWEEP_TYPES = {
     "lr": cli.positive_float,
     "batch_size": cli.batch_size,
     "epochs": cli.positive_int,
-    "seed": cli.seed,
+    "seed": recipes.seed_arg,
     "kernels": _choice(KERNELS),
-    "recipe": _choice(tuple(recipes.RECIPES), recipes.RECIPE_ALIASES),
+    "recipe": _choice(tuple(recipes.RECIPES)),
     "optimizer": _choice(recipes.OPTIMIZERS),
     "weight_decay": cli.nonneg_float,
     "schedule": _choice(recipes.SCHEDULES),
     "label_smoothing": cli.fraction,
-    "crop_pad": cli.crop_pad,
+    "crop_pad": recipes.crop_pad_arg,
     "flip": _bool,
     "shuffle": _bool,
     "ema": cli.fraction,

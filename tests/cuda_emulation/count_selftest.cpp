@@ -2,7 +2,7 @@
 // shared-memory wavefronts and global sectors are known by construction,
 // compiled and run exactly like the kernels in the counting build
 // (driver.build_counter). Prints one "name key=value..." line per kernel;
-// tests/test_cuda_counter.py checks the numbers.
+// tests/op/test_cuda_counter.py checks the numbers.
 #include "shim.h"  // first: the CUDA stand-ins (FMNIST_EMU_COUNT is defined)
 
 #include <cstdio>

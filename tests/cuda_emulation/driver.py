@@ -129,7 +129,7 @@ def write_tensor(path: Path, t: torch.Tensor) -> None:
 
 
 def read_tensor(path: Path, dtype: torch.dtype) -> torch.Tensor:
-    import numpy as np  # here, not at import: the GPU tests of test_cuda.py run without numpy
+    import numpy as np  # here, not at import: the GPU tests of op/test_cuda.py run without numpy
 
     _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8, torch.int32: np.int32}
     raw = path.read_bytes()

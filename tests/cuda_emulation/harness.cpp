@@ -1,7 +1,7 @@
 // Execution harness of the CUDA operator: compiles csrc/cuda/op_body.h (the
 // op's host decisions and launches) and csrc/cuda/kernels_global.cuh (the
 // __global__ kernels, the very text nvcc compiles) with a host C++20 compiler
-// and runs them on CPU threads through shim.h. Driven by tests/test_cuda.py,
+// and runs them on CPU threads through shim.h. Driven by tests/op/test_cuda.py,
 // which builds it under ThreadSanitizer and under AddressSanitizer + UBSan.
 //
 //   harness DIR NAME...     runs case DIR/NAME.meta for each NAME

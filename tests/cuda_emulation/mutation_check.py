@@ -12,7 +12,7 @@ batch, chunk, slice set, pool row or D row loosened by one, the zeros past
 the winners' reach or the dense grad_weight's bias lanes cut short, the
 dense grad_weight's persistent loop cut to one chunk, or a plan that drops
 a partly filled last block, tile or chunk), runs
-the harness tests of tests/test_cuda.py against the copy, and reports whether
+the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
 half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 55
 minutes for all 46).
@@ -90,7 +90,14 @@ def in_function(signature, old, new):
     return f
 
 
-KCUH = "cuda/kernels.cuh"
+# The block phases, in four parts (csrc/cuda/kernels.cuh lists them): a mutation
+# aimed at KCUH applies to the one part that holds its target.
+KCUH = (
+    "cuda/kernels_common.cuh",
+    "cuda/kernels_forward.cuh",
+    "cuda/kernels_backward_input.cuh",
+    "cuda/kernels_backward_weight.cuh",
+)
 PLAN = "cuda/plan.h"
 # Bounds loosened (or tightened) by one: an image, a slice, a row or a chunk
 # past the end of the batch is read or written, or the last one is dropped.
@@ -333,8 +340,8 @@ MUTATIONS = [
                 ),
             ),
             (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
-            ("cuda/kernels.cuh", replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
-            ("cuda/kernels.cuh", replace_once("    row[e] = sum;", "    row[e] += sum;")),
+            (KCUH, replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
+            (KCUH, replace_once("    row[e] = sum;", "    row[e] += sum;")),
         ],
         "asan",
     ),
@@ -395,8 +402,15 @@ def run_one(name, edits, sanitizer):
         csrc = Path(tmp) / "csrc"
         shutil.copytree(ROOT / "csrc", csrc)
         for rel, mutate in edits:
-            path = csrc / rel
-            path.write_text(mutate(path.read_text()))
+            for one in rel if isinstance(rel, tuple) else (rel,):
+                path = csrc / one
+                try:
+                    path.write_text(mutate(path.read_text()))
+                    break
+                except (AssertionError, ValueError):  # not in this part
+                    continue
+            else:
+                raise AssertionError(f"{name}: the mutation's target is in none of {rel}")
         env = dict(os.environ, FMNIST_HARNESS_CSRC=str(csrc), FMNIST_HARNESS_SANITIZERS=sanitizer)
         cmd = [
             sys.executable,
@@ -410,7 +424,7 @@ def run_one(name, edits, sanitizer):
             "no:cacheprovider",
             "-x",
             "-q",
-            "test_cuda.py",
+            "op/test_cuda.py",
             "-k",
             "harness",
         ]

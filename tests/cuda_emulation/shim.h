@@ -58,7 +58,7 @@ inline thread_local unsigned char* tl_smem = nullptr;
 #include "counter.h"
 #define FMNIST_EMU_HOOK(call) call
 namespace fmnist_emu {
-// kernels.cuh's load_vec on the host: one counted access per GPU vector load
+// load_vec (kernels_common.cuh) on the host: one counted access per GPU vector load
 // (16 bytes when the GPU loads float4 / double2, else one per element).
 template <typename T, int N>
 inline void counted_load_vec(const T* p, T (&v)[N]) {

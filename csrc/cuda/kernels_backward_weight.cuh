@@ -1,0 +1,402 @@
+// grad_weight's and grad_bias's block phases: the per-element kernel with
+// its slice-order sums and the fixed-order reduction of the blocks' partial
+// rows, and the dense register-accumulator kernel (block 2's shape).
+#pragma once
+
+#include "kernels_common.cuh"
+
+namespace fmnist_ext {
+namespace cuda {
+
+// ---------------------------------------------------------------------------
+// Backward, grad_weight and grad_bias, in two bitwise-reproducible steps.
+// 1. Each block loops over chunks of `imgs` images (chunk = bx, bx + gridDim,
+//    ...). Per chunk it stages the padded images and the packed winners
+//    (offset of the winner's receptive field in the staged chunk, -1: no
+//    gradient) with their gradients; then thread (slice s, element e) sums,
+//    over the images img = s, s + S, ... of the chunk and the cells of e's
+//    output channel, g * x[winner + offset(e)] (element e < cout*taps: a
+//    weight, else a bias: g alone) into a private smem partial. At the end
+//    the S slices are added up in slice order and the block writes its row
+//    of partials[gridDim][E]. Elements are ordered by output channel, so the
+//    lanes of a warp mostly test the same winner (a uniform branch).
+// 2. reduce_partials: one thread per element adds the rows in row order and
+//    writes grad_weight / grad_bias (every requested element is written).
+// No atomics: the summation order depends only on the launch plan (batch,
+// shape, SM count), never on scheduling, so a run repeats bitwise on the same
+// GPU (what torch.use_deterministic_algorithms asks for).
+// Shared memory (BwdWeightSmem): slice_sum[S][E] (acc_t) |
+//   image[imgs][cin][staged_rows][staged_cols] (T) | grad[imgs][cout][cells] (T)
+//   | winner[imgs][cout][cells] (int32: winner offset in image, -1: none).
+//   acc_t comes first (its alignment is the largest), int32 last.
+template <typename T, typename acc_t, typename I>
+struct BwdWeightArgs {
+  KernelGeometry g;
+  const T* input;     // contiguous NCHW, or nullptr when grad_weight is not wanted
+  const T* grad_out;  // contiguous
+  const I* indices;   // contiguous
+  T* grad_weight;     // [cout][cin][kh][kw], or nullptr: not wanted
+  T* grad_bias;       // [cout], or nullptr: not wanted
+  acc_t* partials;    // [rows][E]: rows = gridDim (fast path) or slices (direct)
+  int imgs;           // images per chunk
+  int slices;         // S
+  int64_t chunks;     // ceil(n / imgs)
+  // The dense kernel's staged image strides (elements): row, channel plane.
+  int xcols = 0, xplane = 0;
+};
+
+FMNIST_HD int bwd_weight_elems(const KernelGeometry& g) {
+  return g.cout * g.cin * g.kh * g.kw + g.cout;
+}
+
+// The block's shared memory, carved as laid out above; bwd_weight_smem_bytes
+// is its size (the launch plan's).
+template <typename T, typename acc_t>
+struct BwdWeightSmem {
+  acc_t* slice_sum;
+  T* image;
+  T* grad;
+  int32_t* winner;
+};
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD BwdWeightSmem<T, acc_t> bwd_weight_smem(const BwdWeightArgs<T, acc_t, I>& a,
+                                                  unsigned char* smem) {
+  const KernelGeometry& g = a.g;
+  BwdWeightSmem<T, acc_t> sm;
+  sm.slice_sum = reinterpret_cast<acc_t*>(smem);
+  sm.image = reinterpret_cast<T*>(sm.slice_sum + a.slices * bwd_weight_elems(g));
+  sm.grad = sm.image + a.imgs * g.cin * staged_rows(g) * staged_cols(g);
+  sm.winner = reinterpret_cast<int32_t*>(sm.grad + a.imgs * g.cout * g.ph * g.pw);
+  return sm;
+}
+
+FMNIST_HD size_t bwd_weight_smem_bytes(const KernelGeometry& g, int imgs, int slices, size_t elem,
+                                       size_t acc_elem) {
+  const size_t cells = static_cast<size_t>(g.ph) * g.pw;
+  return acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g) +
+         elem * (static_cast<size_t>(imgs) * g.cin * staged_rows(g) * staged_cols(g) +
+                 static_cast<size_t>(imgs) * g.cout * cells) +
+         sizeof(int32_t) * static_cast<size_t>(imgs) * g.cout * cells;
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_weight_init(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, int tid,
+                               int nthreads) {
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
+  for (int e = tid; e < a.slices * bwd_weight_elems(a.g); e += nthreads) sm.slice_sum[e] = acc_t(0);
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_weight_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk,
+                                unsigned char* smem, int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
+  const int64_t n0 = chunk * a.imgs;
+  if (a.grad_weight != nullptr) stage_images(g, a.input, n0, a.imgs, sm.image, tid, nthreads);
+  const int cells = g.ph * g.pw;
+  const int cols = staged_cols(g);
+  const int plane = staged_rows(g) * cols;
+  for (int e = tid; e < a.imgs * g.cout * cells; e += nthreads) {
+    const int cell = e % cells;
+    const int img = e / (g.cout * cells);
+    const int64_t n = n0 + img;
+    int32_t off = -1;
+    T gv = T(0);
+    if (n < g.n) {
+      const int64_t src = n0 * g.cout * cells + e;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(j, no_grad_index(g.pool))) {
+        off = img * g.cin * plane +
+              static_cast<int32_t>(winner_row(cell / g.pw, j, g.pool)) * cols +
+              static_cast<int32_t>(winner_col(cell % g.pw, j, g.pool));
+      }
+      gv = a.grad_out[src];
+    }
+    sm.winner[e] = off;
+    sm.grad[e] = gv;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_weight_accumulate(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem,
+                                     int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
+  const int khw = g.kh * g.kw;
+  const int taps = g.cin * khw;
+  const int nw = g.cout * taps;
+  const int ne = bwd_weight_elems(g);
+  const int cells = g.ph * g.pw;
+  const int cols = staged_cols(g);
+  const int plane = staged_rows(g) * cols;
+  const bool want_w = a.grad_weight != nullptr, want_b = a.grad_bias != nullptr;
+  for (int se = tid; se < a.slices * ne; se += nthreads) {
+    const int e = se % ne, sl = se / ne;
+    const bool is_w = e < nw;
+    if (is_w ? !want_w : !want_b) continue;
+    const int co = is_w ? e / taps : e - nw;
+    int off = 0;
+    if (is_w) {
+      const int t = e % taps;
+      off = (t / khw) * plane + ((t % khw) / g.kw) * cols + t % g.kw;
+    }
+    acc_t acc = acc_t(0);
+    for (int img = sl; img < a.imgs; img += a.slices) {
+      const int base = (img * g.cout + co) * cells;
+      for (int cell = 0; cell < cells; ++cell) {
+        const int32_t wofs = sm.winner[base + cell];
+        if (wofs < 0) continue;
+        const acc_t gv = static_cast<acc_t>(sm.grad[base + cell]);
+        acc += is_w ? gv * static_cast<acc_t>(sm.image[wofs + off]) : gv;
+      }
+    }
+    sm.slice_sum[se] += acc;
+  }
+}
+
+// The block's row of partials: its slices added up in slice order.
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_weight_flush(const BwdWeightArgs<T, acc_t, I>& a, int64_t bx,
+                                unsigned char* smem, int tid, int nthreads) {
+  const BwdWeightSmem<T, acc_t> sm = bwd_weight_smem(a, smem);
+  const int ne = bwd_weight_elems(a.g);
+  acc_t* row = a.partials + bx * ne;
+  for (int e = tid; e < ne; e += nthreads) {
+    acc_t sum = acc_t(0);
+    for (int sl = 0; sl < a.slices; ++sl) sum += sm.slice_sum[sl * ne + e];
+    row[e] = sum;
+  }
+}
+
+// grad_weight / grad_bias, direct path (any size): thread (slice, element)
+// sums over the images n = slice, slice + slices, ... reading global memory
+// into partials[slice][element].
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t se) {
+  const KernelGeometry& g = a.g;
+  const int ne = bwd_weight_elems(g);
+  const int khw = g.kh * g.kw;
+  const int taps = g.cin * khw;
+  const int nw = g.cout * taps;
+  const int e = static_cast<int>(se % ne);
+  const int64_t sl = se / ne;
+  const bool is_w = e < nw;
+  if ((is_w ? a.grad_weight : a.grad_bias) == nullptr) return;
+  const int co = is_w ? e / taps : e - nw;
+  const int t = is_w ? e % taps : 0;
+  const int ci = t / khw, i = (t % khw) / g.kw, j = t % g.kw;
+  const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
+  acc_t acc = acc_t(0);
+  for (int64_t n = sl; n < g.n; n += a.slices) {
+    const int64_t base = (n * g.cout + co) * cells;
+    for (int64_t cell = 0; cell < cells; ++cell) {
+      const int32_t jw = static_cast<int32_t>(a.indices[base + cell]);
+      if (!winner_in_window(jw, no_grad_index(g.pool))) continue;
+      const acc_t gv = static_cast<acc_t>(a.grad_out[base + cell]);
+      if (!is_w) {
+        acc += gv;
+        continue;
+      }
+      const int64_t y = winner_row(cell / g.pw, jw, g.pool) + i - g.pad_h;
+      const int64_t x = winner_col(cell % g.pw, jw, g.pool) + j - g.pad_w;
+      if (y < 0 || y >= g.h || x < 0 || x >= g.w) continue;
+      // Only formed for weight elements: input is nullptr when grad_weight
+      // is not wanted, and offsetting a null pointer is undefined.
+      acc += gv * static_cast<acc_t>(a.input[((n * g.cin + ci) * g.h + y) * g.w + x]);
+    }
+  }
+  a.partials[se] = acc;
+}
+
+// ---------------------------------------------------------------------------
+// grad_weight / grad_bias, dense (the fast path for kDenseKW-wide filters
+// and kWDenseCout output channels: block 2 of the model): step 1 of the
+// scheme above as a dense product. With D the gradient of the convolution
+// output over the pooled region (g at each winner, 0 elsewhere, as for the
+// dense grad_input) and x the staged padded image,
+//   grad_weight[co][ci][i][j] = sum over positions (py, px) of the pooled
+//   region of D[co][py][px] * x[ci][py + i][px + j],  grad_bias[co] = sum D.
+// Per chunk the block stages x (rows xcols apart, channel planes xplane
+// apart: strides the plan picks so the lanes of a warp read distinct banks)
+// and D as [img][position][co]. Thread (slice s, ci, i) keeps in registers
+// the kWDenseCout x kDenseKW weights (co, ci, i, 0..kDenseKW) over ALL its
+// chunks (images s, s + S, ... of each): per position one 16-byte broadcast
+// load per 4 channels of D, kDenseKW words of x, kWDenseCout * kDenseKW
+// FMAs; lane r = ci * kh + i < kWDenseCout also sums the bias of channel r
+// (one more pass over D per image). Lanes: a warp holds 32 / (cin*kh)
+// slices, lane = (slice, ci, i). After the last chunk the registers go to
+// slice_sum[S][E] (aliasing the staging area) and bwd_weight_flush writes
+// the block's row of partials in slice order; reduce_partials as above. The
+// order of every sum depends only on the plan: bitwise reproducible.
+// Shared memory: x[imgs][cin][xplane] | D[imgs][gh * gw][kWDenseCout] (T),
+//   or, after the last chunk, slice_sum[S][E] (acc_t).
+constexpr int kWDenseCout = 12;
+
+template <typename T, typename acc_t, typename I, typename Byte>
+FMNIST_HD SmemPtr<Byte, T> wdense_d(const BwdWeightArgs<T, acc_t, I>& a, Byte* smem) {
+  const int64_t x = round_up(static_cast<int64_t>(a.imgs) * a.g.cin * a.xplane, 4);
+  return reinterpret_cast<SmemPtr<Byte, T>>(smem) + x;
+}
+
+FMNIST_HD size_t wdense_smem_bytes(const KernelGeometry& g, int imgs, int xplane, int slices,
+                                   size_t elem, size_t acc_elem) {
+  const size_t positions = static_cast<size_t>(g.ph) * g.pool * g.pw * g.pool;
+  const size_t staged = elem * (round_up(static_cast<size_t>(imgs) * g.cin * xplane, size_t(4)) +
+                                static_cast<size_t>(imgs) * positions * kWDenseCout);
+  const size_t sums = acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g);
+  return staged > sums ? staged : sums;
+}
+
+// Slices held by one warp: lanes (slice, ci, i).
+FMNIST_HD int wdense_slices_per_warp(const KernelGeometry& g) { return 32 / (g.cin * g.kh); }
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk, unsigned char* smem,
+                            int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const int64_t n0 = chunk * a.imgs;
+  T* x = reinterpret_cast<T*>(smem);
+  if (a.grad_weight != nullptr) {
+    const int rows = staged_rows(g), cols = staged_cols(g);
+    const int total = a.imgs * g.cin * rows * cols;
+    for (int e = tid; e < total; e += nthreads) {
+      const int c = e % cols;
+      const int r = (e / cols) % rows;
+      const int ic = e / (rows * cols);  // img * cin + ci
+      const int64_t n = n0 + ic / g.cin;
+      const int y = r - g.pad_h, xc = c - g.pad_w;
+      T v = T(0);
+      if (n < g.n && y >= 0 && y < g.h && xc >= 0 && xc < g.w) {
+        v = a.input[((n0 * g.cin + ic) * g.h + y) * g.w + xc];
+      }
+      x[ic * a.xplane + r * a.xcols + c] = v;
+    }
+  }
+  T* d = wdense_d(a, smem);
+  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
+  const int cells = g.ph * g.pw;
+  const int total = a.imgs * gh * gw * kWDenseCout;
+  for (int e = tid; e < total; e += nthreads) {
+    const int co = e % kWDenseCout;
+    const int pos = (e / kWDenseCout) % (gh * gw);
+    const int img = e / (kWDenseCout * gh * gw);
+    const int py = pos / gw, px = pos % gw;
+    const int64_t n = n0 + img;
+    T v = T(0);
+    if (n < g.n) {
+      const int oph = py / g.pool, opw = px / g.pool;
+      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
+      const int32_t j = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == py &&
+          winner_col(opw, j, g.pool) == px) {
+        v = a.grad_out[src];
+      }
+    }
+    d[e] = v;
+  }
+}
+
+// A thread's registers (dense grad_weight): its weights and, on lanes
+// r = ci * kh + i < kWDenseCout, the bias of channel r (plan: cin * kh >=
+// kWDenseCout).
+template <typename acc_t>
+struct WDenseAcc {
+  acc_t w[kWDenseCout][kDenseKW];
+  acc_t b;
+};
+
+template <typename acc_t>
+FMNIST_HD void wdense_zero(WDenseAcc<acc_t>& acc) {
+  acc.b = acc_t(0);
+#pragma unroll
+  for (int co = 0; co < kWDenseCout; ++co) {
+#pragma unroll
+    for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] = acc_t(0);
+  }
+}
+
+// The thread's lane: slice s (-1: idle lane), ci, i.
+struct WDenseLane {
+  int s, ci, i;
+};
+
+FMNIST_HD WDenseLane wdense_lane(const KernelGeometry& g, int tid) {
+  const int per = g.cin * g.kh;
+  const int q = wdense_slices_per_warp(g);
+  const int lane = tid % 32, k = lane / per, r = lane % per;
+  if (k >= q) return {-1, 0, 0};
+  return {(tid / 32) * q + k, r / g.kh, r % g.kh};
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsigned char* smem,
+                                 WDenseLane L, WDenseAcc<acc_t>& acc) {
+  const KernelGeometry& g = a.g;
+  if (L.s < 0) return;
+  const T* x = reinterpret_cast<const T*>(smem);
+  const T* d = wdense_d(a, smem);
+  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
+  const bool want_w = a.grad_weight != nullptr;
+  for (int img = L.s; img < a.imgs; img += a.slices) {
+    const T* dimg = d + img * gh * gw * kWDenseCout;
+    const T* ximg = x + (img * g.cin + L.ci) * a.xplane + L.i * a.xcols;
+    for (int py = 0; py < gh; ++py) {
+      for (int px = 0; px < gw; ++px) {
+        if (!want_w) continue;
+        T dv[kWDenseCout];
+        load_vec(dimg + (py * gw + px) * kWDenseCout, dv);
+        T xv[kDenseKW];
+#pragma unroll
+        for (int j = 0; j < kDenseKW; ++j) xv[j] = ximg[py * a.xcols + px + j];
+#pragma unroll
+        for (int co = 0; co < kWDenseCout; ++co) {
+          const acc_t dc = static_cast<acc_t>(dv[co]);
+#pragma unroll
+          for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] += dc * static_cast<acc_t>(xv[j]);
+        }
+      }
+    }
+    // The bias of channel r: every lane runs the loop (uniform), lanes
+    // r >= kWDenseCout repeat a channel's loads and discard the sum.
+    const int r = (L.ci * g.kh + L.i) % kWDenseCout;
+    for (int pos = 0; pos < gh * gw; ++pos)
+      acc.b += static_cast<acc_t>(dimg[pos * kWDenseCout + r]);
+  }
+}
+
+// After the last chunk (the staging area is free): the registers to
+// slice_sum[s][e]; every element of every slice is written.
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void wdense_store(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, WDenseLane L,
+                            const WDenseAcc<acc_t>& acc) {
+  const KernelGeometry& g = a.g;
+  if (L.s < 0) return;
+  acc_t* row = reinterpret_cast<acc_t*>(smem) + L.s * bwd_weight_elems(g);
+  const int nw = g.cout * g.cin * g.kh * kDenseKW;
+#pragma unroll
+  for (int co = 0; co < kWDenseCout; ++co) {
+#pragma unroll
+    for (int j = 0; j < kDenseKW; ++j) {
+      row[((co * g.cin + L.ci) * g.kh + L.i) * kDenseKW + j] = acc.w[co][j];
+    }
+  }
+  const int r = L.ci * g.kh + L.i;
+  if (r < kWDenseCout) row[nw + r] = acc.b;
+}
+
+// Step 2: element e of grad_weight (e < nw) or grad_bias = the rows of
+// partials added in row order.
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void reduce_partials_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows, int e) {
+  const int ne = bwd_weight_elems(a.g);
+  const int nw = ne - a.g.cout;
+  T* dst = e < nw ? a.grad_weight : a.grad_bias;
+  if (dst == nullptr) return;
+  acc_t sum = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r) sum += a.partials[r * ne + e];
+  dst[e < nw ? e : e - nw] = static_cast<T>(sum);
+}
+
+}  // namespace cuda
+}  // namespace fmnist_ext
