@@ -1,5 +1,5 @@
 """Estimated H200 time of the fused CUDA kernels and of the stock sequence,
-without a GPU: the table of issue 19.
+without a GPU: the table in BENCHMARKS.md, "CUDA cost counter".
 
 Runs the counting build of the execution harness (tests/cuda_emulation,
 counter.h) on the model's two blocks (block 1: [N,1,28,28], conv 1->6 5x5,

@@ -7,7 +7,7 @@ TF32 aside). Writes a table to stdout and the rows to --json.
 
     python scripts/gpu_check/kernel_times.py [--batches 1000,10000] [--json FILE] [--device cuda]
 
-For the estimates of the CUDA cost counter (issue 19) to be calibrated
+For the estimates of the CUDA cost counter (scripts/cuda_cost.py) to be calibrated
 against: the names are the kernels' own (conv_relu_maxpool2d_*).
 """
 
