@@ -16,7 +16,19 @@
 // travel as the ConvPoolGeometry the checks fill (../geometry.h), narrowed once to int for the
 // kernels (kernel_geometry in kernels.cuh).
 //
-// Forward (conv_relu_maxpool2d_forward_kernel), fast path:
+// Forward, tiled path (conv_relu_maxpool2d_forward_tiled_kernel; 5-wide
+// filters, pool 2, pooled width a multiple of 4: both seed blocks):
+//   grid.x = tiles of 8 images, every output channel in the block. Stage the
+//   filter bank as [tap][group of 3 channels][4], the bias and the 8 zero-
+//   padded images (image stride chosen so the 8 images start 16 bytes apart
+//   modulo the banks). Thread = (3 channels, pooled row, 4 pooled columns,
+//   image), image fastest: 48 convolution outputs in registers; per staged
+//   input row one conflict-free 12-word row load (3 x 16 bytes) and per
+//   filter tap one 16-byte weight broadcast feed 24 FMAs, so the kernel is
+//   bound by the FP32 FMA rate, not by shared memory (kernels_forward.cuh).
+//   Same traffic as below: input read once, out + indices written once.
+//
+// Forward (conv_relu_maxpool2d_forward_kernel), fast path for other shapes:
 //   grid.x = tiles of `imgs` images, grid.y = groups of output channels whose
 //   weights fit in shared memory (one group for both seed blocks).
 //   1. stage: the group's filter bank, transposed to [tap][channel] so the 4

@@ -24,6 +24,8 @@ struct FwdArgs {
   I* indices;       // [n][cout][ph][pw]
   int imgs;         // images per block
   int cgp;          // channels per block (multiple of kCob)
+  // The tiled path's staged strides (elements): row, image.
+  int xcols = 0, ximg = 0;
 };
 
 // The block's shared memory, carved as laid out above; fwd_smem_bytes is its
@@ -179,6 +181,157 @@ FMNIST_HD void fwd_work(const FwdArgs<T, I>& a, int64_t bx, int by, const T* sme
         const int64_t o = (n * g.cout + co) * cells + cell;
         a.out[o] = static_cast<T>(pool_output(best[c]));
         a.indices[o] = static_cast<I>(pool_saved_index(best[c], best_j[c], pool));
+      }
+    }
+  }
+}
+
+// Forward, tiled path (the fast path for kDenseKW-wide filters, pool 2 and a
+// pooled width that is a multiple of kTileCells: both blocks of the model).
+// One block = kTileImgs images, all output channels. Thread (channel group
+// cg of kTileCo channels, pooled row oph, segment seg of kTileCells pooled
+// columns, image img; img fastest, cg slowest) keeps in registers the
+// kTileCo x 2 x 2*kTileCells convolution outputs of its pool windows. Per
+// staged input row (kh + 1 of them per channel) it loads the kTileRow words
+// its windows read once (three 16-byte loads) and, for each of the two
+// output rows that row reaches and each filter column j, one 16-byte
+// broadcast of kTileCo weights (the warp shares cg), then does
+// kTileCo * 2*kTileCells FMAs with the row shifted by j: 2 * kTileCo *
+// 2*kTileCells * kDenseKW FMAs per 3 + 2*kDenseKW loads, no padded channel
+// (cout a multiple of kTileCo). The 8 images of a warp's lanes start 16
+// bytes apart modulo the 32 banks (the plan's image stride ximg), so every
+// row load is conflict-free (4 wavefronts for 32 lanes x 16 bytes). Each
+// output is summed in the fast path's tap order (bias, then ci, i, j).
+// Shared memory: weight[taps][cgs][4] (the 4th slot 0) | bias[cgs][4] |
+//   image[kTileImgs][ximg] (rows xcols apart, channel planes
+//   staged_rows * xcols apart), all T.
+constexpr int kTileImgs = 8;
+constexpr int kTileCo = 3;
+constexpr int kTileCells = 4;
+constexpr int kTileRow = 2 * kTileCells + kDenseKW - 1;
+
+FMNIST_HD int tile_groups(const KernelGeometry& g) { return ceil_div(g.cout, kTileCo); }
+
+FMNIST_HD size_t tiled_smem_bytes(const KernelGeometry& g, int ximg, size_t elem) {
+  const size_t cgs = tile_groups(g);
+  const size_t taps = static_cast<size_t>(g.cin) * g.kh * kDenseKW;
+  return elem * ((taps + 1) * cgs * 4 + static_cast<size_t>(kTileImgs) * ximg);
+}
+
+template <typename T, typename I>
+FMNIST_HD void fwd_tiled_stage(const FwdArgs<T, I>& a, int64_t bx, T* smem, int tid, int nthreads) {
+  const KernelGeometry& g = a.g;
+  const int cgs = tile_groups(g);
+  const int taps = g.cin * g.kh * kDenseKW;
+  T* weight = smem;
+  T* bias = weight + taps * cgs * 4;
+  T* image = bias + cgs * 4;
+  // Weights stored as [tap][cg][4], channel fastest (conflict-free stores;
+  // the reads gather the few L2 sectors of the filter bank).
+  for (int e = tid; e < cgs * kTileCo * taps; e += nthreads) {
+    const int co = e % (cgs * kTileCo), t = e / (cgs * kTileCo);
+    weight[(t * cgs + co / kTileCo) * 4 + co % kTileCo] =
+        co < g.cout ? a.weight[static_cast<int64_t>(co) * taps + t] : T(0);
+  }
+  for (int e = tid; e < taps * cgs; e += nthreads) weight[e * 4 + 3] = T(0);
+  for (int e = tid; e < cgs * 4; e += nthreads) {
+    const int co = (e / 4) * kTileCo + e % 4;
+    bias[e] = (a.bias != nullptr && e % 4 < kTileCo && co < g.cout) ? a.bias[co] : T(0);
+  }
+  const int rows = staged_rows(g), cols = staged_cols(g);
+  const int64_t n0 = bx * kTileImgs;
+  for (int e = tid; e < kTileImgs * g.cin * rows * cols; e += nthreads) {
+    const int c = e % cols;
+    const int r = (e / cols) % rows;
+    const int ic = e / (rows * cols);  // img * cin + ci
+    const int img = ic / g.cin, ci = ic % g.cin;
+    const int y = r - g.pad_h, x = c - g.pad_w;
+    T v = T(0);
+    if (n0 + img < g.n && y >= 0 && y < g.h && x >= 0 && x < g.w) {
+      v = a.input[((n0 * g.cin + ic) * g.h + y) * g.w + x];
+    }
+    image[img * a.ximg + (ci * rows + r) * a.xcols + c] = v;
+  }
+}
+
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void fwd_tiled_work(const FwdArgs<T, I>& a, int64_t bx, const T* smem, int tid,
+                              int nthreads) {
+  const KernelGeometry& g = a.g;
+  const int cgs = tile_groups(g);
+  const int taps = g.cin * g.kh * kDenseKW;
+  const T* weight = smem;
+  const T* bias = weight + taps * cgs * 4;
+  const T* image = bias + cgs * 4;
+  const int rows = staged_rows(g);
+  const int segs = g.pw / kTileCells;
+  const int combos = g.ph * segs;
+  const int cells = g.ph * g.pw;
+  for (int item = tid; item < kTileImgs * combos * cgs; item += nthreads) {
+    const int img = item % kTileImgs;
+    const int combo = (item / kTileImgs) % combos;
+    const int cg = item / (kTileImgs * combos);
+    const int64_t n = bx * kTileImgs + img;
+    if (n >= g.n) continue;
+    const int oph = combo / segs, seg = combo % segs;
+    acc_t acc[kTileCo][2][2 * kTileCells];
+#pragma unroll
+    for (int c = 0; c < kTileCo; ++c) {
+      const acc_t b = static_cast<acc_t>(bias[cg * 4 + c]);
+#pragma unroll
+      for (int d = 0; d < 2; ++d) {
+#pragma unroll
+        for (int k = 0; k < 2 * kTileCells; ++k) acc[c][d][k] = b;
+      }
+    }
+    const T* xb = image + img * a.ximg + 2 * oph * a.xcols + 2 * kTileCells * seg;
+    for (int ci = 0; ci < g.cin; ++ci) {
+      for (int r = 0; r <= g.kh; ++r) {
+        T xs[kTileRow];
+        load_vec(xb + (ci * rows + r) * a.xcols, xs);
+#pragma unroll
+        for (int d = 0; d < 2; ++d) {
+          const int i = r - d;  // the filter row that input row r meets in output row d
+          if (i < 0 || i >= g.kh) continue;
+          const T* wr = weight + ((ci * g.kh + i) * kDenseKW * cgs + cg) * 4;
+#pragma unroll
+          for (int j = 0; j < kDenseKW; ++j) {
+            T wv[4];
+            load_vec(wr + j * cgs * 4, wv);
+#pragma unroll
+            for (int c = 0; c < kTileCo; ++c) {
+#pragma unroll
+              for (int k = 0; k < 2 * kTileCells; ++k) {
+                acc[c][d][k] += static_cast<acc_t>(wv[c]) * static_cast<acc_t>(xs[k + j]);
+              }
+            }
+          }
+        }
+      }
+    }
+    // Scan each window in max_pool2d's order (row by row) on values rounded to T.
+#pragma unroll
+    for (int c = 0; c < kTileCo; ++c) {
+      const int co = cg * kTileCo + c;
+      if (co >= g.cout) continue;
+#pragma unroll
+      for (int k = 0; k < kTileCells; ++k) {
+        acc_t best = -static_cast<acc_t>(INFINITY);
+        int32_t best_j = 0;
+#pragma unroll
+        for (int d = 0; d < 2; ++d) {
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const acc_t v = static_cast<acc_t>(static_cast<T>(acc[c][d][2 * k + s]));
+            if (pool_takes(v, best)) {
+              best = v;
+              best_j = d * 2 + s;
+            }
+          }
+        }
+        const int64_t o = (n * g.cout + co) * cells + oph * g.pw + seg * kTileCells + k;
+        a.out[o] = static_cast<T>(pool_output(best));
+        a.indices[o] = static_cast<I>(pool_saved_index(best, best_j, 2));
       }
     }
   }

@@ -33,6 +33,16 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_forward_kerne
 }
 
 template <typename T, typename acc_t, typename I>
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_forward_tiled_kernel(
+    const FwdArgs<T, I> a) {
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  fwd_tiled_stage(a, blockIdx.x, smem, threadIdx.x, blockDim.x);
+  __syncthreads();  // staged weights and images, read by every thread below
+  fwd_tiled_work<T, acc_t, I>(a, blockIdx.x, smem, threadIdx.x, blockDim.x);
+}
+
+template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_forward_direct_kernel(
     const FwdArgs<T, I> a, int64_t total) {
   for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;

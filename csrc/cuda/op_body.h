@@ -70,10 +70,17 @@ std::tuple<typename B::Tensor, typename B::Tensor> forward_op(B& be,
                         be.template ptr<T>(out),
                         be.template ptr<I>(indices),
                         plan.imgs,
-                        plan.cgp};
+                        plan.cgp,
+                        plan.xcols,
+                        plan.ximg};
   if (!plan.fast) {
     be.launch(&conv_relu_maxpool2d_forward_direct_kernel<T, acc_t, I>,
               dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, be.numel(out));
+    return {out, indices};
+  }
+  if (plan.tiled) {
+    be.launch(&conv_relu_maxpool2d_forward_tiled_kernel<T, acc_t, I>, dim3(grid_x(be, plan.blocks)),
+              plan.threads, plan.smem, a);
     return {out, indices};
   }
   be.check(plan.groups <= 65535,

@@ -34,14 +34,42 @@ inline bool small_geometry(const KernelGeometry& g) {
 }
 
 struct FwdPlan {
-  bool fast = false;
-  int imgs = 1, cgp = kCob, groups = 1, threads = kMaxThreads;
+  bool fast = false, tiled = false;
+  int imgs = 1, cgp = kCob, groups = 1, threads = kMaxThreads, xcols = 0, ximg = 0;
   size_t smem = 0;
   int64_t blocks = 0;
 };
 
+// The tiled forward's staged strides: rows rounded up to 16 bytes, and the
+// smallest image stride at which consecutive images start 16 bytes apart
+// modulo the 128 bytes of the 32 banks (the 8 images of a warp's lanes then
+// cover every bank once per 16-byte column).
+inline void tiled_strides(const KernelGeometry& g, size_t elem, int& xcols, int& ximg) {
+  const int per16 = static_cast<int>(16 / elem);
+  xcols = static_cast<int>(round_up(staged_cols(g), per16));
+  ximg = g.cin * staged_rows(g) * xcols;
+  while ((static_cast<size_t>(ximg) * elem) % 128 != 16) ximg += per16;
+}
+
 inline FwdPlan plan_forward(const KernelGeometry& g, size_t elem, int num_sms) {
   FwdPlan p;
+  if (small_geometry(g) && g.pool == 2 && g.kw == kDenseKW && g.pw % kTileCells == 0) {
+    int xcols = 0, ximg = 0;
+    tiled_strides(g, elem, xcols, ximg);
+    const size_t smem = tiled_smem_bytes(g, ximg, elem);
+    const int64_t items =
+        static_cast<int64_t>(kTileImgs) * g.ph * (g.pw / kTileCells) * tile_groups(g);
+    if (smem <= kSmemBudget && items <= INT_MAX) {
+      p.fast = p.tiled = true;
+      p.imgs = kTileImgs;
+      p.xcols = xcols;
+      p.ximg = ximg;
+      p.smem = smem;
+      p.threads = threads_for(items);
+      p.blocks = ceil_div(g.n, int64_t(kTileImgs));
+      return p;
+    }
+  }
   const int64_t taps = static_cast<int64_t>(g.cin) * g.kh * g.kw;
   const int64_t cells = static_cast<int64_t>(g.ph) * g.pw;
   const int64_t img_bytes = static_cast<int64_t>(g.cin) * staged_rows(g) * staged_cols(g) * elem;

@@ -212,7 +212,8 @@ void write_plans(const std::string& path, const ConvPoolGeometry& geometry, size
   f << "call n=" << g.n << " sms=" << sms << "\n";
   if (fwd) {
     const FwdPlan p = plan_forward(g, elem, sms);
-    f << "forward fast=" << p.fast << " imgs=" << p.imgs << " blocks=" << p.blocks << "\n";
+    f << "forward fast=" << p.fast << " tiled=" << p.tiled << " imgs=" << p.imgs
+      << " blocks=" << p.blocks << "\n";
     return;
   }
   const BwdInputPlan pi = plan_backward_input(g, elem, sms);

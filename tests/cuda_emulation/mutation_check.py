@@ -11,11 +11,12 @@ the column test, and the boundary mutations: each bound at the end of a
 batch, chunk, slice set, pool row or D row loosened by one, the zeros past
 the winners' reach or the dense grad_weight's bias lanes cut short, the
 dense grad_weight's persistent loop cut to one chunk, or a plan that drops
-a partly filled last block, tile or chunk), runs
+a partly filled last block, tile or chunk; the tiled forward's bounds, row,
+column, channel-group and image-stride mutations), runs
 the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 55
-minutes for all 46).
+half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 60
+minutes for all 52).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
@@ -284,6 +285,49 @@ BOUNDARY_MUTATIONS = [
     ]
 ]
 
+# The tiled forward (both blocks of the model): each mutation breaks one
+# thing its comment promises; the values or ASan must show it.
+TILED_MUTATIONS = [
+    (f"tiled forward: {what}", [(path, in_function(sig, old, new))], "asan")
+    for what, path, sig, old, new in [
+        (
+            "writes one image past the batch",
+            KCUH,
+            "FMNIST_HD void fwd_tiled_work(",
+            "if (n >= g.n) continue;",
+            "if (n > g.n) continue;",
+        ),
+        (
+            "the last filter row dropped",
+            KCUH,
+            "FMNIST_HD void fwd_tiled_work(",
+            "r <= g.kh;",
+            "r < g.kh;",
+        ),
+        (
+            "row segment one column off",
+            KCUH,
+            "FMNIST_HD void fwd_tiled_work(",
+            "2 * kTileCells * seg;",
+            "2 * kTileCells * seg + 1;",
+        ),
+        (
+            "weights of the partly filled channel group read past cout",
+            KCUH,
+            "FMNIST_HD void fwd_tiled_stage(",
+            "co < g.cout ? a.weight[",
+            "co <= g.cout + 1 ? a.weight[",
+        ),
+        (
+            "image stride one row short (images overlap)",
+            PLAN,
+            "inline void tiled_strides(",
+            "ximg = g.cin * staged_rows(g) * xcols;",
+            "ximg = g.cin * staged_rows(g) * xcols - xcols;",
+        ),
+    ]
+]
+
 
 MUTATIONS = [
     *sync_mutations(),
@@ -294,7 +338,7 @@ MUTATIONS = [
     ),
     (
         "forward: 16 bytes less shared memory than planned",
-        [(BODY, in_forward_op("plan.smem", "plan.smem - 16", count=2))],
+        [(BODY, in_forward_op("plan.smem", "plan.smem - 16", count=3))],
         "asan",
     ),
     (
@@ -394,6 +438,7 @@ MUTATIONS = [
         "tsan",
     ),
     *BOUNDARY_MUTATIONS,
+    *TILED_MUTATIONS,
 ]
 
 

@@ -79,8 +79,8 @@ HARNESS_SHAPES = [
     ("seed2", (3, 6, 12, 12), (12, 6, 5, 5), (0, 0), 2, True, "fd", 2),
     # The plans of training batches on a big GPU, on a few images planned for
     # 1 SM (PLAN_COVERAGE checks each holds what its comment says):
-    # forward: 5 images per block, the last block 2; grad_weight: 3 chunks of
-    # 8 images on 2 blocks (block 0 runs 2), the last chunk 1 image.
+    # forward (tiled): 8 images per block, the last block 1; grad_weight: 3
+    # chunks of 8 images on 2 blocks (block 0 runs 2), the last chunk 1 image.
     ("seed2_multichunk", (17, 6, 12, 12), (12, 6, 5, 5), (0, 0), 2, True, "fd", 1),
     # grad_weight: 4 chunks of 4 images on 2 blocks, the last chunk 1 image.
     ("seed1_multichunk", (13, 1, 28, 28), (6, 1, 5, 5), (0, 0), 2, True, "f", 1),
@@ -103,6 +103,9 @@ HARNESS_SHAPES = [
     # last tile 3 images; 13 x 13: the last input row and column are out of
     # the winners' reach (zeros), 3 row bands, the last one row.
     ("dense_tiles", (43, 6, 13, 13), (12, 6, 5, 5), (0, 0), 2, True, "f", 1),
+    # forward (tiled) with padding, 4 filter rows, 2 column segments per
+    # pooled row and a partly filled channel group (5 = 3 + 2).
+    ("tiled_pad", (11, 2, 17, 18), (5, 2, 4, 5), (1, 1), 2, True, "fd", 2),
     ("direct", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 2, True, "fd", 2),  # too big for smem
     ("groups", (1, 64, 9, 9), (64, 64, 3, 3), (0, 0), 2, True, "fd", 2),  # channel groups
     ("direct_pool16", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 16, True, "f", 2),
@@ -116,8 +119,10 @@ HARNESS_SHAPES = [
 PLAN_COVERAGE = {
     "forward: several images per block, last block partly filled": lambda k, p, n: k == "forward"
     and p["fast"]
+    and not p["tiled"]
     and p["imgs"] > 1
     and n % p["imgs"] != 0,
+    "forward (tiled): last block partly filled": lambda k, p, n: k == "forward" and p["tiled"] and n % p["imgs"] != 0,
     "grad_input (1 channel per thread): several images per block, last partly filled": lambda k, p, n: k
     == "backward_input"
     and p["fast"]
@@ -485,8 +490,9 @@ def test_harness_sm_count_override_reaches_the_plans(harness, tmp_path):
     _, fwd_plans = _read_plans(tmp_path / "fwd.plan")
     _, bwd_plans = _read_plans(tmp_path / "bwd.plan")
     assert "sms=1" in (tmp_path / "bwd.plan").read_text()
-    # 132 SMs would plan one image per block and one chunk per block.
-    assert fwd_plans["forward"]["imgs"] == 5, fwd_plans
+    # The tiled forward's plan is the same for any SM count (8 images per
+    # block); 132 SMs would plan one grad_weight chunk per block.
+    assert fwd_plans["forward"]["tiled"] and fwd_plans["forward"]["blocks"] == 3, fwd_plans
     assert bwd_plans["backward_weight"]["chunks"] > bwd_plans["backward_weight"]["blocks"], bwd_plans
     want_out, want_ind = _cpu_op(x, w, b, [0, 0], 2)
     _exact(out, want_out, "forward under the override")

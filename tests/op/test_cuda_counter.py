@@ -80,7 +80,8 @@ def test_cuda_cost_script_writes_the_table_and_json(tmp_path):
         assert data["totals"][batch]["stock_us"] > 0
     kernels = {(row["batch"], row["block"], row["kernel"].split("<")[0]) for row in data["fused"]}
     for batch in (6, 12):
-        assert (batch, "block1", "forward_kernel") in kernels
+        assert (batch, "block1", "forward_tiled_kernel") in kernels
+        assert (batch, "block2", "forward_tiled_kernel") in kernels
         assert (batch, "block2", "backward_input_dense_kernel") in kernels
         assert (batch, "block2", "backward_weight_dense_kernel") in kernels
         assert (batch, "block2", "reduce_partials_kernel") in kernels
