@@ -53,11 +53,10 @@ def fused_fmas(b: Block, kernel: str) -> float:
         return b.pooled_conv_fmas()
     if kernel.startswith("backward_weight_dense"):
         return b.dense_wgrad_slots()
-    if kernel.startswith("backward_input_dense"):
-        # Every product of the dense sum, in FMA issue slots: a warp of the
-        # kernel holds 32 // cin images x cin channels on its 32 lanes
-        # (kernels.cuh), the other lanes idle.
-        return b.dense_dgrad_fmas() * 32 / ((32 // b.cin) * b.cin)
+    if kernel.startswith("backward_input_patch"):
+        # A block's 32 lanes are 32 images: a partly filled last block's idle
+        # lanes still take issue slots.
+        return b.patch_dgrad_fmas() * (32 * -(-b.n // 32)) / b.n
     if kernel.startswith(("backward_input", "backward_weight")):
         return b.winner_fmas()
     return 0

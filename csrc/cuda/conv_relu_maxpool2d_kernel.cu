@@ -57,10 +57,12 @@
 // cells whose windows can read the pixel (first/last_cell_reaching in
 // index_math.h) and adds g * w for each winner that does. Every element of
 // grad_input is written exactly once, coalesced; nothing is zeroed first.
-// Filters 5 wide over 8 pooled columns (block 2) run instead
-// conv_relu_maxpool2d_backward_input_dense_kernel: a dense masked transposed
-// convolution, each thread a register tile of input rows, in a persistent
-// grid that stages the filters once per block (kernels.cuh, bwd_dense_*).
+// Pool 2 with 5 x 5 filters over 4 pooled columns (block 2) runs instead
+// conv_relu_maxpool2d_backward_input_patch_kernel: each pool cell adds its
+// g times the filter shifted to its winner over its 6 x 6 input patch (the
+// 4 shifted copies staged per block, picked by address), into register
+// tiles of 6 x 12 input values per (image, row band); grid (32-image tiles,
+// input channels); kernels_backward_input.cuh, bwd_patch_*.
 //
 // Backward, grad_weight / grad_bias (conv_relu_maxpool2d_backward_weight_kernel):
 // about two blocks per SM; each loops over chunks of images: stage the padded

@@ -1,6 +1,6 @@
-// grad_input's block phases: the gather kernel (any shape) and the dense
-// masked transposed convolution (block 2's shape); each section's comment
-// gives its decomposition and memory traffic.
+// grad_input's block phases: the gather kernel (any shape) and the winner
+// patches (block 2's shape); each section's comment gives its decomposition
+// and memory traffic.
 #pragma once
 
 #include "kernels_common.cuh"
@@ -179,197 +179,164 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 }
 
 // ---------------------------------------------------------------------------
-// Backward, grad_input as a dense masked transposed convolution: the fast
-// path for filters kDenseKW wide over a pooled region kDenseGW columns wide
-// (pw * pool; block 2 of the model: 5 and 8). D, the gradient of the
-// convolution output over the pooled region, is g at each pool winner and 0
-// at every other position; grad_input is D transposed-convolved with the
-// filters, every product of the sum formed whatever the data (no branch on
-// winners; 0 * w adds nothing unless w is not finite, where the result is
-// NaN as in stock's dense dgrad, while the CPU kernels skip the product).
-// Persistent grid (plan.h): block bx stages the filter bank once, then loops
-// over tiles of `imgs` images (tile = bx, bx + gridDim, ...): stage D of the
-// tile (the winners placed, the rest zeroed), then thread (row band, image,
-// input channel ci) accumulates a register tile of kDenseRows input rows x
-// (kDenseGW + kDenseKW - 1) padded columns: for every output channel and D
-// row rd that reaches its band it loads the D row once (16-byte loads) and,
-// for each of its rows y with 0 <= y - rd < kh, the filter row
-// w[co][ci][y - rd][0..kDenseKW) and adds their exact outer product
-// (kDenseGW x kDenseKW FMAs with compile-time register indices: no column
-// outside D's reach is computed). Input columns past D's reach are written
-// as zeros; every grad_input element is written exactly once, nothing is
-// zeroed first.
-// Lanes: the threads of a band are lanes = 32 * ceil(imgs * cin / 32),
-// lane = img * cin + ci (plan: imgs = 32 / cin images per tile), so a warp
-// runs one band (the same loop bounds on every lane), lanes of an image read
-// the same D row (a broadcast) and lanes of a channel the same filter row.
-// Shared memory (BwdDenseSmem): d[imgs][dstride] (T; dstride = cout * gh *
-//   kDenseGW rounded up to 32, + 4: consecutive images start 4 banks apart,
-//   so the 16-byte D loads of a warp's images do not conflict)
-//   | wa[cout][kh][kDenseKW / 4][cin][4] | wb[cout][kh][kDenseKW % 4][cin]
-//   (T: the filter bank, its 4-wide column groups first, so the filter row
-//   of a lane is one 16-byte load plus one word and the lanes of a warp read
-//   adjacent words).
-// Memory traffic: grad_output and indices read once; grad_input written
-// once (each lane writes row segments of its own plane); the filter bank
-// read once per block (L2-resident).
+// Backward, grad_input from winner patches: the fast path for pool 2, 5 x 5
+// filters and 4 pooled columns (block 2 of the model). A cell's gradient g
+// reaches the kPatch x kPatch input patch under its pool window: g times the
+// filter shifted by the winner's place (dy, dx) in the window. The block
+// stages, for its input channel ci, the 4 shifted copies of every output
+// channel's filter (zero outside the 5 x 5), so a winner picks its copy by
+// address, and thread (row band b, image) adds g * copy row by row into a
+// register tile of kBandRows x 12 input values at compile-time register
+// positions: 36 FMAs per cell and channel pair, where the dense transposed
+// convolution makes 4 x 25. The 32 lanes of a warp are 32 images of one band:
+// their copies' rows are 16-byte loads from at most 4 addresses, whose
+// variants start at banks 0, 20, 8 and 28 (kPatchVar), one wavefront; their
+// g and winner loads hit 32 banks (the plan's per-image strides).
+// Every product is formed (no branch on the data: a cell without a winner
+// has g = 0, and 0 * w adds nothing unless w is not finite, where the result
+// is NaN as in stock's dense dgrad, while the CPU kernels skip the product).
+// Grid: (ceil(n / 32) image tiles, cin); threads: 32 per band (bands of
+// kBandRows padded input rows cover the input; a band past the patches'
+// reach writes zeros), looping if there are more than 8 bands.
+// Shared memory (BwdPatchSmem): filt[cout][4][kPatchVar] (T: 6 rows of 8,
+//   the last 2 of each row 0) | g[32][gstride] (T; 0: no winner) |
+//   var[32][vstride] (uint8: the winner's place, dy * 2 + dx).
+// Memory traffic: grad_output and indices read once per input channel
+// (L2-resident after the first), grad_input written once (a lane writes its
+// image's band rows), the filter bank once per block.
+constexpr int kPatchImgs = 32;
+constexpr int kPatch = 6;      // pool - 1 + kernel
+constexpr int kPatchVar = 52;  // elements between the shifted copies
+constexpr int kBandRows = 6;
+constexpr int kPatchCols = 12;  // 4 pooled columns: 2 * 4 + 5 - 1 staged columns
+
 template <typename T, typename I>
-struct BwdDenseArgs {
+struct BwdPatchArgs {
   KernelGeometry g;
-  const T* weight;    // contiguous [cout][cin][kh][kDenseKW]
-  const T* grad_out;  // contiguous [n][cout][ph][pw]
-  const I* indices;   // contiguous [n][cout][ph][pw]
+  const T* weight;    // contiguous [cout][cin][5][5]
+  const T* grad_out;  // contiguous [n][cout][ph][4]
+  const I* indices;   // contiguous [n][cout][ph][4]
   T* grad_input;      // [n][cin][h][w]
-  int imgs;           // images per tile
-  int dstride;        // elements of d per image
-  int64_t tiles;      // ceil(n / imgs)
+  int gstride;        // elements of g per image
+  int vstride;        // bytes of var per image
 };
 
-// Row bands of kDenseRows input rows, and the lanes of one band.
-FMNIST_HD int dense_bands(const KernelGeometry& g) { return ceil_div(g.h, kDenseRows); }
-FMNIST_HD int dense_lanes(const KernelGeometry& g, int imgs) { return round_up(imgs * g.cin, 32); }
+FMNIST_HD int patch_bands(const KernelGeometry& g) { return ceil_div(g.h + g.pad_h, kBandRows); }
 
 template <typename T, typename Byte>
-struct BwdDenseSmem {
-  SmemPtr<Byte, T> d;
-  SmemPtr<Byte, T> wa;
-  SmemPtr<Byte, T> wb;
+struct BwdPatchSmem {
+  SmemPtr<Byte, T> filt;
+  SmemPtr<Byte, T> g;
+  SmemPtr<Byte, uint8_t> var;
 };
 
 template <typename T, typename I, typename Byte>
-FMNIST_HD BwdDenseSmem<T, Byte> bwd_dense_smem(const BwdDenseArgs<T, I>& a, Byte* smem) {
-  BwdDenseSmem<T, Byte> sm;
-  sm.d = reinterpret_cast<SmemPtr<Byte, T>>(smem);
-  sm.wa = sm.d + a.imgs * a.dstride;
-  sm.wb = sm.wa + a.g.cout * a.g.kh * (kDenseKW / 4) * a.g.cin * 4;
+FMNIST_HD BwdPatchSmem<T, Byte> bwd_patch_smem(const BwdPatchArgs<T, I>& a, Byte* smem) {
+  BwdPatchSmem<T, Byte> sm;
+  sm.filt = reinterpret_cast<SmemPtr<Byte, T>>(smem);
+  sm.g = sm.filt + a.g.cout * 4 * kPatchVar;
+  sm.var = reinterpret_cast<SmemPtr<Byte, uint8_t>>(sm.g + kPatchImgs * a.gstride);
   return sm;
 }
 
-FMNIST_HD size_t bwd_dense_smem_bytes(const KernelGeometry& g, int imgs, int dstride, size_t elem) {
-  return elem * (static_cast<size_t>(imgs) * dstride +
-                 static_cast<size_t>(g.cout) * g.kh * kDenseKW * g.cin);
+FMNIST_HD size_t bwd_patch_smem_bytes(const KernelGeometry& g, int gstride, int vstride,
+                                      size_t elem) {
+  return elem * (static_cast<size_t>(g.cout) * 4 * kPatchVar +
+                 static_cast<size_t>(kPatchImgs) * gstride) +
+         static_cast<size_t>(kPatchImgs) * vstride;
 }
 
-// The filter bank, once per block: wa / wb as laid out above.
 template <typename T, typename I>
-FMNIST_HD void bwd_dense_stage_weights(const BwdDenseArgs<T, I>& a, unsigned char* smem, int tid,
-                                       int nthreads) {
-  constexpr int KQ = kDenseKW / 4 * 4, KR = kDenseKW - KQ;
+FMNIST_HD void bwd_patch_stage(const BwdPatchArgs<T, I>& a, int64_t bx, int ci, unsigned char* smem,
+                               int tid, int nthreads) {
   const KernelGeometry& g = a.g;
-  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
-  const int total = g.cout * g.cin * g.kh * kDenseKW;
-  for (int e = tid; e < total; e += nthreads) {
-    const int j = e % kDenseKW;
-    const int i = (e / kDenseKW) % g.kh;
-    const int ci = (e / (kDenseKW * g.kh)) % g.cin;
-    const int co = e / (kDenseKW * g.kh * g.cin);
-    const int row = co * g.kh + i;
-    const T v = a.weight[e];
-    if (j < KQ) {
-      sm.wa[((row * (KQ / 4) + j / 4) * g.cin + ci) * 4 + j % 4] = v;
-    } else {
-      sm.wb[(row * KR + (j - KQ)) * g.cin + ci] = v;
+  const BwdPatchSmem<T, unsigned char> sm = bwd_patch_smem(a, smem);
+  // The shifted copies: filt[co][v][p][c] = w[co][ci][p - dy][c - dx].
+  for (int e = tid; e < g.cout * 4 * kPatch * 8; e += nthreads) {
+    const int c = e % 8, p = (e / 8) % kPatch, v = (e / (8 * kPatch)) % 4;
+    const int co = e / (32 * kPatch);
+    const int i = p - v / 2, j = c - v % 2;
+    T val = T(0);
+    if (c < kPatch && i >= 0 && i < kDenseKW && j >= 0 && j < kDenseKW) {
+      val = a.weight[((static_cast<int64_t>(co) * g.cin + ci) * kDenseKW + i) * kDenseKW + j];
     }
+    sm.filt[(co * 4 + v) * kPatchVar + p * 8 + c] = val;
   }
-}
-
-// D of the tile's images (0 for images past the batch).
-template <typename T, typename I>
-FMNIST_HD void bwd_dense_stage_grad(const BwdDenseArgs<T, I>& a, int64_t tile, unsigned char* smem,
-                                    int tid, int nthreads) {
-  const KernelGeometry& g = a.g;
-  const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
-  const int gh = g.ph * g.pool;
-  const int per_img = g.cout * gh * kDenseGW;
-  const int cells = g.ph * g.pw;
-  const int64_t n0 = tile * a.imgs;
-  for (int e = tid; e < a.imgs * per_img; e += nthreads) {
+  const int per_img = g.cout * g.ph * g.pw;
+  const int64_t n0 = bx * kPatchImgs;
+  for (int e = tid; e < kPatchImgs * per_img; e += nthreads) {
     const int img = e / per_img, r = e % per_img;
-    const int rx = r % kDenseGW;
-    const int rd = (r / kDenseGW) % gh;
-    const int co = r / (kDenseGW * gh);
-    const int64_t n = n0 + img;
-    T v = T(0);
-    if (n < g.n) {
-      const int oph = rd / g.pool, opw = rx / g.pool;
-      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
-      const int32_t j = static_cast<int32_t>(a.indices[src]);
-      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == rd &&
-          winner_col(opw, j, g.pool) == rx) {
-        v = a.grad_out[src];
+    T gv = T(0);
+    int32_t j = 0;
+    if (n0 + img < g.n) {
+      const int64_t src = n0 * per_img + e;
+      const int32_t w = static_cast<int32_t>(a.indices[src]);
+      if (winner_in_window(w, no_grad_index(2))) {
+        gv = a.grad_out[src];
+        j = w;
       }
     }
-    sm.d[img * a.dstride + r] = v;
+    sm.g[img * a.gstride + r] = gv;
+    sm.var[img * a.vstride + r] = static_cast<uint8_t>(j);
   }
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_HD void bwd_dense_work(const BwdDenseArgs<T, I>& a, int64_t tile, const unsigned char* smem,
-                              int tid, int nthreads) {
-  constexpr int KW = kDenseKW, GW = kDenseGW, R = kDenseRows, NC = GW + KW - 1;
-  constexpr int KQ = KW / 4 * 4, KR = KW - KQ;
+FMNIST_HD void bwd_patch_work(const BwdPatchArgs<T, I>& a, int64_t bx, int ci,
+                              const unsigned char* smem, int tid, int nthreads) {
   const KernelGeometry& g = a.g;
-  const BwdDenseSmem<T, const unsigned char> sm = bwd_dense_smem(a, smem);
-  const int gh = g.ph * g.pool;
-  const int lanes = dense_lanes(g, a.imgs);
-  const int units = dense_bands(g) * lanes;
-  for (int u = tid; u < units; u += nthreads) {
-    const int lane = u % lanes, band = u / lanes;
-    if (lane >= a.imgs * g.cin) continue;
-    const int img = lane / g.cin, ci = lane % g.cin;
-    const int64_t n = tile * a.imgs + img;
+  const BwdPatchSmem<T, const unsigned char> sm = bwd_patch_smem(a, smem);
+  const int cells = g.ph * g.pw;
+  for (int u = tid; u < patch_bands(g) * kPatchImgs; u += nthreads) {
+    const int img = u % kPatchImgs, band = u / kPatchImgs;
+    const int64_t n = bx * kPatchImgs + img;
     if (n >= g.n) continue;
-    const int y0 = band * R;       // the band's first input row
-    const int yp0 = y0 + g.pad_h;  // its padded row
-    const int rd_lo = imax(0, yp0 - g.kh + 1);
-    const int rd_hi = imin(gh - 1, yp0 + R - 1);
-    acc_t acc[R][NC];
+    acc_t acc[kBandRows][kPatchCols];
 #pragma unroll
-    for (int ty = 0; ty < R; ++ty) {
+    for (int q = 0; q < kBandRows; ++q) {
 #pragma unroll
-      for (int c = 0; c < NC; ++c) acc[ty][c] = acc_t(0);
+      for (int c = 0; c < kPatchCols; ++c) acc[q][c] = acc_t(0);
     }
-    const T* dimg = sm.d + img * a.dstride;
+    const T* gimg = sm.g + img * a.gstride;
+    const uint8_t* vimg = sm.var + img * a.vstride;
     for (int co = 0; co < g.cout; ++co) {
-      for (int rd = rd_lo; rd <= rd_hi; ++rd) {
-        T dv[GW];
-        load_vec(dimg + (co * gh + rd) * GW, dv);
+      const T* fco = sm.filt + co * 4 * kPatchVar;
+      // Pool rows oph = 3 * band + k whose patch rows 2 * oph .. 2 * oph + 5
+      // meet the band's padded rows 6 * band .. 6 * band + 5.
 #pragma unroll
-        for (int ty = 0; ty < R; ++ty) {
-          const int i = yp0 + ty - rd;
-          if (i < 0 || i >= g.kh) continue;
-          const int row = co * g.kh + i;
-          T wv[KW];
+      for (int k = -2; k <= 2; ++k) {
+        const int oph = 3 * band + k;
+        if (oph < 0 || oph >= g.ph) continue;
 #pragma unroll
-          for (int q = 0; q < KQ / 4; ++q) {
-            T w4[4];
-            load_vec(sm.wa + ((row * (KQ / 4) + q) * g.cin + ci) * 4, w4);
+        for (int pc = 0; pc < kPatchCols / 2 - 2; ++pc) {
+          const int cell = co * cells + oph * g.pw + pc;
+          const acc_t gv = static_cast<acc_t>(gimg[cell]);
+          const T* f = fco + vimg[cell] * kPatchVar;
 #pragma unroll
-            for (int k = 0; k < 4; ++k) wv[4 * q + k] = w4[k];
-          }
+          for (int p = imax(0, -2 * k); p < imin(kPatch, kBandRows - 2 * k); ++p) {
+            T fr[8];
+            load_vec(f + p * 8, fr);
 #pragma unroll
-          for (int k = 0; k < KR; ++k) wv[KQ + k] = sm.wb[(row * KR + k) * g.cin + ci];
-#pragma unroll
-          for (int x = 0; x < GW; ++x) {
-            const acc_t dx = static_cast<acc_t>(dv[x]);
-#pragma unroll
-            for (int j = 0; j < KW; ++j) acc[ty][x + j] += dx * static_cast<acc_t>(wv[j]);
+            for (int c = 0; c < kPatch; ++c) {
+              acc[2 * k + p][2 * pc + c] += gv * static_cast<acc_t>(fr[c]);
+            }
           }
         }
       }
     }
     T* out = a.grad_input + (n * g.cin + ci) * g.h * g.w;
 #pragma unroll
-    for (int ty = 0; ty < R; ++ty) {
-      const int y = y0 + ty;
+    for (int q = 0; q < kBandRows; ++q) {
+      const int y = band * kBandRows + q - g.pad_h;
+      if (y < 0) continue;
       if (y >= g.h) break;
 #pragma unroll
-      for (int c = 0; c < NC; ++c) {
+      for (int c = 0; c < kPatchCols; ++c) {
         const int x = c - g.pad_w;
-        if (x >= 0 && x < g.w) out[y * g.w + x] = static_cast<T>(acc[ty][c]);
+        if (x >= 0 && x < g.w) out[y * g.w + x] = static_cast<T>(acc[q][c]);
       }
-      // Input columns past D's reach get no gradient.
-      for (int x = imax(0, NC - g.pad_w); x < g.w; ++x) out[y * g.w + x] = T(0);
+      // Input columns past the patches' reach get no gradient.
+      for (int x = imax(0, kPatchCols - g.pad_w); x < g.w; ++x) out[y * g.w + x] = T(0);
     }
   }
 }

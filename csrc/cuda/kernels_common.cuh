@@ -61,12 +61,9 @@ constexpr int kMaxThreads = 256;
 constexpr int kCob = 4;
 // Input channels accumulated per thread by the grad_input kernel.
 constexpr int kCib = 4;
-// The dense backward kernels' shape (kernels_backward_*.cuh): filters kDenseKW
-// wide over a pooled region kDenseGW columns wide (block 2); grad_input's
-// register tile is kDenseRows input rows.
+// The filter width of the model's blocks, which the fast paths of the
+// forward and both gradients compile in (kernels_*.cuh).
 constexpr int kDenseKW = 5;
-constexpr int kDenseGW = 8;
-constexpr int kDenseRows = 6;
 
 // Zero-padded staging of images [n0, n0 + imgs) into smem:
 //   image[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)

@@ -62,16 +62,12 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_inpu
 }
 
 template <typename T, typename acc_t, typename I>
-__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_dense_kernel(
-    const BwdDenseArgs<T, I> a) {
+__global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_patch_kernel(
+    const BwdPatchArgs<T, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
-  bwd_dense_stage_weights(a, smem_raw, threadIdx.x, blockDim.x);
-  for (int64_t tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
-    __syncthreads();  // the previous tile's D consumed (the first time: the filters staged)
-    bwd_dense_stage_grad(a, tile, smem_raw, threadIdx.x, blockDim.x);
-    __syncthreads();  // D staged
-    bwd_dense_work<T, acc_t, I>(a, tile, smem_raw, threadIdx.x, blockDim.x);
-  }
+  bwd_patch_stage(a, blockIdx.x, blockIdx.y, smem_raw, threadIdx.x, blockDim.x);
+  __syncthreads();  // the shifted filters, gradients and winners staged
+  bwd_patch_work<T, acc_t, I>(a, blockIdx.x, blockIdx.y, smem_raw, threadIdx.x, blockDim.x);
 }
 
 template <typename T, typename acc_t, typename I>

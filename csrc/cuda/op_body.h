@@ -136,16 +136,16 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                plan.imgs,
                                plan.cinp};
     const dim3 grid(grid_x(be, plan.blocks));
-    if (plan.dense) {
-      const BwdDenseArgs<T, I> d{g,
+    if (plan.patch) {
+      const BwdPatchArgs<T, I> d{g,
                                  be.template ptr<T>(w),
                                  be.template ptr<T>(go),
                                  be.template ptr<I>(idx),
                                  be.template ptr<T>(grad_input),
-                                 plan.imgs,
-                                 plan.dstride,
-                                 plan.tiles};
-      be.launch(&conv_relu_maxpool2d_backward_input_dense_kernel<T, acc_t, I>, grid, plan.threads,
+                                 plan.gstride,
+                                 plan.vstride};
+      be.launch(&conv_relu_maxpool2d_backward_input_patch_kernel<T, acc_t, I>,
+                dim3(grid_x(be, plan.blocks), static_cast<unsigned>(g.cin)), plan.threads,
                 plan.smem, d);
     } else if (!plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_input_direct_kernel<T, acc_t, I>, grid, plan.threads,

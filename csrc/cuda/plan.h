@@ -103,43 +103,36 @@ inline FwdPlan plan_forward(const KernelGeometry& g, size_t elem, int num_sms) {
   return p;
 }
 
-// grad_input: the dense transposed convolution where its filter width and
-// pooled width match (dense = true; imgs per tile, tiles, dstride), else the
-// gather kernel (cb channels per thread) or the direct one.
+// grad_input: the winner patches for pool 2, 5 x 5 filters and 4 pooled
+// columns (patch = true; gstride / vstride: the staged per-image strides),
+// else the gather kernel (cb channels per thread) or the direct one.
 struct BwdInputPlan {
-  bool fast = false, dense = false;
-  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads, dstride = 0;
+  bool fast = false, patch = false;
+  int imgs = 1, cinp = 1, cb = 1, threads = kMaxThreads, gstride = 0, vstride = 0;
   size_t smem = 0;
-  int64_t blocks = 0, tiles = 0;
+  int64_t blocks = 0;
 };
-
-// Blocks per SM of the dense grad_input kernel's persistent grid (its
-// blocks are small: 2 warps and ~22 KB for block 2 of the model).
-constexpr int kDenseBlocksPerSm = 8;
 
 inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, int num_sms) {
   BwdInputPlan p;
-  if (small_geometry(g) && g.kw == kDenseKW && static_cast<int64_t>(g.pw) * g.pool == kDenseGW &&
-      g.cin <= 32) {
-    const int64_t per_img = static_cast<int64_t>(g.cout) * g.ph * g.pool * kDenseGW;
-    const int64_t dstride = round_up(per_img, int64_t(32)) + 4;
-    const int64_t wbytes = static_cast<int64_t>(g.cout) * g.kh * kDenseKW * g.cin * elem;
-    const int64_t dbytes = dstride * static_cast<int64_t>(elem);
-    if (wbytes <= static_cast<int64_t>(kSmemBudget / 2) &&
-        dbytes <= static_cast<int64_t>(kSmemBudget) - wbytes) {
-      // One warp's worth of (image, channel) lanes per band.
-      int64_t imgs = std::max(1, 32 / g.cin);
-      imgs = std::min<int64_t>(imgs, (static_cast<int64_t>(kSmemBudget) - wbytes) / dbytes);
-      imgs = std::max<int64_t>(1, std::min<int64_t>(imgs, g.n));
-      p.fast = p.dense = true;
+  if (small_geometry(g) && g.pool == 2 && g.kh == kDenseKW && g.kw == kDenseKW &&
+      g.pw == kPatchCols / 2 - 2 && g.cin <= 65535) {
+    // Per-image strides that put the 32 images' words in 32 distinct banks:
+    // g one element past a multiple of 128 bytes, var one word.
+    const int per_img = g.cout * g.ph * g.pw;
+    int gstride = per_img;
+    while ((static_cast<size_t>(gstride) * elem) % 128 != elem % 128) ++gstride;
+    const int vstride = static_cast<int>(round_up(per_img, 128)) + 4;
+    const size_t smem = bwd_patch_smem_bytes(g, gstride, vstride, elem);
+    if (smem <= kSmemBudget) {
+      p.fast = p.patch = true;
       p.cb = 0;
-      p.imgs = static_cast<int>(imgs);
-      p.dstride = static_cast<int>(dstride);
-      p.threads = static_cast<int>(std::min<int64_t>(
-          kMaxThreads, static_cast<int64_t>(dense_bands(g)) * dense_lanes(g, p.imgs)));
-      p.smem = bwd_dense_smem_bytes(g, p.imgs, p.dstride, elem);
-      p.tiles = ceil_div(g.n, imgs);
-      p.blocks = std::min<int64_t>(p.tiles, int64_t(num_sms) * kDenseBlocksPerSm);
+      p.imgs = kPatchImgs;
+      p.gstride = gstride;
+      p.vstride = vstride;
+      p.smem = smem;
+      p.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, int64_t(patch_bands(g)) * 32));
+      p.blocks = ceil_div(g.n, int64_t(kPatchImgs));
       return p;
     }
   }

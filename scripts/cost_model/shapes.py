@@ -71,12 +71,11 @@ class Block:
         """The positions the pool reads (the fused forward's work)."""
         return self.n * self.cout * self.ph * self.pool * self.pw * self.pool * self.taps
 
-    def dense_dgrad_fmas(self) -> int:
-        """The dense transposed convolution over the pooled region (the fused
-        dense grad_input: every position of D, winner or zero; pad 0): per
-        (output, input) channel pair each of the gh rows of D meets k filter
-        rows and each of its gw columns k filter columns."""
-        return self.n * self.cout * self.cin * (self.ph * self.pool * self.k) * (self.pw * self.pool * self.k)
+    def patch_dgrad_fmas(self) -> int:
+        """The fused grad_input from winner patches: per (output, input)
+        channel pair and pool cell, the (pool + k - 1)^2 products of the
+        cell's shifted filter (with its zeros) on every lane (32 images)."""
+        return self.n * self.cout * self.cin * self.ph * self.pw * (self.pool + self.k - 1) ** 2
 
     def dense_wgrad_slots(self) -> int:
         """FMA issue slots of the fused dense grad_weight: per image and

@@ -217,8 +217,8 @@ void write_plans(const std::string& path, const ConvPoolGeometry& geometry, size
     return;
   }
   const BwdInputPlan pi = plan_backward_input(g, elem, sms);
-  f << "backward_input fast=" << pi.fast << " dense=" << pi.dense << " imgs=" << pi.imgs
-    << " blocks=" << pi.blocks << " cb=" << pi.cb << " tiles=" << pi.tiles << "\n";
+  f << "backward_input fast=" << pi.fast << " patch=" << pi.patch << " imgs=" << pi.imgs
+    << " blocks=" << pi.blocks << " cb=" << pi.cb << "\n";
   // acc_t is T for float and double (see run_case).
   const BwdWeightPlan pw = plan_backward_weight(g, elem, elem, sms);
   f << "backward_weight fast=" << pw.fast << " dense=" << pw.dense << " imgs=" << pw.imgs

@@ -5,9 +5,8 @@ single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
 blocks than planned, skipping a contiguity copy, ignoring output_mask,
 summing grad_weight in block order as the atomics before the fix did, the
-old winner-index rule, the old SM-count cache, the dense grad_input's
-persistent loop cut to one tile per block and its winner placement without
-the column test, and the boundary mutations: each bound at the end of a
+old winner-index rule, the old SM-count cache, the winner patches' filters shifted the wrong way
+or a pool row dropped, and the boundary mutations: each bound at the end of a
 batch, chunk, slice set, pool row or D row loosened by one, the zeros past
 the winners' reach or the dense grad_weight's bias lanes cut short, the
 dense grad_weight's persistent loop cut to one chunk, or a plan that drops
@@ -129,39 +128,39 @@ BOUNDARY_MUTATIONS = [
             "if (n <= g.n) {",
         ),
         (
-            "dense grad_input staging reads one image past the batch",
+            "patch grad_input staging reads one image past the batch",
             KCUH,
-            "FMNIST_HD void bwd_dense_stage_grad(",
-            "if (n < g.n) {",
-            "if (n <= g.n) {",
+            "FMNIST_HD void bwd_patch_stage(",
+            "if (n0 + img < g.n) {",
+            "if (n0 + img <= g.n) {",
         ),
         (
-            "dense grad_input writes one image past the batch",
+            "patch grad_input writes one image past the batch",
             KCUH,
-            "FMNIST_HD void bwd_dense_work(",
+            "FMNIST_HD void bwd_patch_work(",
             "if (n >= g.n) continue;",
             "if (n > g.n) continue;",
         ),
         (
-            "dense grad_input reads one D row past the pooled region",
+            "patch grad_input reads one pool row past the pooled output",
             KCUH,
-            "FMNIST_HD void bwd_dense_work(",
-            "imin(gh - 1, yp0 + R - 1)",
-            "imin(gh, yp0 + R - 1)",
+            "FMNIST_HD void bwd_patch_work(",
+            "if (oph < 0 || oph >= g.ph) continue;",
+            "if (oph < 0 || oph > g.ph) continue;",
         ),
         (
-            "dense grad_input leaves the last column past the winners' reach unwritten",
+            "patch grad_input leaves the last column past the patches' reach unwritten",
             KCUH,
-            "FMNIST_HD void bwd_dense_work(",
+            "FMNIST_HD void bwd_patch_work(",
             "x < g.w; ++x) out[y * g.w + x] = T(0);",
             "x < g.w - 1; ++x) out[y * g.w + x] = T(0);",
         ),
         (
-            "dense grad_input plan drops a partly filled last tile",
+            "patch grad_input plan drops a partly filled last block",
             PLAN,
             "inline BwdInputPlan plan_backward_input(",
-            "p.tiles = ceil_div(g.n, imgs);",
-            "p.tiles = g.n / imgs;",
+            "p.blocks = ceil_div(g.n, int64_t(kPatchImgs));",
+            "p.blocks = g.n / kPatchImgs;",
         ),
         (
             "dense grad_weight staging reads one image past the batch",
@@ -389,25 +388,16 @@ MUTATIONS = [
         ],
         "asan",
     ),
-    # The dense grad_input's persistent grid: a block that runs only its first
-    # tile leaves the images of the others unwritten.
+    # The winner patches: a copy shifted the wrong way, or the band's top
+    # pool row dropped (its patch rows reach into the band from above).
     (
-        "dense grad_input: each block runs one tile (no persistent loop)",
-        [(KERNELS, replace_once("tile += gridDim.x) {", "tile += a.tiles) {"))],
+        "patch grad_input: filters shifted by (dx, dy) instead of (dy, dx)",
+        [(KCUH, replace_once("const int i = p - v / 2, j = c - v % 2;", "const int i = p - v % 2, j = c - v / 2;"))],
         "asan",
     ),
-    # A winner placed in every column of its window's row.
     (
-        "dense grad_input places a winner's gradient without checking its column",
-        [
-            (
-                KCUH,
-                replace_once(
-                    "winner_row(oph, j, g.pool) == rd &&\n          winner_col(opw, j, g.pool) == rx",
-                    "winner_row(oph, j, g.pool) == rd",
-                ),
-            )
-        ],
+        "patch grad_input: the pool row two above the band dropped",
+        [(KCUH, replace_once("for (int k = -2; k <= 2; ++k) {", "for (int k = -1; k <= 2; ++k) {"))],
         "asan",
     ),
     # The rule before the fix: only the marker pool*pool meant "no gradient".

@@ -98,14 +98,17 @@ HARNESS_SHAPES = [
     ("pool3", (2, 2, 11, 9), (3, 2, 4, 2), (0, 1), 3, True, "fd", 2),
     ("pool1", (3, 4, 8, 8), (5, 4, 3, 3), (1, 1), 1, True, "f", 2),
     ("pool16", (2, 2, 20, 19), (3, 2, 3, 2), (1, 1), 16, True, "fd", 2),  # int32 indices
-    # grad_input as a dense transposed convolution (5-wide filters, 8 pooled
-    # columns): 5 images per tile, 9 tiles on 8 blocks (block 0 runs 2), the
-    # last tile 3 images; 13 x 13: the last input row and column are out of
-    # the winners' reach (zeros), 3 row bands, the last one row.
-    ("dense_tiles", (43, 6, 13, 13), (12, 6, 5, 5), (0, 0), 2, True, "f", 1),
+    # grad_input from winner patches (pool 2, 5 x 5 filters, 4 pooled
+    # columns): 2 blocks of 32 images, the last 11; 13 x 13: the last input
+    # row and column are out of the patches' reach (zeros), 3 row bands, the
+    # last one row.
+    ("patch_tiles", (43, 6, 13, 13), (12, 6, 5, 5), (0, 0), 2, True, "f", 1),
+    # The same in float64 (2 output channels: the staging fits), 8 images
+    # short of a block; the tiled forward's channel group partly filled.
+    ("patch_small", (24, 3, 13, 12), (2, 3, 5, 5), (0, 0), 2, True, "fd", 2),
     # forward (tiled) with padding, 4 filter rows, 2 column segments per
     # pooled row and a partly filled channel group (5 = 3 + 2).
-    ("tiled_pad", (11, 2, 17, 18), (5, 2, 4, 5), (1, 1), 2, True, "fd", 2),
+    ("tiled_pad", (11, 2, 5, 18), (5, 2, 4, 5), (1, 1), 2, True, "fd", 2),
     ("direct", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 2, True, "fd", 2),  # too big for smem
     ("groups", (1, 64, 9, 9), (64, 64, 3, 3), (0, 0), 2, True, "fd", 2),  # channel groups
     ("direct_pool16", (1, 16, 40, 40), (8, 16, 3, 3), (1, 1), 16, True, "f", 2),
@@ -135,13 +138,9 @@ PLAN_COVERAGE = {
     and p["cb"] == 4
     and p["imgs"] > 1
     and n % p["imgs"] != 0,
-    "grad_input (dense): several images per tile, last partly filled": lambda k, p, n: k == "backward_input"
-    and p["dense"]
-    and p["imgs"] > 1
+    "grad_input (patch): several images per block, last partly filled": lambda k, p, n: k == "backward_input"
+    and p["patch"]
     and n % p["imgs"] != 0,
-    "grad_input (dense): several tiles per block": lambda k, p, n: k == "backward_input"
-    and p["dense"]
-    and p["tiles"] > p["blocks"],
     "grad_weight: several chunks per block, last chunk partly filled": lambda k, p, n: k == "backward_weight"
     and p["fast"]
     and not p["dense"]
@@ -164,6 +163,8 @@ MASKED_SHAPES = {"seed2_f", "direct_f", "pool16_f"}  # every output_mask subset 
 REPEATED_SHAPES = {"randn_f", "seed2_multichunk_f", "slices_f", "direct_f", "seed1_d"}
 # Every kernel variant op_body.h can launch must run somewhere in the grid.
 EXPECTED_KERNELS = [
+    "forward_tiled_kernel<float, float, unsigned char>",
+    "forward_tiled_kernel<double, double, unsigned char>",
     "forward_kernel<float, float, unsigned char, 2>",
     "forward_kernel<double, double, unsigned char, 2>",
     "forward_kernel<float, float, unsigned char, 0>",
@@ -176,8 +177,8 @@ EXPECTED_KERNELS = [
     "backward_input_kernel<float, float, unsigned char, 4>",
     "backward_input_kernel<double, double, unsigned char, 4>",
     "backward_input_kernel<float, float, int, 4>",
-    "backward_input_dense_kernel<float, float, unsigned char>",
-    "backward_input_dense_kernel<double, double, unsigned char>",
+    "backward_input_patch_kernel<float, float, unsigned char>",
+    "backward_input_patch_kernel<double, double, unsigned char>",
     "backward_input_direct_kernel<float, float, unsigned char>",
     "backward_input_direct_kernel<double, double, unsigned char>",
     "backward_weight_kernel<float, float, unsigned char>",

@@ -82,7 +82,7 @@ def test_cuda_cost_script_writes_the_table_and_json(tmp_path):
     for batch in (6, 12):
         assert (batch, "block1", "forward_tiled_kernel") in kernels
         assert (batch, "block2", "forward_tiled_kernel") in kernels
-        assert (batch, "block2", "backward_input_dense_kernel") in kernels
+        assert (batch, "block2", "backward_input_patch_kernel") in kernels
         assert (batch, "block2", "backward_weight_dense_kernel") in kernels
         assert (batch, "block2", "reduce_partials_kernel") in kernels
     # Block 1's input needs no gradient: no grad_input kernel, as in training.
