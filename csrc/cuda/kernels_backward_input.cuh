@@ -195,12 +195,17 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 // Every product is formed (no branch on the data: a cell without a winner
 // has g = 0, and 0 * w adds nothing unless w is not finite, where the result
 // is NaN as in stock's dense dgrad, while the CPU kernels skip the product).
+// A block whose staged g holds an inf or NaN would also spread it over the
+// zeros of the copies (inf * 0 = NaN where stock has no product): its
+// threads see the stage's per-thread flags and compute their elements with
+// the direct kernel's per-element sum instead (exact, slow, rare).
 // Grid: (ceil(n / 32) image tiles, cin); threads: 32 per band (bands of
 // kBandRows padded input rows cover the input; a band past the patches'
 // reach writes zeros), looping if there are more than 8 bands.
 // Shared memory (BwdPatchSmem): filt[cout][4][kPatchVar] (T: 6 rows of 8,
 //   the last 2 of each row 0) | g[32][gstride] (T; 0: no winner) |
-//   var[32][vstride] (uint8: the winner's place, dy * 2 + dx).
+//   var[32][vstride] (uint8: the winner's place, dy * 2 + dx) |
+//   flag[kMaxThreads] (int32: the thread staged a g that is not finite).
 // Memory traffic: grad_output and indices read once per input channel
 // (L2-resident after the first), grad_input written once (a lane writes its
 // image's band rows), the filter bank once per block.
@@ -228,6 +233,7 @@ struct BwdPatchSmem {
   SmemPtr<Byte, T> filt;
   SmemPtr<Byte, T> g;
   SmemPtr<Byte, uint8_t> var;
+  SmemPtr<Byte, int32_t> flag;
 };
 
 template <typename T, typename I, typename Byte>
@@ -236,6 +242,7 @@ FMNIST_HD BwdPatchSmem<T, Byte> bwd_patch_smem(const BwdPatchArgs<T, I>& a, Byte
   sm.filt = reinterpret_cast<SmemPtr<Byte, T>>(smem);
   sm.g = sm.filt + a.g.cout * 4 * kPatchVar;
   sm.var = reinterpret_cast<SmemPtr<Byte, uint8_t>>(sm.g + kPatchImgs * a.gstride);
+  sm.flag = reinterpret_cast<SmemPtr<Byte, int32_t>>(sm.var + kPatchImgs * a.vstride);
   return sm;
 }
 
@@ -243,7 +250,7 @@ FMNIST_HD size_t bwd_patch_smem_bytes(const KernelGeometry& g, int gstride, int 
                                       size_t elem) {
   return elem * (static_cast<size_t>(g.cout) * 4 * kPatchVar +
                  static_cast<size_t>(kPatchImgs) * gstride) +
-         static_cast<size_t>(kPatchImgs) * vstride;
+         static_cast<size_t>(kPatchImgs) * vstride + sizeof(int32_t) * kMaxThreads;
 }
 
 template <typename T, typename I>
@@ -264,6 +271,7 @@ FMNIST_HD void bwd_patch_stage(const BwdPatchArgs<T, I>& a, int64_t bx, int ci, 
   }
   const int per_img = g.cout * g.ph * g.pw;
   const int64_t n0 = bx * kPatchImgs;
+  bool finite = true;
   for (int e = tid; e < kPatchImgs * per_img; e += nthreads) {
     const int img = e / per_img, r = e % per_img;
     T gv = T(0);
@@ -276,9 +284,11 @@ FMNIST_HD void bwd_patch_stage(const BwdPatchArgs<T, I>& a, int64_t bx, int ci, 
         j = w;
       }
     }
+    finite = finite && gv - gv == T(0);
     sm.g[img * a.gstride + r] = gv;
     sm.var[img * a.vstride + r] = static_cast<uint8_t>(j);
   }
+  sm.flag[tid] = finite ? 0 : 1;
 }
 
 template <typename T, typename acc_t, typename I>
@@ -287,6 +297,18 @@ FMNIST_HD void bwd_patch_work(const BwdPatchArgs<T, I>& a, int64_t bx, int ci,
   const KernelGeometry& g = a.g;
   const BwdPatchSmem<T, const unsigned char> sm = bwd_patch_smem(a, smem);
   const int cells = g.ph * g.pw;
+  bool slow = false;
+  for (int t = 0; t < nthreads; ++t) slow = slow || sm.flag[t] != 0;
+  if (slow) {
+    const BwdInputArgs<T, I> d{g, a.weight, a.grad_out, a.indices, a.grad_input, 1, g.cin};
+    const int64_t n0 = bx * kPatchImgs;
+    const int64_t plane = static_cast<int64_t>(g.h) * g.w;
+    for (int e = tid; e < kPatchImgs * plane; e += nthreads) {
+      const int64_t n = n0 + e / plane;
+      if (n < g.n) bwd_input_direct_item<T, acc_t, I>(d, (n * g.cin + ci) * plane + e % plane);
+    }
+    return;
+  }
   for (int u = tid; u < patch_bands(g) * kPatchImgs; u += nthreads) {
     const int img = u % kPatchImgs, band = u / kPatchImgs;
     const int64_t n = bx * kPatchImgs + img;

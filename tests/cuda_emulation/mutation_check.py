@@ -396,6 +396,11 @@ MUTATIONS = [
         "asan",
     ),
     (
+        "patch grad_input: a non-finite g spread over the copies' zeros (flags ignored)",
+        [(KCUH, replace_once("slow = slow || sm.flag[t] != 0;", "slow = false;"))],
+        "asan",
+    ),
+    (
         "patch grad_input: the pool row two above the band dropped",
         [(KCUH, replace_once("for (int k = -2; k <= 2; ++k) {", "for (int k = -1; k <= 2; ++k) {"))],
         "asan",

@@ -474,6 +474,29 @@ def test_harness_out_of_window_indices_pass_no_gradient(harness, tmp_path):
             _exact(cln, e_, f"{name} {k} vs CPU kernels")
 
 
+def test_harness_non_finite_grad_output_reaches_only_the_winners_taps(harness, tmp_path):
+    """An inf or NaN gradient reaches the input only through its winner's
+    filter taps, as in the CPU kernels and stock: the winner-patch grad_input
+    must not multiply it by the zeros around its shifted filter (blocks 0
+    and 1 of 32 images hold one each, block 2 none)."""
+    gen = torch.Generator().manual_seed(11)
+    x, w = _dyadic((70, 6, 12, 12), gen, torch.float32), _dyadic((12, 6, 5, 5), gen, torch.float32)
+    meta = dict(op="fwd", dtype="f32", pool=2, pad=(0, 0), sms=2, seed=1, bias=0)
+    driver.write_case(tmp_path, "fwd", meta, dict(x=x, w=w))
+    _run(harness, tmp_path, ["fwd"])
+    ind = driver.read_tensor(tmp_path / "fwd.ind", torch.uint8)
+    go = _dyadic(ind.shape, gen, torch.float32)
+    go[3, 5, 1, 2] = float("inf")
+    go[40, 0, 3, 3] = float("nan")
+    driver.write_case(tmp_path, "bwd", dict(meta, op="bwd", mask=(1, 1, 1)), dict(x=x, w=w, go=go, idx=ind))
+    _run(harness, tmp_path, ["bwd"])
+    assert "patch=1" in (tmp_path / "bwd.plan").read_text()
+    for k, e_ in zip(("gi", "gw", "gb"), bwd_op(go, x, w, ind, [0, 0], 2, [True, True, True])):
+        got = driver.read_tensor(tmp_path / f"bwd.{k}", torch.float32)
+        assert not torch.isfinite(e_).all()
+        _exact(got, e_, f"{k} with a non-finite grad_output")
+
+
 def test_harness_sm_count_override_reaches_the_plans(harness, tmp_path):
     """FMNIST_CUDA_SM_COUNT (sm_count.h) replaces the device's SM count in
     every plan of the op (the self-check and gpu_check.sh use it to give a
