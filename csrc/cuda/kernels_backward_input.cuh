@@ -281,7 +281,6 @@ FMNIST_HD void bwd_dense_stage_grad(const BwdDenseArgs<T, I>& a, int64_t tile, u
   const BwdDenseSmem<T, unsigned char> sm = bwd_dense_smem(a, smem);
   const int gh = g.ph * g.pool;
   const int per_img = g.cout * gh * kDenseGW;
-  const int cells = g.ph * g.pw;
   const int64_t n0 = tile * a.imgs;
   for (int e = tid; e < a.imgs * per_img; e += nthreads) {
     const int img = e / per_img, r = e % per_img;
@@ -290,15 +289,7 @@ FMNIST_HD void bwd_dense_stage_grad(const BwdDenseArgs<T, I>& a, int64_t tile, u
     const int co = r / (kDenseGW * gh);
     const int64_t n = n0 + img;
     T v = T(0);
-    if (n < g.n) {
-      const int oph = rd / g.pool, opw = rx / g.pool;
-      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
-      const int32_t j = static_cast<int32_t>(a.indices[src]);
-      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == rd &&
-          winner_col(opw, j, g.pool) == rx) {
-        v = a.grad_out[src];
-      }
-    }
+    if (n < g.n) v = grad_at_position(g, a.grad_out, a.indices, n, co, rd, rx);
     sm.d[img * a.dstride + r] = v;
   }
 }

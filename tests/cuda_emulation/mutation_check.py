@@ -131,8 +131,8 @@ BOUNDARY_MUTATIONS = [
             "dense grad_input staging reads one image past the batch",
             KCUH,
             "FMNIST_HD void bwd_dense_stage_grad(",
-            "if (n < g.n) {",
-            "if (n <= g.n) {",
+            "if (n < g.n) v =",
+            "if (n <= g.n) v =",
         ),
         (
             "dense grad_input writes one image past the batch",
@@ -166,8 +166,8 @@ BOUNDARY_MUTATIONS = [
             "dense grad_weight staging reads one image past the batch",
             KCUH,
             "FMNIST_HD void wdense_stage(",
-            "if (n < g.n) {",
-            "if (n <= g.n) {",
+            "if (n < g.n && co < C",
+            "if (n <= g.n && co < C",
         ),
         (
             "dense grad_weight image staging reads one image past the batch",
@@ -187,8 +187,29 @@ BOUNDARY_MUTATIONS = [
             "dense grad_weight stores one bias channel too few",
             KCUH,
             "FMNIST_HD void wdense_store(",
-            "if (r < kWDenseCout) row",
-            "if (r < kWDenseCout - 1) row",
+            "if (c < C) row",
+            "if (c < C - 1) row",
+        ),
+        (
+            "dense grad_weight's sliding window starts one column off",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "load_vec(xrow + t * a.xcols, xv);",
+            "load_vec(xrow + t * a.xcols + 1, xv);",
+        ),
+        (
+            "dense grad_weight's band runs one row into the next band",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "imin(bh, g.ph * g.pool - L.band * bh)",
+            "imin(bh + 1, g.ph * g.pool - L.band * bh)",
+        ),
+        (
+            "dense grad_weight stages D's last band row as zeros",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "t < bh && py < gh",
+            "t < bh - 1 && py < gh",
         ),
         (
             "dense grad_weight plan drops a partly filled last chunk",
@@ -233,11 +254,32 @@ BOUNDARY_MUTATIONS = [
             "sl <= a.slices;",
         ),
         (
-            "reduce_partials adds one row past the partials",
+            "reduce_partials adds one row past its part's range",
             KCUH,
-            "FMNIST_HD void reduce_partials_item(",
-            "r < rows;",
-            "r <= rows;",
+            "FMNIST_HD void reduce_partials_range(",
+            "r < rows * (p + 1) / kReduceParts;",
+            "r <= rows * (p + 1) / kReduceParts;",
+        ),
+        (
+            "reduce_partials skips the first row of its part's range",
+            KCUH,
+            "FMNIST_HD void reduce_partials_range(",
+            "r = rows * p / kReduceParts;",
+            "r = rows * p / kReduceParts + 1;",
+        ),
+        (
+            "reduce_partials tree skips its last level",
+            KCUH,
+            "FMNIST_HD void reduce_partials_tree(",
+            "h < kReduceParts; h *= 2)",
+            "h < kReduceParts / 2; h *= 2)",
+        ),
+        (
+            "reduce_partials tree adds the neighbour part one off",
+            KCUH,
+            "FMNIST_HD void reduce_partials_tree(",
+            "s[p] += s[p + h];",
+            "s[p] += s[p + h - 1];",
         ),
         (
             "grad_input visits one pool row past the pooled output",
@@ -339,7 +381,7 @@ MUTATIONS = [
                     "Tensor partials = be.template zeros<acc_t>({rows * ne});",
                 ),
             ),
-            (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
+            (BODY, replace_once(", a, rows);", ", a, plan.fast ? 1 : rows);")),
             (KCUH, replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
             (KCUH, replace_once("    row[e] = sum;", "    row[e] += sum;")),
         ],
@@ -354,13 +396,13 @@ MUTATIONS = [
     ),
     # A winner placed in every column of its window's row.
     (
-        "dense grad_input places a winner's gradient without checking its column",
+        "dense D (both dense kernels) places a winner's gradient without checking its column",
         [
             (
                 KCUH,
                 replace_once(
-                    "winner_row(oph, j, g.pool) == rd &&\n          winner_col(opw, j, g.pool) == rx",
-                    "winner_row(oph, j, g.pool) == rd",
+                    "winner_row(oph, j, g.pool) == py && winner_col(opw, j, g.pool) == px;",
+                    "winner_row(oph, j, g.pool) == py;",
                 ),
             )
         ],
