@@ -8,14 +8,15 @@ summing grad_weight in block order as the atomics before the fix did, the
 old winner-index rule, the old SM-count cache, the dense grad_input's
 persistent loop cut to one tile per block and its winner placement without
 the column test, and the boundary mutations: each bound at the end of a
-batch, chunk, slice set, pool row or D row loosened by one, the zeros past
-the winners' reach or the dense grad_weight's bias lanes cut short, the
-dense grad_weight's persistent loop cut to one chunk, or a plan that drops
-a partly filled last block, tile or chunk), runs
+batch, chunk, slice set, pool row, D row or band loosened by one, the zeros
+past the winners' reach or the dense grad_weight's bias lanes cut short,
+its sliding window one column off, the dense grad_weight's persistent loop
+cut to one chunk, reduce_partials' row ranges or tree off by one, or a
+plan that drops a partly filled last block, tile or chunk), runs
 the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 55
-minutes for all 46).
+half a minute to 4 minutes per mutation on a busy 2-core machine, about an
+hour for all 54).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
