@@ -229,7 +229,8 @@ FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64
 // the filter window over it in registers; per position, one 16-byte
 // broadcast load per 4 channels of D and C * kDenseKW FMAs. The bias: lane
 // r = ci * kh + i sums the channels r, r + cin * kh (< C; at most
-// kWDenseBiasRounds) over its band's D, one word per channel and position.
+// kWDenseBiasRounds) over its band's D, one word per channel and position,
+// all lanes the same number of rounds.
 // After the last chunk the registers go to slice_sum[S][E] (aliasing the
 // staging area) and bwd_weight_flush writes the block's row of partials in
 // slice order; reduce_partials below. Every sum's order depends only on the
@@ -355,6 +356,7 @@ FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsi
   const int warps = a.slices / q;
   const int rows = imin(bh, g.ph * g.pool - L.band * bh);  // the band's rows (< 1: none)
   const int per = g.cin * g.kh, r = L.ci * g.kh + L.i;
+  const int rounds = ceil_div(C, per);  // bias channels per lane
   const bool want_w = a.grad_weight != nullptr;
   for (int img = L.warp; img < a.imgs; img += warps) {
     const T* dband = d + (img * q + L.band) * a.dband;
@@ -376,10 +378,12 @@ FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsi
           }
         }
       }
+      // Every lane runs the same rounds (uniform loads); a lane past the
+      // channels repeats the last one and wdense_store discards the sum.
 #pragma unroll
       for (int k = 0; k < kWDenseBiasRounds; ++k) {
-        const int c = r + k * per;
-        if (c >= C) continue;
+        if (k >= rounds) break;
+        const int c = imin(r + k * per, C - 1);
         for (int px = 0; px < GW; ++px) acc.b[k] += static_cast<acc_t>(drow[px * CP + c]);
       }
     }
