@@ -423,7 +423,11 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
                 torch.testing.assert_close(g_, e_, rtol=0, atol=0, msg=lambda s, bname=bname: f"{bname} vs stock: {s}")
 
     # The repeat of randn_f can only see an order dependence with >= 3 blocks.
-    wk = [ln for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines() if "backward_weight_dense_kernel" in ln]
+    wk = [
+        ln
+        for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines()
+        if "backward_weight_dense_kernel" in ln
+    ]
     assert wk and int(wk[0].split()[0]) >= 3, wk
     missing = [k for k in EXPECTED_KERNELS if f"conv_relu_maxpool2d_{k}" not in launched]
     assert not missing, f"kernel variants never launched by the grid: {missing}"
