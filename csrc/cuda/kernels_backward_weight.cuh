@@ -382,9 +382,10 @@ FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsi
       // channels repeats the last one and wdense_store discards the sum.
 #pragma unroll
       for (int k = 0; k < kWDenseBiasRounds; ++k) {
-        if (k >= rounds) break;
-        const int c = imin(r + k * per, C - 1);
-        for (int px = 0; px < GW; ++px) acc.b[k] += static_cast<acc_t>(drow[px * CP + c]);
+        if (k < rounds) {
+          const T* dc = drow + imin(r + k * per, C - 1);
+          for (int px = 0; px < GW; ++px) acc.b[k] += static_cast<acc_t>(dc[px * CP]);
+        }
       }
     }
   }
