@@ -71,12 +71,13 @@
 // output channel in the chunk (a warp shares the channel, so the winner test
 // is a uniform branch) into its own shared-memory partial. After the last
 // chunk the slices are added up and the block writes its row of partial
-// sums; a second small kernel adds the rows (about 2 * SMs) in row order.
-// Only winners are visited, as in the CPU kernels. Filters 5 wide with 12
-// output channels (block 2) run instead
-// conv_relu_maxpool2d_backward_weight_dense_kernel: per-thread register
-// accumulators over a dense product of the staged images and gradients, in a
-// persistent grid (kernels.cuh, wdense_*), then the same reduction.
+// sums; a second small kernel adds the rows (one per block) in a fixed tree
+// (reduce_partials_*). Only winners are visited, as in the CPU kernels.
+// Filters 5 wide with the model's channel counts and widths (both blocks)
+// run instead conv_relu_maxpool2d_backward_weight_dense_kernel: per-thread
+// register accumulators over a dense product of the staged images and
+// gradients, in a persistent grid (kernels.cuh, wdense_*), then the same
+// reduction.
 //
 // Shapes whose tiles do not fit the 48 KB shared-memory budget run direct
 // kernels (one thread per output / input element / weight element x batch

@@ -1,6 +1,6 @@
 // grad_weight's and grad_bias's block phases: the per-element kernel with
 // its slice-order sums and the fixed-order reduction of the blocks' partial
-// rows, and the dense register-accumulator kernel (block 2's shape).
+// rows, and the dense register-accumulator kernel (the model's shapes).
 #pragma once
 
 #include "kernels_common.cuh"
@@ -20,8 +20,8 @@ namespace cuda {
 //    the S slices are added up in slice order and the block writes its row
 //    of partials[gridDim][E]. Elements are ordered by output channel, so the
 //    lanes of a warp mostly test the same winner (a uniform branch).
-// 2. reduce_partials: one thread per element adds the rows in row order and
-//    writes grad_weight / grad_bias (every requested element is written).
+// 2. reduce_partials: the rows added in a fixed tree (below), written to
+//    grad_weight / grad_bias (every requested element is written).
 // No atomics: the summation order depends only on the launch plan (batch,
 // shape, SM count), never on scheduling, so a run repeats bitwise on the same
 // GPU (what torch.use_deterministic_algorithms asks for).
@@ -41,8 +41,9 @@ struct BwdWeightArgs {
   int imgs;           // images per chunk
   int slices;         // S
   int64_t chunks;     // ceil(n / imgs)
-  // The dense kernel's staged image strides (elements): row, channel plane.
-  int xcols = 0, xplane = 0;
+  // The dense kernel's strides (elements): staged image row and channel
+  // plane, band of D.
+  int xcols = 0, xplane = 0, dband = 0;
 };
 
 FMNIST_HD int bwd_weight_elems(const KernelGeometry& g) {
@@ -210,28 +211,51 @@ FMNIST_HD void bwd_weight_direct_item(const BwdWeightArgs<T, acc_t, I>& a, int64
 }
 
 // ---------------------------------------------------------------------------
-// grad_weight / grad_bias, dense (the fast path for kDenseKW-wide filters
-// and kWDenseCout output channels: block 2 of the model): step 1 of the
-// scheme above as a dense product. With D the gradient of the convolution
-// output over the pooled region (g at each winner, 0 elsewhere, as for the
-// dense grad_input) and x the staged padded image,
+// grad_weight / grad_bias, dense: the fast path for kDenseKW-wide filters
+// with C output channels over a pooled region GW columns wide, one
+// instantiation per model block (kWDenseShapes: <6, 24> block 1, <12, 8>
+// block 2). Step 1 of the scheme above as a dense product. With D the
+// gradient of the convolution output over the pooled region (gh x GW; g at
+// each winner, 0 elsewhere: grad_at_position) and x the staged padded image,
 //   grad_weight[co][ci][i][j] = sum over positions (py, px) of the pooled
 //   region of D[co][py][px] * x[ci][py + i][px + j],  grad_bias[co] = sum D.
-// Per chunk the block stages x (rows xcols apart, channel planes xplane
-// apart: strides the plan picks so the lanes of a warp read distinct banks)
-// and D as [img][position][co]. Thread (slice s, ci, i) keeps in registers
-// the kWDenseCout x kDenseKW weights (co, ci, i, 0..kDenseKW) over ALL its
-// chunks (images s, s + S, ... of each): per position one 16-byte broadcast
-// load per 4 channels of D, kDenseKW words of x, kWDenseCout * kDenseKW
-// FMAs; lane r = ci * kh + i < kWDenseCout also sums the bias of channel r
-// (one more pass over D per image). Lanes: a warp holds 32 / (cin*kh)
-// slices, lane = (slice, ci, i). After the last chunk the registers go to
-// slice_sum[S][E] (aliasing the staging area) and bwd_weight_flush writes
-// the block's row of partials in slice order; reduce_partials as above. The
-// order of every sum depends only on the plan: bitwise reproducible.
-// Shared memory: x[imgs][cin][xplane] | D[imgs][gh * gw][kWDenseCout] (T),
-//   or, after the last chunk, slice_sum[S][E] (acc_t).
-constexpr int kWDenseCout = 12;
+// Decomposition: warp w of W takes the chunk's images w, w + W, ..., one at
+// a time, and splits its gh rows into Q = 32 / (cin * kh) bands of
+// bh = ceil(gh / Q) rows (block 1: 6 bands of 4 rows, block 2: 1 band of
+// 8). Lane (band, ci, i) is slice s = w * Q + band; it keeps in registers the
+// C x kDenseKW weights (co, ci, i, 0..kDenseKW) over ALL its chunks of a
+// persistent grid. Per row py of its band it loads the staged row py + i of
+// channel ci once (GW + kDenseKW - 1 words, 16-byte vector loads) and slides
+// the filter window over it in registers; per position, one 16-byte
+// broadcast load per 4 channels of D and C * kDenseKW FMAs. The bias: lane
+// r = ci * kh + i sums the channels r, r + cin * kh (< C; at most
+// kWDenseBiasRounds) over its band's D, one word per channel and position,
+// all lanes the same number of rounds.
+// After the last chunk the registers go to slice_sum[S][E] (aliasing the
+// staging area) and bwd_weight_flush writes the block's row of partials in
+// slice order; reduce_partials below. Every sum's order depends only on the
+// plan: bitwise reproducible.
+// Shared memory: x[imgs][cin][xplane] (rows xcols apart; the plan picks the
+//   multiples of 4 that spread a request's row starts over the banks) |
+//   D[imgs][Q][dband] (a band: bh rows of GW positions of wdense_cpad(C)
+//   channels, the padding 0; dband = 4 mod 32 when Q > 1, so the Q bands'
+//   broadcast loads hit distinct banks) (T), or, after the last chunk,
+//   slice_sum[S][E] (acc_t).
+struct WDenseShape {
+  int c, gw;
+};
+constexpr WDenseShape kWDenseShapes[] = {{6, 24}, {12, 8}};
+// Bias channels per lane at most (the plan: ceil(C / (cin * kh)) <= this).
+constexpr int kWDenseBiasRounds = 2;
+
+// D's channel stride: C rounded up to the 16-byte vector (4 elements).
+FMNIST_HD constexpr int wdense_cpad(int c) { return (c + 3) / 4 * 4; }
+
+// Bands per image (lanes (band, ci, i) of a warp) and rows per band.
+FMNIST_HD int wdense_bands(const KernelGeometry& g) { return 32 / (g.cin * g.kh); }
+FMNIST_HD int wdense_band_rows(const KernelGeometry& g) {
+  return ceil_div(g.ph * g.pool, wdense_bands(g));
+}
 
 template <typename T, typename acc_t, typename I, typename Byte>
 FMNIST_HD SmemPtr<Byte, T> wdense_d(const BwdWeightArgs<T, acc_t, I>& a, Byte* smem) {
@@ -239,21 +263,18 @@ FMNIST_HD SmemPtr<Byte, T> wdense_d(const BwdWeightArgs<T, acc_t, I>& a, Byte* s
   return reinterpret_cast<SmemPtr<Byte, T>>(smem) + x;
 }
 
-FMNIST_HD size_t wdense_smem_bytes(const KernelGeometry& g, int imgs, int xplane, int slices,
-                                   size_t elem, size_t acc_elem) {
-  const size_t positions = static_cast<size_t>(g.ph) * g.pool * g.pw * g.pool;
+FMNIST_HD size_t wdense_smem_bytes(const KernelGeometry& g, int imgs, int xplane, int dband,
+                                   int slices, size_t elem, size_t acc_elem) {
   const size_t staged = elem * (round_up(static_cast<size_t>(imgs) * g.cin * xplane, size_t(4)) +
-                                static_cast<size_t>(imgs) * positions * kWDenseCout);
+                                static_cast<size_t>(imgs) * wdense_bands(g) * dband);
   const size_t sums = acc_elem * static_cast<size_t>(slices) * bwd_weight_elems(g);
   return staged > sums ? staged : sums;
 }
 
-// Slices held by one warp: lanes (slice, ci, i).
-FMNIST_HD int wdense_slices_per_warp(const KernelGeometry& g) { return 32 / (g.cin * g.kh); }
-
-template <typename T, typename acc_t, typename I>
+template <typename T, typename acc_t, typename I, int C, int GW>
 FMNIST_HD void wdense_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk, unsigned char* smem,
                             int tid, int nthreads) {
+  constexpr int CP = wdense_cpad(C);
   const KernelGeometry& g = a.g;
   const int64_t n0 = chunk * a.imgs;
   T* x = reinterpret_cast<T*>(smem);
@@ -273,129 +294,189 @@ FMNIST_HD void wdense_stage(const BwdWeightArgs<T, acc_t, I>& a, int64_t chunk, 
       x[ic * a.xplane + r * a.xcols + c] = v;
     }
   }
+  // D, every word of it (padding included: the vector loads read it).
   T* d = wdense_d(a, smem);
-  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
-  const int cells = g.ph * g.pw;
-  const int total = a.imgs * gh * gw * kWDenseCout;
+  const int q = wdense_bands(g), bh = wdense_band_rows(g), gh = g.ph * g.pool;
+  const int total = a.imgs * q * a.dband;
   for (int e = tid; e < total; e += nthreads) {
-    const int co = e % kWDenseCout;
-    const int pos = (e / kWDenseCout) % (gh * gw);
-    const int img = e / (kWDenseCout * gh * gw);
-    const int py = pos / gw, px = pos % gw;
-    const int64_t n = n0 + img;
+    const int o = e % a.dband;  // offset in the band
+    const int band = (e / a.dband) % q;
+    const int64_t n = n0 + e / (a.dband * q);
+    const int co = o % CP, px = (o / CP) % GW, t = o / (CP * GW);
+    const int py = band * bh + t;
     T v = T(0);
-    if (n < g.n) {
-      const int oph = py / g.pool, opw = px / g.pool;
-      const int64_t src = (n * g.cout + co) * cells + oph * g.pw + opw;
-      const int32_t j = static_cast<int32_t>(a.indices[src]);
-      if (winner_in_window(j, no_grad_index(g.pool)) && winner_row(oph, j, g.pool) == py &&
-          winner_col(opw, j, g.pool) == px) {
-        v = a.grad_out[src];
-      }
+    if (n < g.n && co < C && t < bh && py < gh) {
+      v = grad_at_position(g, a.grad_out, a.indices, n, co, py, px);
     }
     d[e] = v;
   }
 }
 
-// A thread's registers (dense grad_weight): its weights and, on lanes
-// r = ci * kh + i < kWDenseCout, the bias of channel r (plan: cin * kh >=
-// kWDenseCout).
-template <typename acc_t>
+// A thread's registers (dense grad_weight): its weights and the bias of
+// channels r + k * cin * kh (lane r = ci * kh + i).
+template <typename acc_t, int C>
 struct WDenseAcc {
-  acc_t w[kWDenseCout][kDenseKW];
-  acc_t b;
+  acc_t w[C][kDenseKW];
+  acc_t b[kWDenseBiasRounds];
 };
 
-template <typename acc_t>
-FMNIST_HD void wdense_zero(WDenseAcc<acc_t>& acc) {
-  acc.b = acc_t(0);
+template <typename acc_t, int C>
+FMNIST_HD void wdense_zero(WDenseAcc<acc_t, C>& acc) {
 #pragma unroll
-  for (int co = 0; co < kWDenseCout; ++co) {
+  for (int k = 0; k < kWDenseBiasRounds; ++k) acc.b[k] = acc_t(0);
+#pragma unroll
+  for (int co = 0; co < C; ++co) {
 #pragma unroll
     for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] = acc_t(0);
   }
 }
 
-// The thread's lane: slice s (-1: idle lane), ci, i.
+// The thread's lane: slice s (-1: idle lane), warp, band, ci, i.
 struct WDenseLane {
-  int s, ci, i;
+  int s, warp, band, ci, i;
 };
 
 FMNIST_HD WDenseLane wdense_lane(const KernelGeometry& g, int tid) {
   const int per = g.cin * g.kh;
-  const int q = wdense_slices_per_warp(g);
-  const int lane = tid % 32, k = lane / per, r = lane % per;
-  if (k >= q) return {-1, 0, 0};
-  return {(tid / 32) * q + k, r / g.kh, r % g.kh};
+  const int q = wdense_bands(g);
+  const int warp = tid / 32, band = tid % 32 / per, r = tid % 32 % per;
+  if (band >= q) return {-1, 0, 0, 0, 0};
+  return {warp * q + band, warp, band, r / g.kh, r % g.kh};
 }
 
-template <typename T, typename acc_t, typename I>
+template <typename T, typename acc_t, typename I, int C, int GW>
 FMNIST_HD void wdense_accumulate(const BwdWeightArgs<T, acc_t, I>& a, const unsigned char* smem,
-                                 WDenseLane L, WDenseAcc<acc_t>& acc) {
+                                 WDenseLane L, WDenseAcc<acc_t, C>& acc) {
+  constexpr int KW = kDenseKW, CP = wdense_cpad(C), NX = GW + KW - 1;
   const KernelGeometry& g = a.g;
   if (L.s < 0) return;
   const T* x = reinterpret_cast<const T*>(smem);
   const T* d = wdense_d(a, smem);
-  const int gw = g.pw * g.pool, gh = g.ph * g.pool;
+  const int q = wdense_bands(g), bh = wdense_band_rows(g);
+  const int warps = a.slices / q;
+  const int rows = imin(bh, g.ph * g.pool - L.band * bh);  // the band's rows (< 1: none)
+  const int per = g.cin * g.kh, r = L.ci * g.kh + L.i;
+  const int rounds = ceil_div(C, per);  // bias channels per lane
   const bool want_w = a.grad_weight != nullptr;
-  for (int img = L.s; img < a.imgs; img += a.slices) {
-    const T* dimg = d + img * gh * gw * kWDenseCout;
-    const T* ximg = x + (img * g.cin + L.ci) * a.xplane + L.i * a.xcols;
-    for (int py = 0; py < gh; ++py) {
-      for (int px = 0; px < gw; ++px) {
-        if (!want_w) continue;
-        T dv[kWDenseCout];
-        load_vec(dimg + (py * gw + px) * kWDenseCout, dv);
-        T xv[kDenseKW];
+  for (int img = L.warp; img < a.imgs; img += warps) {
+    const T* dband = d + (img * q + L.band) * a.dband;
+    const T* xrow = x + (img * g.cin + L.ci) * a.xplane + (L.band * bh + L.i) * a.xcols;
+    for (int t = 0; t < rows; ++t) {
+      const T* drow = dband + t * GW * CP;
+      if (want_w) {
+        T xv[NX];
+        load_vec(xrow + t * a.xcols, xv);
 #pragma unroll
-        for (int j = 0; j < kDenseKW; ++j) xv[j] = ximg[py * a.xcols + px + j];
+        for (int px = 0; px < GW; ++px) {
+          T dv[CP];
+          load_vec(drow + px * CP, dv);
 #pragma unroll
-        for (int co = 0; co < kWDenseCout; ++co) {
-          const acc_t dc = static_cast<acc_t>(dv[co]);
+          for (int co = 0; co < C; ++co) {
+            const acc_t dc = static_cast<acc_t>(dv[co]);
 #pragma unroll
-          for (int j = 0; j < kDenseKW; ++j) acc.w[co][j] += dc * static_cast<acc_t>(xv[j]);
+            for (int j = 0; j < KW; ++j) acc.w[co][j] += dc * static_cast<acc_t>(xv[px + j]);
+          }
+        }
+      }
+      // Every lane runs the same rounds (uniform loads); a lane past the
+      // channels repeats the last one and wdense_store discards the sum.
+#pragma unroll
+      for (int k = 0; k < kWDenseBiasRounds; ++k) {
+        if (k < rounds) {
+          const T* dc = drow + imin(r + k * per, C - 1);
+          for (int px = 0; px < GW; ++px) acc.b[k] += static_cast<acc_t>(dc[px * CP]);
         }
       }
     }
-    // The bias of channel r: every lane runs the loop (uniform), lanes
-    // r >= kWDenseCout repeat a channel's loads and discard the sum.
-    const int r = (L.ci * g.kh + L.i) % kWDenseCout;
-    for (int pos = 0; pos < gh * gw; ++pos)
-      acc.b += static_cast<acc_t>(dimg[pos * kWDenseCout + r]);
   }
 }
 
 // After the last chunk (the staging area is free): the registers to
 // slice_sum[s][e]; every element of every slice is written.
-template <typename T, typename acc_t, typename I>
+template <typename T, typename acc_t, typename I, int C>
 FMNIST_HD void wdense_store(const BwdWeightArgs<T, acc_t, I>& a, unsigned char* smem, WDenseLane L,
-                            const WDenseAcc<acc_t>& acc) {
+                            const WDenseAcc<acc_t, C>& acc) {
   const KernelGeometry& g = a.g;
   if (L.s < 0) return;
   acc_t* row = reinterpret_cast<acc_t*>(smem) + L.s * bwd_weight_elems(g);
   const int nw = g.cout * g.cin * g.kh * kDenseKW;
 #pragma unroll
-  for (int co = 0; co < kWDenseCout; ++co) {
+  for (int co = 0; co < C; ++co) {
 #pragma unroll
     for (int j = 0; j < kDenseKW; ++j) {
       row[((co * g.cin + L.ci) * g.kh + L.i) * kDenseKW + j] = acc.w[co][j];
     }
   }
-  const int r = L.ci * g.kh + L.i;
-  if (r < kWDenseCout) row[nw + r] = acc.b;
+  const int per = g.cin * g.kh, r = L.ci * g.kh + L.i;
+#pragma unroll
+  for (int k = 0; k < kWDenseBiasRounds; ++k) {
+    const int c = r + k * per;
+    if (c < C) row[nw + c] = acc.b[k];
+  }
 }
 
-// Step 2: element e of grad_weight (e < nw) or grad_bias = the rows of
-// partials added in row order.
+// ---------------------------------------------------------------------------
+// Step 2, reduce_partials: grad_weight / grad_bias = the `rows` rows of
+// partials[rows][E] added in a fixed tree. A group of kReduceElems elements
+// (from group * kReduceElems; the last group fewer) is one block's at a time
+// (a grid of at most kReduceBlocksPerSm per SM loops over the groups);
+// thread (part p, element) adds the rows of its fixed range [rows * p / P, rows * (p + 1) / P)
+// in row order (P = kReduceParts) into shared memory; then one thread per
+// element adds its P part sums in a fixed pairwise tree and writes it: every
+// requested element once. Two barriers per group. The order depends only
+// on rows and P: bitwise reproducible. Traffic: every partial read once, a
+// warp's request reads kReduceElems adjacent words of 32 / kReduceElems rows;
+// a thread's chain of dependent loads is ceil(rows / P) long (the serial
+// loop before: rows).
+// Shared memory: part[P][kReduceElems] (acc_t).
+constexpr int kReduceElems = 8;
+constexpr int kReduceParts = kMaxThreads / kReduceElems;
+constexpr int kReduceBlocksPerSm = 8;
+
+FMNIST_HD size_t reduce_partials_smem_bytes(size_t acc_elem) {
+  return acc_elem * kReduceParts * kReduceElems;
+}
+
 template <typename T, typename acc_t, typename I>
-FMNIST_HD void reduce_partials_item(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows, int e) {
+FMNIST_HD void reduce_partials_range(const BwdWeightArgs<T, acc_t, I>& a, int64_t rows,
+                                     int64_t group, unsigned char* smem, int tid) {
+  acc_t* part = reinterpret_cast<acc_t*>(smem);
+  const int ne = bwd_weight_elems(a.g);
+  const int64_t e = group * kReduceElems + tid % kReduceElems;
+  const int64_t p = tid / kReduceElems;
+  acc_t sum = acc_t(0);
+  if (e < ne) {
+    for (int64_t r = rows * p / kReduceParts; r < rows * (p + 1) / kReduceParts; ++r) {
+      sum += a.partials[r * ne + e];
+    }
+  }
+  part[tid] = sum;
+}
+
+// Thread `element` of the group adds the P part sums of its element in a
+// pairwise tree (the stride h = 1, 2, ..., P / 2 pass adds part p + h into
+// part p for p a multiple of 2h; P is a power of two) in registers, and
+// writes it.
+template <typename T, typename acc_t, typename I>
+FMNIST_HD void reduce_partials_tree(const BwdWeightArgs<T, acc_t, I>& a, int64_t group,
+                                    const unsigned char* smem, int tid) {
+  static_assert((kReduceParts & (kReduceParts - 1)) == 0, "the tree needs a power of two");
+  const acc_t* part = reinterpret_cast<const acc_t*>(smem);
   const int ne = bwd_weight_elems(a.g);
   const int nw = ne - a.g.cout;
+  const int64_t e = group * kReduceElems + tid;
+  if (tid >= kReduceElems || e >= ne) return;
   T* dst = e < nw ? a.grad_weight : a.grad_bias;
   if (dst == nullptr) return;
-  acc_t sum = acc_t(0);
-  for (int64_t r = 0; r < rows; ++r) sum += a.partials[r * ne + e];
-  dst[e < nw ? e : e - nw] = static_cast<T>(sum);
+  acc_t s[kReduceParts];
+#pragma unroll
+  for (int p = 0; p < kReduceParts; ++p) s[p] = part[p * kReduceElems + tid];
+#pragma unroll
+  for (int h = 1; h < kReduceParts; h *= 2) {
+#pragma unroll
+    for (int p = 0; p < kReduceParts; p += 2 * h) s[p] += s[p + h];
+  }
+  dst[e < nw ? e : e - nw] = static_cast<T>(s[0]);
 }
 
 }  // namespace cuda

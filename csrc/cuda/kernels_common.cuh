@@ -89,6 +89,22 @@ FMNIST_HD void stage_images(const KernelGeometry& g, const T* __restrict__ input
   }
 }
 
+// The gradient of the convolution output at (py, px) of image n's pooled
+// region (rows < ph * pool, columns < pw * pool), channel co, through the
+// pool: g at its window's winner, 0 at the other positions of the window and
+// for a winner index outside the window (no gradient). What the dense
+// backward kernels stage as D.
+template <typename T, typename I>
+FMNIST_HD T grad_at_position(const KernelGeometry& g, const T* __restrict__ grad_out,
+                             const I* __restrict__ indices, int64_t n, int co, int py, int px) {
+  const int oph = py / g.pool, opw = px / g.pool;
+  const int64_t src = (n * g.cout + co) * (g.ph * g.pw) + oph * g.pw + opw;
+  const int32_t j = static_cast<int32_t>(indices[src]);
+  const bool winner = winner_in_window(j, no_grad_index(g.pool)) &&
+                      winner_row(oph, j, g.pool) == py && winner_col(opw, j, g.pool) == px;
+  return winner ? grad_out[src] : T(0);
+}
+
 // Loads N adjacent shared-memory values (16-byte vector loads on the GPU;
 // p is 16-byte aligned whenever N is a multiple of the vector width).
 template <typename T, int N>

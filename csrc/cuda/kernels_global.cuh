@@ -94,21 +94,21 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weig
   bwd_weight_flush<T, acc_t, I>(a, blockIdx.x, smem_raw, threadIdx.x, blockDim.x);
 }
 
-template <typename T, typename acc_t, typename I>
+template <typename T, typename acc_t, typename I, int C, int GW>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weight_dense_kernel(
     const BwdWeightArgs<T, acc_t, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
   const WDenseLane lane = wdense_lane(a.g, threadIdx.x);
-  WDenseAcc<acc_t> acc;
+  WDenseAcc<acc_t, C> acc;
   wdense_zero(acc);
   for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
     __syncthreads();  // the previous chunk consumed
-    wdense_stage<T, acc_t, I>(a, chunk, smem_raw, threadIdx.x, blockDim.x);
+    wdense_stage<T, acc_t, I, C, GW>(a, chunk, smem_raw, threadIdx.x, blockDim.x);
     __syncthreads();  // chunk staged
-    wdense_accumulate<T, acc_t, I>(a, smem_raw, lane, acc);
+    wdense_accumulate<T, acc_t, I, C, GW>(a, smem_raw, lane, acc);
   }
   __syncthreads();  // the staging area free
-  wdense_store<T, acc_t, I>(a, smem_raw, lane, acc);
+  wdense_store<T, acc_t, I, C>(a, smem_raw, lane, acc);
   __syncthreads();  // every slice's sums stored
   bwd_weight_flush<T, acc_t, I>(a, blockIdx.x, smem_raw, threadIdx.x, blockDim.x);
 }
@@ -122,12 +122,19 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_weig
   }
 }
 
+// Launched with kMaxThreads threads (kReduceParts x kReduceElems) and
+// reduce_partials_smem_bytes; each block loops over its groups of
+// kReduceElems elements.
 template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_reduce_partials_kernel(
     const BwdWeightArgs<T, acc_t, I> a, int64_t rows) {
-  const int ne = bwd_weight_elems(a.g);
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < ne; e += gridDim.x * blockDim.x) {
-    reduce_partials_item<T, acc_t, I>(a, rows, e);
+  FMNIST_DYNAMIC_SMEM(smem_raw);
+  const int64_t groups = ceil_div(bwd_weight_elems(a.g), kReduceElems);
+  for (int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
+    __syncthreads();  // the previous group's sums written out
+    reduce_partials_range<T, acc_t, I>(a, rows, group, smem_raw, threadIdx.x);
+    __syncthreads();  // every part's sum stored
+    reduce_partials_tree<T, acc_t, I>(a, group, smem_raw, threadIdx.x);
   }
 }
 

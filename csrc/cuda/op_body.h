@@ -17,6 +17,7 @@
 //   void launch(kernel, dim3 grid, int threads, size_t smem_bytes, args...);
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <cstdint>
@@ -179,11 +180,18 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                        plan.slices,
                                        plan.chunks,
                                        plan.xcols,
-                                       plan.xplane};
+                                       plan.xplane,
+                                       plan.dband};
     if (plan.dense) {
+      // The instantiation for the plan's shape (kWDenseShapes).
       const dim3 wgrid(grid_x(be, plan.blocks));
-      be.launch(&conv_relu_maxpool2d_backward_weight_dense_kernel<T, acc_t, I>, wgrid, plan.threads,
-                plan.smem, a);
+      const auto dense = [&](auto kernel) { be.launch(kernel, wgrid, plan.threads, plan.smem, a); };
+      constexpr WDenseShape s0 = kWDenseShapes[0], s1 = kWDenseShapes[1];
+      if (plan.shape == 0) {
+        dense(&conv_relu_maxpool2d_backward_weight_dense_kernel<T, acc_t, I, s0.c, s0.gw>);
+      } else {
+        dense(&conv_relu_maxpool2d_backward_weight_dense_kernel<T, acc_t, I, s1.c, s1.gw>);
+      }
     } else if (plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_weight_kernel<T, acc_t, I>,
                 dim3(grid_x(be, plan.blocks)), plan.threads, plan.smem, a);
@@ -192,7 +200,9 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                 dim3(grid_x(be, plan.blocks)), plan.threads, 0, a, int64_t(ne) * plan.slices);
     }
     be.launch(&conv_relu_maxpool2d_reduce_partials_kernel<T, acc_t, I>,
-              dim3(grid_x(be, ceil_div(ne, kMaxThreads))), kMaxThreads, 0, a, rows);
+              dim3(grid_x(be, std::min<int64_t>(ceil_div(ne, kReduceElems),
+                                                int64_t(sms) * kReduceBlocksPerSm))),
+              kMaxThreads, reduce_partials_smem_bytes(sizeof(acc_t)), a, rows);
   }
   return {grad_input, grad_weight, grad_bias};
 }

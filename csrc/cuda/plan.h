@@ -8,6 +8,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 #include "kernels.cuh"
 
@@ -162,12 +163,13 @@ inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, in
   return p;
 }
 
-// grad_weight: the dense kernel where its filter width and channel count
-// match (dense = true; xcols / xplane: its staged image strides), else the
+// grad_weight: the dense kernel where its filter width, channel count and
+// pooled width match one of its instantiations (dense = true; shape: the
+// index in kWDenseShapes; xcols / xplane / dband: its strides), else the
 // per-element kernel or the direct one.
 struct BwdWeightPlan {
   bool fast = false, dense = false;
-  int imgs = 1, slices = 1, threads = kMaxThreads, xcols = 0, xplane = 0;
+  int shape = -1, imgs = 1, slices = 1, threads = kMaxThreads, xcols = 0, xplane = 0, dband = 0;
   size_t smem = 0;
   int64_t chunks = 0, blocks = 0;
 };
@@ -175,19 +177,44 @@ struct BwdWeightPlan {
 // Blocks per SM of the dense grad_weight kernel's persistent grid.
 constexpr int kWDenseBlocksPerSm = 4;
 
-// Staged image strides for the dense grad_weight kernel: the row stride
-// xcols >= staged_cols and the plane stride xplane >= staged_rows * xcols
-// that spread the words the lanes (ci, i) of a warp read at once,
-// ci * xplane + i * xcols, over the most banks (the first such pair).
+// The dense grad_weight instantiation for g (index in kWDenseShapes), or -1.
+inline int wdense_shape(const KernelGeometry& g) {
+  if (!small_geometry(g) || g.kw != kDenseKW || g.cin * g.kh > 32 || staged_cols(g) >= 1024 ||
+      staged_rows(g) >= 1024) {
+    return -1;
+  }
+  for (int k = 0; k < static_cast<int>(std::size(kWDenseShapes)); ++k) {
+    const WDenseShape s = kWDenseShapes[k];
+    if (g.cout == s.c && g.pw * g.pool == s.gw &&
+        ceil_div(s.c, g.cin * g.kh) <= kWDenseBiasRounds) {
+      return k;
+    }
+  }
+  return -1;
+}
+
+// Staged image strides for the dense grad_weight kernel, multiples of 4
+// (its 16-byte row loads): the row stride xcols >= staged_cols and the plane
+// stride xplane >= staged_rows * xcols that spread the rows the lanes
+// (band, ci, i) of a warp load at once, ci * xplane + (band * bh + i) *
+// xcols, over the most 4-bank groups (float32 words; the first such pair).
 inline void wdense_strides(const KernelGeometry& g, int& xcols, int& xplane) {
+  const int q = wdense_bands(g), bh = wdense_band_rows(g);
   int best = INT_MAX;
-  for (int cs = staged_cols(g); cs < staged_cols(g) + 8; ++cs) {
-    for (int ps = staged_rows(g) * cs; ps < staged_rows(g) * cs + 32; ++ps) {
-      int count[32] = {};
-      int worst = 0;
-      for (int ci = 0; ci < g.cin; ++ci) {
-        for (int i = 0; i < g.kh; ++i) worst = std::max(worst, ++count[(ci * ps + i * cs) % 32]);
+  for (int cs = round_up(staged_cols(g), 4); cs < staged_cols(g) + 32; cs += 4) {
+    for (int ps = staged_rows(g) * cs; ps < staged_rows(g) * cs + 32; ps += 4) {
+      int starts[32];
+      int count = 0;
+      for (int b = 0; b < q; ++b) {
+        for (int ci = 0; ci < g.cin; ++ci) {
+          for (int i = 0; i < g.kh; ++i) starts[count++] = ci * ps + (b * bh + i) * cs;
+        }
       }
+      std::sort(starts, starts + count);
+      count = static_cast<int>(std::unique(starts, starts + count) - starts);
+      int groups[8] = {};
+      int worst = 0;
+      for (int k = 0; k < count; ++k) worst = std::max(worst, ++groups[starts[k] / 4 % 8]);
       if (worst < best) {
         best = worst;
         xcols = cs;
@@ -200,33 +227,35 @@ inline void wdense_strides(const KernelGeometry& g, int& xcols, int& xplane) {
 inline BwdWeightPlan plan_backward_weight(const KernelGeometry& g, size_t elem, size_t acc_elem,
                                           int num_sms) {
   BwdWeightPlan p;
-  if (small_geometry(g) && g.kw == kDenseKW && g.cout == kWDenseCout && g.cin * g.kh <= 32 &&
-      g.cin * g.kh >= kWDenseCout && staged_cols(g) < 1024 && staged_rows(g) < 1024) {
+  const int shape = wdense_shape(g);
+  if (shape >= 0) {
     int xcols = 0, xplane = 0;
     wdense_strides(g, xcols, xplane);
-    const int64_t positions = static_cast<int64_t>(g.ph) * g.pool * g.pw * g.pool;
-    const int64_t img_bytes =
-        (static_cast<int64_t>(g.cin) * xplane + positions * kWDenseCout) * elem;
+    const int64_t q = wdense_bands(g);
+    const int64_t band = static_cast<int64_t>(wdense_band_rows(g)) * g.pw * g.pool *
+                         wdense_cpad(kWDenseShapes[shape].c);
+    const int64_t dband = q > 1 ? round_up(band, int64_t(32)) + 4 : round_up(band, int64_t(4));
+    const int64_t img_bytes = (static_cast<int64_t>(g.cin) * xplane + q * dband) * elem;
+    const int64_t budget = static_cast<int64_t>(kSmemBudget) - 3 * static_cast<int64_t>(elem);
     const int64_t ne = bwd_weight_elems(g);
-    const int64_t q = wdense_slices_per_warp(g);
-    // Warps: as many as the slices' sums fit in the budget, at most 4.
+    // Warps (one image each per round): at most 4, as many as the slices'
+    // sums and one image per warp fit in the budget (the staged images' end
+    // is rounded up to 4 elements: up to 3 more).
     const int64_t warps = std::min<int64_t>(
-        4, static_cast<int64_t>(kSmemBudget) / (q * ne * static_cast<int64_t>(acc_elem)));
-    const int64_t slices = warps * q;
-    // Images per chunk: one per slice, as many rounds as fit (the staged
-    // images' end is rounded up to 4 elements: up to 3 more).
-    const int64_t rounds = (static_cast<int64_t>(kSmemBudget) - 3 * static_cast<int64_t>(elem)) /
-                           std::max<int64_t>(1, slices * img_bytes);
-    if (warps >= 1 && rounds >= 1) {
-      int64_t imgs = std::min<int64_t>(slices * rounds, g.n);
-      imgs = std::max<int64_t>(1, imgs);
+        {4, static_cast<int64_t>(kSmemBudget) / (q * ne * static_cast<int64_t>(acc_elem)),
+         budget / img_bytes});
+    if (warps >= 1) {
+      const int64_t rounds = budget / (warps * img_bytes);
+      const int64_t imgs = std::max<int64_t>(1, std::min<int64_t>(warps * rounds, g.n));
       p.fast = p.dense = true;
+      p.shape = shape;
       p.imgs = static_cast<int>(imgs);
-      p.slices = static_cast<int>(slices);
+      p.slices = static_cast<int>(warps * q);
       p.threads = static_cast<int>(warps * 32);
       p.xcols = xcols;
       p.xplane = xplane;
-      p.smem = wdense_smem_bytes(g, p.imgs, xplane, p.slices, elem, acc_elem);
+      p.dband = static_cast<int>(dband);
+      p.smem = wdense_smem_bytes(g, p.imgs, xplane, p.dband, p.slices, elem, acc_elem);
       p.chunks = ceil_div(g.n, int64_t(p.imgs));
       p.blocks = std::min<int64_t>(p.chunks, int64_t(num_sms) * kWDenseBlocksPerSm);
       return p;

@@ -41,7 +41,9 @@ template __global__ void conv_relu_maxpool2d_backward_input_direct_kernel<float,
     BwdInputArgs<float, U8>, int64_t);
 template __global__ void conv_relu_maxpool2d_backward_weight_kernel<float, float, U8>(
     BwdWeightArgs<float, float, U8>);
-template __global__ void conv_relu_maxpool2d_backward_weight_dense_kernel<float, float, U8>(
+template __global__ void conv_relu_maxpool2d_backward_weight_dense_kernel<float, float, U8, 6, 24>(
+    BwdWeightArgs<float, float, U8>);
+template __global__ void conv_relu_maxpool2d_backward_weight_dense_kernel<float, float, U8, 12, 8>(
     BwdWeightArgs<float, float, U8>);
 template __global__ void conv_relu_maxpool2d_backward_weight_direct_kernel<float, float, U8>(
     BwdWeightArgs<float, float, U8>, int64_t);

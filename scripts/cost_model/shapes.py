@@ -78,11 +78,15 @@ class Block:
         return self.n * self.cout * self.cin * self.ph * self.pw * (self.pool + self.k - 1) ** 2
 
     def dense_wgrad_slots(self) -> int:
-        """FMA issue slots of the fused dense grad_weight: per image and
-        position of the pooled region, cout * k FMAs and one bias add on each
-        of the 32 lanes of the 32 // (cin * k) images' warp (kernels.cuh)."""
-        positions = self.ph * self.pool * self.pw * self.pool
-        return self.n * positions * (self.cout * self.k + 1) * 32 // (32 // (self.cin * self.k))
+        """FMA issue slots of the fused dense grad_weight (kernels_backward_weight.cuh):
+        a warp takes one image and splits its gh rows into 32 // (cin * k)
+        bands; per row of a band and position, cout * k FMAs and one bias add
+        per bias round (ceil(cout / (cin * k)) channels per lane), on all 32
+        lanes of the warp."""
+        gh, gw = self.ph * self.pool, self.pw * self.pool
+        band_rows = -(-gh // (32 // (self.cin * self.k)))
+        bias_rounds = -(-self.cout // (self.cin * self.k))
+        return self.n * band_rows * gw * (self.cout * self.k + bias_rounds) * 32
 
     def winner_fmas(self) -> int:
         """One tap sweep per pool winner (the fused grad_input and grad_weight)."""

@@ -5,17 +5,20 @@ single __syncthreads() of the kernels, allocating grad_weight or grad_bias
 with empty instead of zeros, launching with less shared memory or fewer
 blocks than planned, skipping a contiguity copy, ignoring output_mask,
 summing grad_weight in block order as the atomics before the fix did, the
-old winner-index rule, the old SM-count cache, the winner patches' filters shifted the wrong way
-or a pool row dropped, and the boundary mutations: each bound at the end of a
-batch, chunk, slice set, pool row or D row loosened by one, the zeros past
-the winners' reach or the dense grad_weight's bias lanes cut short, the
-dense grad_weight's persistent loop cut to one chunk, or a plan that drops
-a partly filled last block, tile or chunk; the tiled forward's bounds, row,
-column, channel-group and image-stride mutations), runs
+old winner-index rule, the old SM-count cache, the dense grad_weight's D
+without the winner's column test, the winner patches' filters shifted the
+wrong way, a pool row dropped or a non-finite gradient spread,
+and the boundary mutations: each bound at the end of a batch, chunk, slice
+set, pool row or band loosened by one, the zeros past the winners' reach or
+the dense grad_weight's bias lanes cut short, its sliding window one column
+off, the dense grad_weight's persistent loop cut to one chunk,
+reduce_partials' row ranges or tree off by one, a plan that drops a partly
+filled last block or chunk, and the tiled forward's bounds, row, column,
+channel-group and image-stride mutations), runs
 the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
-half a minute to 2.5 minutes per mutation on a busy 2-core machine, about 60
-minutes for all 52).
+half a minute to 4 minutes per mutation on a busy 2-core machine, about an
+hour for all 61).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
@@ -166,8 +169,8 @@ BOUNDARY_MUTATIONS = [
             "dense grad_weight staging reads one image past the batch",
             KCUH,
             "FMNIST_HD void wdense_stage(",
-            "if (n < g.n) {",
-            "if (n <= g.n) {",
+            "if (n < g.n && co < C",
+            "if (n <= g.n && co < C",
         ),
         (
             "dense grad_weight image staging reads one image past the batch",
@@ -187,8 +190,29 @@ BOUNDARY_MUTATIONS = [
             "dense grad_weight stores one bias channel too few",
             KCUH,
             "FMNIST_HD void wdense_store(",
-            "if (r < kWDenseCout) row",
-            "if (r < kWDenseCout - 1) row",
+            "if (c < C) row",
+            "if (c < C - 1) row",
+        ),
+        (
+            "dense grad_weight's sliding window starts one column off",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "load_vec(xrow + t * a.xcols, xv);",
+            "load_vec(xrow + t * a.xcols + 1, xv);",
+        ),
+        (
+            "dense grad_weight's band runs one row into the next band",
+            KCUH,
+            "FMNIST_HD void wdense_accumulate(",
+            "imin(bh, g.ph * g.pool - L.band * bh)",
+            "imin(bh + 1, g.ph * g.pool - L.band * bh)",
+        ),
+        (
+            "dense grad_weight stages D's last band row as zeros",
+            KCUH,
+            "FMNIST_HD void wdense_stage(",
+            "t < bh && py < gh",
+            "t < bh - 1 && py < gh",
         ),
         (
             "dense grad_weight plan drops a partly filled last chunk",
@@ -233,11 +257,32 @@ BOUNDARY_MUTATIONS = [
             "sl <= a.slices;",
         ),
         (
-            "reduce_partials adds one row past the partials",
+            "reduce_partials adds one row past its part's range",
             KCUH,
-            "FMNIST_HD void reduce_partials_item(",
-            "r < rows;",
-            "r <= rows;",
+            "FMNIST_HD void reduce_partials_range(",
+            "r < rows * (p + 1) / kReduceParts;",
+            "r <= rows * (p + 1) / kReduceParts;",
+        ),
+        (
+            "reduce_partials skips the first row of its part's range",
+            KCUH,
+            "FMNIST_HD void reduce_partials_range(",
+            "r = rows * p / kReduceParts;",
+            "r = rows * p / kReduceParts + 1;",
+        ),
+        (
+            "reduce_partials tree skips its last level",
+            KCUH,
+            "FMNIST_HD void reduce_partials_tree(",
+            "h < kReduceParts; h *= 2)",
+            "h < kReduceParts / 2; h *= 2)",
+        ),
+        (
+            "reduce_partials tree adds the neighbour part one off",
+            KCUH,
+            "FMNIST_HD void reduce_partials_tree(",
+            "s[p] += s[p + h];",
+            "s[p] += s[p + h - 1];",
         ),
         (
             "grad_input visits one pool row past the pooled output",
@@ -382,7 +427,7 @@ MUTATIONS = [
                     "Tensor partials = be.template zeros<acc_t>({rows * ne});",
                 ),
             ),
-            (BODY, replace_once("kMaxThreads, 0, a, rows);", "kMaxThreads, 0, a, plan.fast ? 1 : rows);")),
+            (BODY, replace_once(", a, rows);", ", a, plan.fast ? 1 : rows);")),
             (KCUH, replace_once("acc_t* row = a.partials + bx * ne;", "acc_t* row = a.partials;")),
             (KCUH, replace_once("    row[e] = sum;", "    row[e] += sum;")),
         ],
@@ -398,6 +443,19 @@ MUTATIONS = [
     (
         "patch grad_input: a non-finite g spread over the copies' zeros (flags ignored)",
         [(KCUH, replace_once("slow = slow || sm.flag[t] != 0;", "slow = false;"))],
+        "asan",
+    ),
+    (
+        "dense grad_weight's D places a winner's gradient without checking its column",
+        [
+            (
+                KCUH,
+                replace_once(
+                    " &&\n                      winner_row(oph, j, g.pool) == py && winner_col(opw, j, g.pool) == px;",
+                    " &&\n                      winner_row(oph, j, g.pool) == py;",
+                ),
+            )
+        ],
         "asan",
     ),
     (

@@ -82,7 +82,8 @@ HARNESS_SHAPES = [
     # forward (tiled): 8 images per block, the last block 1; grad_weight: 3
     # chunks of 8 images on 2 blocks (block 0 runs 2), the last chunk 1 image.
     ("seed2_multichunk", (17, 6, 12, 12), (12, 6, 5, 5), (0, 0), 2, True, "fd", 1),
-    # grad_weight: 4 chunks of 4 images on 2 blocks, the last chunk 1 image.
+    # grad_weight (dense, 6 bands per image): 7 chunks of 2 images on 4
+    # blocks, the last chunk 1 image.
     ("seed1_multichunk", (13, 1, 28, 28), (6, 1, 5, 5), (0, 0), 2, True, "f", 1),
     # forward 16 images per block (last 3); grad_input 2 per block (last 1,
     # one channel per thread); grad_weight 12 batch slices over chunks of 32
@@ -183,8 +184,10 @@ EXPECTED_KERNELS = [
     "backward_input_direct_kernel<double, double, unsigned char>",
     "backward_weight_kernel<float, float, unsigned char>",
     "backward_weight_kernel<double, double, int>",
-    "backward_weight_dense_kernel<float, float, unsigned char>",
-    "backward_weight_dense_kernel<double, double, unsigned char>",
+    "backward_weight_dense_kernel<float, float, unsigned char, 6, 24>",
+    "backward_weight_dense_kernel<double, double, unsigned char, 6, 24>",
+    "backward_weight_dense_kernel<float, float, unsigned char, 12, 8>",
+    "backward_weight_dense_kernel<double, double, unsigned char, 12, 8>",
     "backward_weight_direct_kernel<float, float, unsigned char>",
     "backward_weight_direct_kernel<double, double, unsigned char>",
     "reduce_partials_kernel<float, float, unsigned char>",
@@ -426,7 +429,11 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
                 torch.testing.assert_close(g_, e_, rtol=0, atol=0, msg=lambda s, bname=bname: f"{bname} vs stock: {s}")
 
     # The repeat of randn_f can only see an order dependence with >= 3 blocks.
-    wk = [ln for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines() if "backward_weight_kernel" in ln]
+    wk = [
+        ln
+        for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines()
+        if "backward_weight_dense_kernel" in ln
+    ]
     assert wk and int(wk[0].split()[0]) >= 3, wk
     missing = [k for k in EXPECTED_KERNELS if f"conv_relu_maxpool2d_{k}" not in launched]
     assert not missing, f"kernel variants never launched by the grid: {missing}"
