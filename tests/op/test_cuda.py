@@ -161,7 +161,7 @@ MASKS = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 0)]
 MASKED_SHAPES = {"seed2_f", "direct_f", "pool16_f"}  # every output_mask subset on these
 # Run twice with different block orders (and thread interleavings): the
 # gradients must not change by one bit.
-REPEATED_SHAPES = {"randn_f", "seed2_multichunk_f", "slices_f", "direct_f", "seed1_d"}
+REPEATED_SHAPES = {"randn_f", "randn_k3_f", "seed2_multichunk_f", "slices_f", "direct_f", "seed1_d"}
 # Every kernel variant op_body.h can launch must run somewhere in the grid.
 EXPECTED_KERNELS = [
     "forward_tiled_kernel<float, float, unsigned char>",
@@ -233,6 +233,11 @@ def _harness_cases():
     x = torch.randn((32, 1, 28, 28), generator=gen)
     cases.append(
         ("randn_f", x, torch.randn((6, 1, 5, 5), generator=gen) / 5, torch.randn(6, generator=gen), (0, 0), 2, 2)
+    )
+    # The same for the per-element grad_weight kernel (3-wide filters).
+    x = torch.randn((64, 2, 10, 10), generator=gen)
+    cases.append(
+        ("randn_k3_f", x, torch.randn((4, 2, 3, 3), generator=gen) / 4, torch.randn(4, generator=gen), (1, 1), 2, 2)
     )
     return cases
 
@@ -428,13 +433,11 @@ def test_harness_runs_the_cuda_kernels_like_the_cpu_kernels_and_stock(harness, h
             for g_, e_ in zip(got, grads):
                 torch.testing.assert_close(g_, e_, rtol=0, atol=0, msg=lambda s, bname=bname: f"{bname} vs stock: {s}")
 
-    # The repeat of randn_f can only see an order dependence with >= 3 blocks.
-    wk = [
-        ln
-        for ln in (tmp_path / "randn_f_m0_s1.launches").read_text().splitlines()
-        if "backward_weight_dense_kernel" in ln
-    ]
-    assert wk and int(wk[0].split()[0]) >= 3, wk
+    # The repeats of the random cases can only see an order dependence with
+    # >= 3 blocks.
+    for case, kernel in (("randn_f", "backward_weight_dense_kernel"), ("randn_k3_f", "backward_weight_kernel<")):
+        wk = [ln for ln in (tmp_path / f"{case}_m0_s1.launches").read_text().splitlines() if kernel in ln]
+        assert wk and int(wk[0].split()[0]) >= 3, (case, wk)
     missing = [k for k in EXPECTED_KERNELS if f"conv_relu_maxpool2d_{k}" not in launched]
     assert not missing, f"kernel variants never launched by the grid: {missing}"
     uncovered = [
