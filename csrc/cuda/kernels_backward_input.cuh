@@ -28,6 +28,8 @@ struct BwdInputArgs {
   T* grad_input;      // [n][cin][h][w]
   int imgs;           // images per block
   int cinp;           // cin rounded up to the channel block CB
+  // The winner-patch kernel's per-image strides: g (elements), var (bytes).
+  int gstride = 0, vstride = 0;
 };
 
 // The block's shared memory, carved as laid out above; bwd_input_smem_bytes
@@ -215,17 +217,6 @@ constexpr int kPatchVar = 52;  // elements between the shifted copies
 constexpr int kBandRows = 6;
 constexpr int kPatchCols = 12;  // 4 pooled columns: 2 * 4 + 5 - 1 staged columns
 
-template <typename T, typename I>
-struct BwdPatchArgs {
-  KernelGeometry g;
-  const T* weight;    // contiguous [cout][cin][5][5]
-  const T* grad_out;  // contiguous [n][cout][ph][4]
-  const I* indices;   // contiguous [n][cout][ph][4]
-  T* grad_input;      // [n][cin][h][w]
-  int gstride;        // elements of g per image
-  int vstride;        // bytes of var per image
-};
-
 FMNIST_HD int patch_bands(const KernelGeometry& g) { return ceil_div(g.h + g.pad_h, kBandRows); }
 
 template <typename T, typename Byte>
@@ -237,7 +228,7 @@ struct BwdPatchSmem {
 };
 
 template <typename T, typename I, typename Byte>
-FMNIST_HD BwdPatchSmem<T, Byte> bwd_patch_smem(const BwdPatchArgs<T, I>& a, Byte* smem) {
+FMNIST_HD BwdPatchSmem<T, Byte> bwd_patch_smem(const BwdInputArgs<T, I>& a, Byte* smem) {
   BwdPatchSmem<T, Byte> sm;
   sm.filt = reinterpret_cast<SmemPtr<Byte, T>>(smem);
   sm.g = sm.filt + a.g.cout * 4 * kPatchVar;
@@ -254,7 +245,7 @@ FMNIST_HD size_t bwd_patch_smem_bytes(const KernelGeometry& g, int gstride, int 
 }
 
 template <typename T, typename I>
-FMNIST_HD void bwd_patch_stage(const BwdPatchArgs<T, I>& a, int64_t bx, int ci, unsigned char* smem,
+FMNIST_HD void bwd_patch_stage(const BwdInputArgs<T, I>& a, int64_t bx, int ci, unsigned char* smem,
                                int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const BwdPatchSmem<T, unsigned char> sm = bwd_patch_smem(a, smem);
@@ -292,7 +283,7 @@ FMNIST_HD void bwd_patch_stage(const BwdPatchArgs<T, I>& a, int64_t bx, int ci, 
 }
 
 template <typename T, typename acc_t, typename I>
-FMNIST_HD void bwd_patch_work(const BwdPatchArgs<T, I>& a, int64_t bx, int ci,
+FMNIST_HD void bwd_patch_work(const BwdInputArgs<T, I>& a, int64_t bx, int ci,
                               const unsigned char* smem, int tid, int nthreads) {
   const KernelGeometry& g = a.g;
   const BwdPatchSmem<T, const unsigned char> sm = bwd_patch_smem(a, smem);
@@ -300,12 +291,11 @@ FMNIST_HD void bwd_patch_work(const BwdPatchArgs<T, I>& a, int64_t bx, int ci,
   bool slow = false;
   for (int t = 0; t < nthreads; ++t) slow = slow || sm.flag[t] != 0;
   if (slow) {
-    const BwdInputArgs<T, I> d{g, a.weight, a.grad_out, a.indices, a.grad_input, 1, g.cin};
     const int64_t n0 = bx * kPatchImgs;
     const int64_t plane = static_cast<int64_t>(g.h) * g.w;
     for (int e = tid; e < kPatchImgs * plane; e += nthreads) {
       const int64_t n = n0 + e / plane;
-      if (n < g.n) bwd_input_direct_item<T, acc_t, I>(d, (n * g.cin + ci) * plane + e % plane);
+      if (n < g.n) bwd_input_direct_item<T, acc_t, I>(a, (n * g.cin + ci) * plane + e % plane);
     }
     return;
   }

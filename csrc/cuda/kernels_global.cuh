@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_inpu
 
 template <typename T, typename acc_t, typename I>
 __global__ void __launch_bounds__(kMaxThreads) conv_relu_maxpool2d_backward_input_patch_kernel(
-    const BwdPatchArgs<T, I> a) {
+    const BwdInputArgs<T, I> a) {
   FMNIST_DYNAMIC_SMEM(smem_raw);
   bwd_patch_stage(a, blockIdx.x, blockIdx.y, smem_raw, threadIdx.x, blockDim.x);
   __syncthreads();  // the shifted filters, gradients and winners staged

@@ -135,19 +135,14 @@ std::tuple<typename B::Tensor, typename B::Tensor, typename B::Tensor> backward_
                                be.template ptr<I>(idx),
                                be.template ptr<T>(grad_input),
                                plan.imgs,
-                               plan.cinp};
+                               plan.cinp,
+                               plan.gstride,
+                               plan.vstride};
     const dim3 grid(grid_x(be, plan.blocks));
     if (plan.patch) {
-      const BwdPatchArgs<T, I> d{g,
-                                 be.template ptr<T>(w),
-                                 be.template ptr<T>(go),
-                                 be.template ptr<I>(idx),
-                                 be.template ptr<T>(grad_input),
-                                 plan.gstride,
-                                 plan.vstride};
       be.launch(&conv_relu_maxpool2d_backward_input_patch_kernel<T, acc_t, I>,
                 dim3(grid_x(be, plan.blocks), static_cast<unsigned>(g.cin)), plan.threads,
-                plan.smem, d);
+                plan.smem, a);
     } else if (!plan.fast) {
       be.launch(&conv_relu_maxpool2d_backward_input_direct_kernel<T, acc_t, I>, grid, plan.threads,
                 0, a, be.numel(grad_input));

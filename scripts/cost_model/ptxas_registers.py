@@ -36,7 +36,7 @@ template __global__ void conv_relu_maxpool2d_forward_direct_kernel<float, float,
 template __global__ void conv_relu_maxpool2d_backward_input_kernel<float, float, U8, 1>(BwdInputArgs<float, U8>);
 template __global__ void conv_relu_maxpool2d_backward_input_kernel<float, float, U8, 4>(BwdInputArgs<float, U8>);
 template __global__ void conv_relu_maxpool2d_backward_input_patch_kernel<float, float, U8>(
-    BwdPatchArgs<float, U8>);
+    BwdInputArgs<float, U8>);
 template __global__ void conv_relu_maxpool2d_backward_input_direct_kernel<float, float, U8>(
     BwdInputArgs<float, U8>, int64_t);
 template __global__ void conv_relu_maxpool2d_backward_weight_kernel<float, float, U8>(
