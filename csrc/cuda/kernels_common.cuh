@@ -65,13 +65,25 @@ constexpr int kCib = 4;
 // forward and both gradients compile in (kernels_*.cuh).
 constexpr int kDenseKW = 5;
 
+// Where a staged image's elements go in smem (element strides): image,
+// channel plane, row. packed_strides: one after another, no gaps.
+struct StagedStrides {
+  int img, plane, row;
+};
+
+FMNIST_HD StagedStrides packed_strides(const KernelGeometry& g) {
+  const int plane = staged_rows(g) * staged_cols(g);
+  return {g.cin * plane, plane, staged_cols(g)};
+}
+
 // Zero-padded staging of images [n0, n0 + imgs) into smem:
-//   image[img][ci][r][c] = input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
+//   image[img * s.img + ci * s.plane + r * s.row + c] =
+//     input[n0 + img][ci][r - pad_h][c - pad_w]  (0 outside)
 // for r < staged_rows(g), c < staged_cols(g); input is contiguous NCHW.
-// Images past the batch are 0.
+// Images past the batch are 0; the gaps the strides leave are not written.
 template <typename T>
 FMNIST_HD void stage_images(const KernelGeometry& g, const T* __restrict__ input, int64_t n0,
-                            int imgs, T* image, int tid, int nthreads) {
+                            int imgs, T* image, StagedStrides s, int tid, int nthreads) {
   const int rows = staged_rows(g), cols = staged_cols(g);
   const int plane = rows * cols;
   const int total = imgs * g.cin * plane;
@@ -85,7 +97,7 @@ FMNIST_HD void stage_images(const KernelGeometry& g, const T* __restrict__ input
     if (n < g.n && y >= 0 && y < g.h && x >= 0 && x < g.w) {
       v = input[((n0 * g.cin + ic) * g.h + y) * g.w + x];
     }
-    image[e] = v;
+    image[(ic / g.cin) * s.img + (ic % g.cin) * s.plane + r * s.row + c] = v;
   }
 }
 

@@ -72,7 +72,7 @@ FMNIST_HD void fwd_stage(const FwdArgs<T, I>& a, int64_t bx, int by, T* smem, in
     const int co = cg0 + c;
     sm.bias[c] = (a.bias != nullptr && co < g.cout) ? a.bias[co] : T(0);
   }
-  stage_images(g, a.input, bx * a.imgs, a.imgs, sm.image, tid, nthreads);
+  stage_images(g, a.input, bx * a.imgs, a.imgs, sm.image, packed_strides(g), tid, nthreads);
 }
 
 template <typename T, typename acc_t, typename I, int P>
@@ -238,20 +238,8 @@ FMNIST_HD void fwd_tiled_stage(const FwdArgs<T, I>& a, int64_t bx, T* smem, int 
     const int co = (e / 4) * kTileCo + e % 4;
     bias[e] = (a.bias != nullptr && e % 4 < kTileCo && co < g.cout) ? a.bias[co] : T(0);
   }
-  const int rows = staged_rows(g), cols = staged_cols(g);
-  const int64_t n0 = bx * kTileImgs;
-  for (int e = tid; e < kTileImgs * g.cin * rows * cols; e += nthreads) {
-    const int c = e % cols;
-    const int r = (e / cols) % rows;
-    const int ic = e / (rows * cols);  // img * cin + ci
-    const int img = ic / g.cin, ci = ic % g.cin;
-    const int y = r - g.pad_h, x = c - g.pad_w;
-    T v = T(0);
-    if (n0 + img < g.n && y >= 0 && y < g.h && x >= 0 && x < g.w) {
-      v = a.input[((n0 * g.cin + ic) * g.h + y) * g.w + x];
-    }
-    image[img * a.ximg + (ci * rows + r) * a.xcols + c] = v;
-  }
+  const StagedStrides s{a.ximg, staged_rows(g) * a.xcols, a.xcols};
+  stage_images(g, a.input, bx * kTileImgs, kTileImgs, image, s, tid, nthreads);
 }
 
 template <typename T, typename acc_t, typename I>
