@@ -212,10 +212,11 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 // (L2-resident after the first), grad_input written once (a lane writes its
 // image's band rows), the filter bank once per block.
 constexpr int kPatchImgs = 32;
-constexpr int kPatch = 6;      // pool - 1 + kernel
-constexpr int kPatchVar = 52;  // elements between the shifted copies
+constexpr int kPatch = 2 - 1 + kDenseKW;  // pool - 1 + kernel: 6
+constexpr int kPatchVar = 52;             // elements between the shifted copies
 constexpr int kBandRows = 6;
-constexpr int kPatchCols = 12;  // 4 pooled columns: 2 * 4 + 5 - 1 staged columns
+constexpr int kPatchPw = 4;                              // pooled columns
+constexpr int kPatchCols = 2 * kPatchPw + kDenseKW - 1;  // their staged columns: 12
 
 FMNIST_HD int patch_bands(const KernelGeometry& g) { return ceil_div(g.h + g.pad_h, kBandRows); }
 
@@ -320,7 +321,7 @@ FMNIST_HD void bwd_patch_work(const BwdInputArgs<T, I>& a, int64_t bx, int ci,
         const int oph = 3 * band + k;
         if (oph < 0 || oph >= g.ph) continue;
 #pragma unroll
-        for (int pc = 0; pc < kPatchCols / 2 - 2; ++pc) {
+        for (int pc = 0; pc < kPatchPw; ++pc) {
           const int cell = co * cells + oph * g.pw + pc;
           const acc_t gv = static_cast<acc_t>(gimg[cell]);
           const T* f = fco + vimg[cell] * kPatchVar;

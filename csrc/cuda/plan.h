@@ -117,7 +117,7 @@ struct BwdInputPlan {
 inline BwdInputPlan plan_backward_input(const KernelGeometry& g, size_t elem, int num_sms) {
   BwdInputPlan p;
   if (small_geometry(g) && g.pool == 2 && g.kh == kDenseKW && g.kw == kDenseKW &&
-      g.pw == kPatchCols / 2 - 2 && g.cin <= 65535) {
+      g.pw == kPatchPw && g.cin <= 65535) {
     // Per-image strides that put the 32 images' words in 32 distinct banks:
     // g one element past a multiple of 128 bytes, var one word.
     const int per_img = g.cout * g.ph * g.pw;
