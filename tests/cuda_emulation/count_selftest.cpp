@@ -63,6 +63,20 @@ __global__ void global_stride32() {  // in[32t] -> smem: 32 sectors per warp
   FMNIST_DYNAMIC_SMEM(raw);
   reinterpret_cast<float*>(raw)[threadIdx.x] = g_in[32 * threadIdx.x];
 }
+__global__ void global_divergent() {  // even lanes load in[t], then all in[32 + t]
+  FMNIST_DYNAMIC_SMEM(raw);
+  float* s = reinterpret_cast<float*>(raw);
+  if (threadIdx.x % 2 == 0) s[threadIdx.x] = g_in[threadIdx.x];
+  s[64 + threadIdx.x] = g_in[32 + threadIdx.x];
+}
+__global__ void shared_divergent() {  // even lanes: 16 words of bank 0; all: 32 of bank 1
+  FMNIST_DYNAMIC_SMEM(raw);
+  const float* s = reinterpret_cast<const float*>(raw);
+  const unsigned lane = threadIdx.x % 32;
+  float v = 0;
+  if (lane % 2 == 0) v = s[32 * lane];
+  g_out[threadIdx.x] = v + s[32 * lane + 1];
+}
 __global__ void barriers() {  // two __syncthreads, no memory
   __syncthreads();
   __syncthreads();
@@ -93,6 +107,8 @@ int main() {
   run("shared_float4_broadcast", shared_float4_broadcast, 3);
   run("global_coalesced", global_coalesced, 3);
   run("global_stride32", global_stride32, 3);
+  run("global_divergent", global_divergent, 3);
+  run("shared_divergent", shared_divergent, 3);
   run("barriers", barriers, 3);
   return 0;
 }

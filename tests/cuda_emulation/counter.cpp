@@ -3,10 +3,14 @@
 //
 // Per CUDA thread (lane) of a block it records, in program order, the
 // shared-memory accesses (inside the block's dynamic shared memory) and the
-// global ones (inside a registered buffer) with address, size and direction.
+// global ones (inside a registered buffer) with address, size, direction and
+// the instruction that made them (the call site of the instrumentation hook).
 // At the end of the block, for each warp (lanes 32w .. 32w+31, threadIdx.x
-// order) it groups the i-th shared access of its lanes into one warp request,
-// and likewise the i-th global access:
+// order) it groups into one warp request the accesses of its lanes that are
+// the k-th execution of the same instruction by each lane, as a warp runs
+// them in SIMT: lanes that skip a predicated load do not shift the grouping
+// of the loads after it (grouping the i-th access of each lane would mix two
+// instructions there). Per request:
 //   * shared: 32 banks of 4-byte words; a request costs as many wavefronts as
 //     the largest number of DISTINCT words any one bank must deliver (the same
 //     word read by several lanes is a broadcast). An 8- or 16-byte access
@@ -22,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -30,6 +35,7 @@ namespace count {
 namespace {
 
 struct Access {
+  uintptr_t pc;  // the instruction (the hook's call site)
   uintptr_t addr;
   uint32_t size;
   bool write;
@@ -70,13 +76,46 @@ bool in_global(uintptr_t a) {
   return a < it->hi;
 }
 
-inline void record(uintptr_t a, uint32_t size, bool write) {
+inline void record(uintptr_t pc, uintptr_t a, uint32_t size, bool write) {
   Lane* lane = tl_lane;
   if (lane == nullptr) return;  // not a kernel thread inside a block
   if (a >= tl_smem_lo && a < tl_smem_hi) {
-    lane->shared.push_back({a, size, write});
+    lane->shared.push_back({pc, a, size, write});
   } else if (in_global(a)) {
-    lane->global.push_back({a, size, write});
+    lane->global.push_back({pc, a, size, write});
+  }
+}
+
+// One lane's access in a warp's list: (instruction, its k-th execution by
+// the lane) is the warp request it belongs to.
+struct Keyed {
+  uintptr_t pc;
+  uint32_t occurrence;
+  const Access* access;
+};
+
+// The warp requests of lanes [w0, w1): their accesses sorted so that each
+// request's are adjacent; calls f(first, last) once per request.
+template <typename F>
+void for_each_request(const std::vector<Lane>& lanes, unsigned w0, unsigned w1,
+                      std::vector<Access> Lane::*list, std::vector<Keyed>& keyed, F f) {
+  keyed.clear();
+  std::unordered_map<uintptr_t, uint32_t> seen;
+  for (unsigned t = w0; t < w1; ++t) {
+    seen.clear();
+    for (const Access& a : lanes[t].*list) keyed.push_back({a.pc, seen[a.pc]++, &a});
+  }
+  std::sort(keyed.begin(), keyed.end(), [](const Keyed& x, const Keyed& y) {
+    return x.pc != y.pc ? x.pc < y.pc : x.occurrence < y.occurrence;
+  });
+  for (size_t i = 0; i < keyed.size();) {
+    size_t j = i + 1;
+    while (j < keyed.size() && keyed[j].pc == keyed[i].pc &&
+           keyed[j].occurrence == keyed[i].occurrence) {
+      ++j;
+    }
+    f(keyed.data() + i, keyed.data() + j);
+    i = j;
   }
 }
 
@@ -122,7 +161,8 @@ void barrier() {
 
 void vector_load(const void* p, void* dst, size_t bytes, size_t width) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  for (size_t o = 0; o < bytes; o += width) record(a + o, static_cast<uint32_t>(width), false);
+  const auto pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  for (size_t o = 0; o < bytes; o += width) record(pc, a + o, static_cast<uint32_t>(width), false);
   std::memcpy(dst, p, bytes);
 }
 
@@ -131,44 +171,36 @@ void end_block() {
   ++L.blocks;
   std::vector<uintptr_t> words;
   std::vector<uintptr_t> sectors;
+  std::vector<Keyed> keyed;
   for (unsigned w0 = 0; w0 < L.threads; w0 += 32) {
     const unsigned w1 = std::min(L.threads, w0 + 32);
     ++L.warps;
-    size_t ns = 0, ng = 0;
     uint64_t bars = 0;
-    for (unsigned t = w0; t < w1; ++t) {
-      ns = std::max(ns, L.lanes[t].shared.size());
-      ng = std::max(ng, L.lanes[t].global.size());
-      bars = std::max(bars, L.lanes[t].barriers);
-    }
+    for (unsigned t = w0; t < w1; ++t) bars = std::max(bars, L.lanes[t].barriers);
     L.barriers += bars;
-    for (size_t i = 0; i < ns; ++i) {
+    for_each_request(L.lanes, w0, w1, &Lane::shared, keyed, [&](const Keyed* b, const Keyed* e) {
       words.clear();
-      for (unsigned t = w0; t < w1; ++t) {
-        const auto& s = L.lanes[t].shared;
-        if (i >= s.size()) continue;
-        for (uintptr_t w = s[i].addr / 4; w <= (s[i].addr + s[i].size - 1) / 4; ++w) {
-          words.push_back(w);
-        }
+      for (const Keyed* k = b; k != e; ++k) {
+        const Access& a = *k->access;
+        for (uintptr_t w = a.addr / 4; w <= (a.addr + a.size - 1) / 4; ++w) words.push_back(w);
       }
       ++L.shared_requests;
       L.shared_wavefronts += wavefronts(words);
       L.shared_ideal += (words.size() + 31) / 32;  // words is deduplicated now
-    }
-    for (size_t i = 0; i < ng; ++i) {
+    });
+    for_each_request(L.lanes, w0, w1, &Lane::global, keyed, [&](const Keyed* b, const Keyed* e) {
       sectors.clear();
-      for (unsigned t = w0; t < w1; ++t) {
-        const auto& g = L.lanes[t].global;
-        if (i >= g.size()) continue;
-        for (uintptr_t s = g[i].addr / 32; s <= (g[i].addr + g[i].size - 1) / 32; ++s) {
+      for (const Keyed* k = b; k != e; ++k) {
+        const Access& a = *k->access;
+        for (uintptr_t s = a.addr / 32; s <= (a.addr + a.size - 1) / 32; ++s) {
           sectors.push_back(s);
-          (g[i].write ? L.written_sectors : L.read_sectors).insert(s);
+          (a.write ? L.written_sectors : L.read_sectors).insert(s);
         }
       }
       std::sort(sectors.begin(), sectors.end());
       ++L.global_requests;
       L.global_sectors += std::unique(sectors.begin(), sectors.end()) - sectors.begin();
-    }
+    });
   }
   for (Lane& lane : L.lanes) {
     lane.shared.clear();
@@ -198,9 +230,14 @@ std::string end_launch() {
 // The instrumentation's entry points (GCC -fsanitize=kernel-address with
 // every check outlined as a call: driver.COUNTER_FLAGS).
 extern "C" {
-#define FMNIST_COUNT_HOOKS(n)                                                            \
-  void __asan_load##n##_noabort(uintptr_t a) { fmnist_emu::count::record(a, n, false); } \
-  void __asan_store##n##_noabort(uintptr_t a) { fmnist_emu::count::record(a, n, true); }
+#define FMNIST_CALL_SITE reinterpret_cast<uintptr_t>(__builtin_return_address(0))
+#define FMNIST_COUNT_HOOKS(n)                                               \
+  void __asan_load##n##_noabort(uintptr_t a) {                              \
+    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, false);               \
+  }                                                                         \
+  void __asan_store##n##_noabort(uintptr_t a) {                             \
+    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, true);                \
+  }
 FMNIST_COUNT_HOOKS(1)
 FMNIST_COUNT_HOOKS(2)
 FMNIST_COUNT_HOOKS(4)
@@ -208,10 +245,10 @@ FMNIST_COUNT_HOOKS(8)
 FMNIST_COUNT_HOOKS(16)
 #undef FMNIST_COUNT_HOOKS
 void __asan_loadN_noabort(uintptr_t a, size_t n) {
-  fmnist_emu::count::record(a, static_cast<uint32_t>(n), false);
+  fmnist_emu::count::record(FMNIST_CALL_SITE, a, static_cast<uint32_t>(n), false);
 }
 void __asan_storeN_noabort(uintptr_t a, size_t n) {
-  fmnist_emu::count::record(a, static_cast<uint32_t>(n), true);
+  fmnist_emu::count::record(FMNIST_CALL_SITE, a, static_cast<uint32_t>(n), true);
 }
 void __asan_handle_no_return() {}
 }

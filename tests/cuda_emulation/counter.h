@@ -5,7 +5,9 @@
 // the translation unit calls __asan_{load,store}N_noabort); counter.cpp
 // defines those calls, keeps the accesses of kernel threads that hit the
 // block's shared memory or a registered global buffer, and at the end of each
-// block groups the i-th access of the 32 lanes of each warp. The kernels'
+// block groups the accesses of the 32 lanes of each warp that are the k-th
+// execution of one instruction (the hook's call site) into warp requests,
+// as the warp runs them in SIMT. The kernels'
 // source is unchanged (load_vec's host branch has one hook so that a 16-byte
 // vector load counts as one access, as on the GPU).
 #pragma once

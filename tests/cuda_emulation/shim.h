@@ -60,8 +60,9 @@ inline thread_local unsigned char* tl_smem = nullptr;
 namespace fmnist_emu {
 // load_vec (kernels_common.cuh) on the host: one counted access per GPU vector load
 // (16 bytes when the GPU loads float4 / double2, else one per element).
+// Always inlined, so that the counter's call site is the kernel's load.
 template <typename T, int N>
-inline void counted_load_vec(const T* p, T (&v)[N]) {
+__attribute__((always_inline)) inline void counted_load_vec(const T* p, T (&v)[N]) {
   constexpr bool vec = (sizeof(T) == 4 && N % 4 == 0) || (sizeof(T) == 8 && N % 2 == 0);
   count::vector_load(p, v, sizeof(T) * N, vec ? 16 : sizeof(T));
 }

@@ -56,6 +56,17 @@ def test_counter_wavefronts_and_sectors(selftest, kernel, wavefronts, sectors):
     assert c["barriers"] == 0, c
 
 
+def test_counter_groups_a_warps_requests_by_instruction(selftest):
+    # Even lanes run a load the odd ones skip; then all lanes run the next.
+    # A warp runs them as two requests, each of one instruction: grouping the
+    # i-th access of every lane would put the odd lanes' second load into the
+    # even lanes' first request (12 sectors and 32 wavefronts per warp here).
+    g = selftest["global_divergent"]  # in[t] (16 lanes), in[32 + t]: 4 + 4 sectors
+    assert (g["global_requests"], g["global_sectors"]) == (2 * REQUESTS, 8 * REQUESTS), g
+    s = selftest["shared_divergent"]  # bank 0 x 16 words, then bank 1 x 32 words
+    assert (s["shared_requests"], s["shared_wavefronts"]) == (2 * REQUESTS, 48 * REQUESTS), s
+
+
 def test_counter_distinct_dram_sectors_and_barriers(selftest):
     # 3 blocks store the same 64 floats (256 bytes = 8 sectors) ...
     assert selftest["shared_stride1"]["dram_write_sectors"] == 8
