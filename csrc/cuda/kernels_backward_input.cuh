@@ -187,13 +187,16 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 // filter shifted by the winner's place (dy, dx) in the window. The block
 // stages, for its input channel ci, the 4 shifted copies of every output
 // channel's filter (zero outside the 5 x 5), so a winner picks its copy by
-// address, and thread (row band b, image) adds g * copy row by row into a
-// register tile of kBandRows x 12 input values at compile-time register
-// positions: 36 FMAs per cell and channel pair, where the dense transposed
-// convolution makes 4 x 25. The 32 lanes of a warp are 32 images of one band:
-// their copies' rows are 16-byte loads from at most 4 addresses, whose
-// variants start at banks 0, 20, 8 and 28 (kPatchVar), one wavefront; their
-// g and winner loads hit 32 banks (the plan's per-image strides).
+// address, and thread (row band b, image) adds g * copy into a register
+// tile of kBandRows x 12 input values at compile-time register positions:
+// 36 FMAs per cell and channel pair, where the dense transposed convolution
+// makes 4 x 25. A copy is its 6 x 6 patch packed row after row, so the rows a
+// band needs (6, 4 or 2, from row 0, 2 or 4) are 9, 6 or 3 16-byte loads,
+// each feeding 4 FMAs. The 32 lanes of a warp are 32 images of one band:
+// each of those loads reads at most 4 addresses, the same offset in the 4
+// copies, which start at banks 0, 12, 24 and 4 (kPatchVar; for double at
+// 0, 24, 16 and 8), one wavefront; their g and winner loads hit 32 banks
+// (the plan's per-image strides).
 // Every product is formed (no branch on the data: a cell without a winner
 // has g = 0, and 0 * w adds nothing unless w is not finite, where the result
 // is NaN as in stock's dense dgrad, while the CPU kernels skip the product).
@@ -204,16 +207,17 @@ FMNIST_HD void bwd_input_direct_item(const BwdInputArgs<T, I>& a, int64_t e) {
 // Grid: (ceil(n / 32) image tiles, cin); threads: 32 per band (bands of
 // kBandRows padded input rows cover the input; a band past the patches'
 // reach writes zeros), looping if there are more than 8 bands.
-// Shared memory (BwdPatchSmem): filt[cout][4][kPatchVar] (T: 6 rows of 8,
-//   the last 2 of each row 0) | g[32][gstride] (T; 0: no winner) |
+// Shared memory (BwdPatchSmem): filt[cout][4][kPatchVar] (T: the 6 x 6
+//   copy, then 8 unused) | g[32][gstride] (T; 0: no winner) |
 //   var[32][vstride] (uint8: the winner's place, dy * 2 + dx) |
-//   flag[kMaxThreads] (int32: the thread staged a g that is not finite).
+//   flag[kMaxThreads] (float: 1 where the thread staged a g that is not
+//   finite, read as 16-byte vectors).
 // Memory traffic: grad_output and indices read once per input channel
 // (L2-resident after the first), grad_input written once (a lane writes its
 // image's band rows), the filter bank once per block.
 constexpr int kPatchImgs = 32;
 constexpr int kPatch = 2 - 1 + kDenseKW;  // pool - 1 + kernel: 6
-constexpr int kPatchVar = 52;             // elements between the shifted copies
+constexpr int kPatchVar = 44;             // elements between the shifted copies
 constexpr int kBandRows = 6;
 constexpr int kPatchPw = 4;                              // pooled columns
 constexpr int kPatchCols = 2 * kPatchPw + kDenseKW - 1;  // their staged columns: 12
@@ -225,7 +229,7 @@ struct BwdPatchSmem {
   SmemPtr<Byte, T> filt;
   SmemPtr<Byte, T> g;
   SmemPtr<Byte, uint8_t> var;
-  SmemPtr<Byte, int32_t> flag;
+  SmemPtr<Byte, float> flag;
 };
 
 template <typename T, typename I, typename Byte>
@@ -234,7 +238,7 @@ FMNIST_HD BwdPatchSmem<T, Byte> bwd_patch_smem(const BwdInputArgs<T, I>& a, Byte
   sm.filt = reinterpret_cast<SmemPtr<Byte, T>>(smem);
   sm.g = sm.filt + a.g.cout * 4 * kPatchVar;
   sm.var = reinterpret_cast<SmemPtr<Byte, uint8_t>>(sm.g + kPatchImgs * a.gstride);
-  sm.flag = reinterpret_cast<SmemPtr<Byte, int32_t>>(sm.var + kPatchImgs * a.vstride);
+  sm.flag = reinterpret_cast<SmemPtr<Byte, float>>(sm.var + kPatchImgs * a.vstride);
   return sm;
 }
 
@@ -242,7 +246,7 @@ FMNIST_HD size_t bwd_patch_smem_bytes(const KernelGeometry& g, int gstride, int 
                                       size_t elem) {
   return elem * (static_cast<size_t>(g.cout) * 4 * kPatchVar +
                  static_cast<size_t>(kPatchImgs) * gstride) +
-         static_cast<size_t>(kPatchImgs) * vstride + sizeof(int32_t) * kMaxThreads;
+         static_cast<size_t>(kPatchImgs) * vstride + sizeof(float) * kMaxThreads;
 }
 
 template <typename T, typename I>
@@ -251,15 +255,15 @@ FMNIST_HD void bwd_patch_stage(const BwdInputArgs<T, I>& a, int64_t bx, int ci, 
   const KernelGeometry& g = a.g;
   const BwdPatchSmem<T, unsigned char> sm = bwd_patch_smem(a, smem);
   // The shifted copies: filt[co][v][p][c] = w[co][ci][p - dy][c - dx].
-  for (int e = tid; e < g.cout * 4 * kPatch * 8; e += nthreads) {
-    const int c = e % 8, p = (e / 8) % kPatch, v = (e / (8 * kPatch)) % 4;
-    const int co = e / (32 * kPatch);
+  for (int e = tid; e < g.cout * 4 * kPatch * kPatch; e += nthreads) {
+    const int c = e % kPatch, p = (e / kPatch) % kPatch, v = (e / (kPatch * kPatch)) % 4;
+    const int co = e / (4 * kPatch * kPatch);
     const int i = p - v / 2, j = c - v % 2;
     T val = T(0);
-    if (c < kPatch && i >= 0 && i < kDenseKW && j >= 0 && j < kDenseKW) {
+    if (i >= 0 && i < kDenseKW && j >= 0 && j < kDenseKW) {
       val = a.weight[((static_cast<int64_t>(co) * g.cin + ci) * kDenseKW + i) * kDenseKW + j];
     }
-    sm.filt[(co * 4 + v) * kPatchVar + p * 8 + c] = val;
+    sm.filt[(co * 4 + v) * kPatchVar + p * kPatch + c] = val;
   }
   const int per_img = g.cout * g.ph * g.pw;
   const int64_t n0 = bx * kPatchImgs;
@@ -280,7 +284,7 @@ FMNIST_HD void bwd_patch_stage(const BwdInputArgs<T, I>& a, int64_t bx, int ci, 
     sm.g[img * a.gstride + r] = gv;
     sm.var[img * a.vstride + r] = static_cast<uint8_t>(j);
   }
-  sm.flag[tid] = finite ? 0 : 1;
+  sm.flag[tid] = finite ? 0.0f : 1.0f;
 }
 
 template <typename T, typename acc_t, typename I>
@@ -290,7 +294,11 @@ FMNIST_HD void bwd_patch_work(const BwdInputArgs<T, I>& a, int64_t bx, int ci,
   const BwdPatchSmem<T, const unsigned char> sm = bwd_patch_smem(a, smem);
   const int cells = g.ph * g.pw;
   bool slow = false;
-  for (int t = 0; t < nthreads; ++t) slow = slow || sm.flag[t] != 0;
+  for (int t = 0; t < nthreads; t += 4) {  // nthreads: a multiple of 32 (the plan's)
+    float f[4];
+    load_vec(sm.flag + t, f);
+    slow = slow || f[0] + f[1] + f[2] + f[3] != 0.0f;
+  }
   if (slow) {
     const int64_t n0 = bx * kPatchImgs;
     const int64_t plane = static_cast<int64_t>(g.h) * g.w;
@@ -325,13 +333,19 @@ FMNIST_HD void bwd_patch_work(const BwdInputArgs<T, I>& a, int64_t bx, int ci,
           const int cell = co * cells + oph * g.pw + pc;
           const acc_t gv = static_cast<acc_t>(gimg[cell]);
           const T* f = fco + vimg[cell] * kPatchVar;
+          // The copy's rows p that meet the band (from row 0, 2 or 4; element
+          // e = 6 * p + c of the packed copy) add to the band's row 2 * k + p.
+          constexpr int kVec = 4;
+          static_assert(kPatch * 2 % kVec == 0, "row pairs of a copy are whole vectors");
 #pragma unroll
-          for (int p = imax(0, -2 * k); p < imin(kPatch, kBandRows - 2 * k); ++p) {
-            T fr[8];
-            load_vec(f + p * 8, fr);
+          for (int e = kPatch * imax(0, -2 * k); e < kPatch * imin(kPatch, kBandRows - 2 * k);
+               e += kVec) {
+            T fr[kVec];
+            load_vec(f + e, fr);
 #pragma unroll
-            for (int c = 0; c < kPatch; ++c) {
-              acc[2 * k + p][2 * pc + c] += gv * static_cast<acc_t>(fr[c]);
+            for (int u = 0; u < kVec; ++u) {
+              const int p = (e + u) / kPatch, c = (e + u) % kPatch;
+              acc[2 * k + p][2 * pc + c] += gv * static_cast<acc_t>(fr[u]);
             }
           }
         }

@@ -98,7 +98,7 @@ struct Keyed {
 // request's are adjacent; calls f(first, last) once per request.
 template <typename F>
 void for_each_request(const std::vector<Lane>& lanes, unsigned w0, unsigned w1,
-                      std::vector<Access> Lane::*list, std::vector<Keyed>& keyed, F f) {
+                      std::vector<Access> Lane::* list, std::vector<Keyed>& keyed, F f) {
   keyed.clear();
   std::unordered_map<uintptr_t, uint32_t> seen;
   for (unsigned t = w0; t < w1; ++t) {
@@ -231,12 +231,12 @@ std::string end_launch() {
 // every check outlined as a call: driver.COUNTER_FLAGS).
 extern "C" {
 #define FMNIST_CALL_SITE reinterpret_cast<uintptr_t>(__builtin_return_address(0))
-#define FMNIST_COUNT_HOOKS(n)                                               \
-  void __asan_load##n##_noabort(uintptr_t a) {                              \
-    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, false);               \
-  }                                                                         \
-  void __asan_store##n##_noabort(uintptr_t a) {                             \
-    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, true);                \
+#define FMNIST_COUNT_HOOKS(n)                                 \
+  void __asan_load##n##_noabort(uintptr_t a) {                \
+    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, false); \
+  }                                                           \
+  void __asan_store##n##_noabort(uintptr_t a) {               \
+    fmnist_emu::count::record(FMNIST_CALL_SITE, a, n, true);  \
   }
 FMNIST_COUNT_HOOKS(1)
 FMNIST_COUNT_HOOKS(2)

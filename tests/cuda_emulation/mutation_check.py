@@ -441,8 +441,18 @@ MUTATIONS = [
         "asan",
     ),
     (
+        "patch grad_input: copies staged with the old 8-wide row pitch",
+        [(KCUH, replace_once("kPatchVar + p * kPatch + c] = val;", "kPatchVar + p * 8 + c] = val;"))],
+        "asan",
+    ),
+    (
+        "patch grad_input: only every other group of 4 flags read",
+        [(KCUH, replace_once("for (int t = 0; t < nthreads; t += 4) {", "for (int t = 0; t < nthreads; t += 8) {"))],
+        "asan",
+    ),
+    (
         "patch grad_input: a non-finite g spread over the copies' zeros (flags ignored)",
-        [(KCUH, replace_once("slow = slow || sm.flag[t] != 0;", "slow = false;"))],
+        [(KCUH, replace_once("slow = slow || f[0] + f[1] + f[2] + f[3] != 0.0f;", "slow = false;"))],
         "asan",
     ),
     (
