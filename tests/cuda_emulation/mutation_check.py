@@ -18,7 +18,7 @@ channel-group and image-stride mutations), runs
 the harness tests of tests/op/test_cuda.py against the copy, and reports whether
 they failed, as they must. Not part of CI (each mutation rebuilds the harness:
 half a minute to 4 minutes per mutation on a busy 2-core machine, about an
-hour for all 61).
+hour for all 63).
 
     cd tests && ../.venv/bin/python cuda_emulation/mutation_check.py [--only SUBSTRING] [--exclude SUBSTRING]
 
