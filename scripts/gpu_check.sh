@@ -28,6 +28,10 @@
 #   kernel_times per-kernel device times of both blocks, fused vs stock, at
 #                batch 1000 and 10000 (scripts/gpu_check/kernel_times.py)
 #                                                timing.log, kernel_times.json
+#   peak_rates   this GPU's FP32 FMA, mma.sync TF32 and shared-memory
+#                wavefront rates per SM and clock, the cost counter's
+#                figures and the one it lacks (scripts/gpu_check/peak_rates.cu,
+#                built with nvcc for this GPU)                   timing.log
 #   suite_cuda   the cuda cases of the rest of the suite          tests.log
 # OUTDIR stays flat, 8 files at most: the logs above and gpu_check.json
 # (pass/fail/skipped, seconds, exit code per step). The script keeps going
@@ -188,6 +192,20 @@ BATCHES=1000,10000
 ((DRY)) && BATCHES=64
 run_step kernel_times 90 timing.log "$PY" "$ROOT/scripts/gpu_check/kernel_times.py" --device "$DEVICE" \
   --batches "$BATCHES" --json "$OUT/kernel_times.json"
+
+# ---- peak rates per SM and clock: FP32 FMAs, mma.sync TF32, shared-memory wavefronts ----------
+NVCC="$CUDA_HOME/bin/nvcc"
+RATES_SRC="$ROOT/scripts/gpu_check/peak_rates.cu"
+SM_ARCH="sm_$(echo "${ARCH:-9.0}" | tr -d .)"
+if [[ ! -x "$NVCC" ]]; then
+  skip_step peak_rates timing.log "no nvcc at $NVCC"
+elif ((DRY)); then
+  run_step peak_rates_build 120 timing.log "$NVCC" -arch=sm_90 -O3 -o "$WORK/peak_rates" "$RATES_SRC"
+  skip_step peak_rates timing.log "dry run: needs a GPU"
+else
+  run_step peak_rates 60 timing.log bash -c '"$0" -arch="$1" -O3 -o "$2/peak_rates" "$3" && "$2/peak_rates"' \
+    "$NVCC" "$SM_ARCH" "$WORK" "$RATES_SRC"
+fi
 
 # ---- the rest of the suite's CUDA cases (the op tests' `device` parameter) --------------------
 if ((DRY)); then

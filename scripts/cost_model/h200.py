@@ -21,6 +21,9 @@ Figures (H200 SXM, GH100 die, compute capability 9.0):
   Specifications per Compute Capability (9.0), and the occupancy calculator
   LAUNCH_S = 2e-6            assumption (no NVIDIA figure): the gap between
                              back-to-back kernels of one stream without graphs
+  On a GPU, scripts/gpu_check/peak_rates.cu (a gpu_check.sh step) measures
+  FP32_FMA_PER_CLK_SM, the shared-memory wavefronts per clock and the figure
+  the model lacks, mma.sync's TF32 rate, for comparison with these.
 
 The model, per kernel launch, from the counted totals (counter.cpp):
   blocks per SM k = min over the limits of threads, registers (ptxas),
